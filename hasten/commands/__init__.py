@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hasten`` CLI; each module has ``register(subparsers)``."""

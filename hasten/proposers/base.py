@@ -1,0 +1,55 @@
+"""The proposer plug-in interface: something cheap that guesses a token tree for the target to verify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hasten.tree import TokenTree
+
+
+@dataclass
+class ExtraBranch:
+    """Tokens a proposer wants scored in the same target pass, outside the verified tree (lookahead's window).
+
+    ``offsets`` are positions relative to the root (the root sits at 0). ``mask`` is bool (m, m + 1): row i
+    says which of [root, extra tokens...] token i may attend to, besides the cache. It never sees the tree.
+    """
+
+    tokens: list[int]
+    offsets: list[int]
+    mask: torch.Tensor
+
+
+@dataclass
+class Proposal:
+    tree: TokenTree
+    extra: ExtraBranch | None = None
+
+
+@dataclass
+class StepOutcome:
+    """What one verification step decided, for the proposer to learn from."""
+
+    accepted: list[int]  # drafted tokens the target accepted, in order
+    next_token: int  # the target's own token after them: the new root
+    hidden: torch.Tensor | None  # target hidden state (1, H) at the position that produced ``next_token``
+    extra_logits: torch.Tensor | None  # target logits for the extra branch, if one was proposed
+
+
+class Proposer:
+    """Base class; ``ar`` is this class itself: it never guesses, so each pass yields one token."""
+
+    name = "ar"
+    needs_hidden = False  # ask the target for last-layer hidden states
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        """A new sequence: ``context`` ends with the root; ``hidden`` is the target's state before the root."""
+
+    def propose(self, context: list[int], max_depth: int) -> Proposal:
+        """Guess continuations of ``context`` (which ends with the root), no deeper than ``max_depth``."""
+        return Proposal(TokenTree())
+
+    def update(self, outcome: StepOutcome) -> None:
+        """Learn what was accepted (roll back caches, advance windows, collect n-grams)."""

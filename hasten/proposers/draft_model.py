@@ -1,0 +1,77 @@
+"""Classic speculative decoding: a small draft model of the same vocabulary guesses K tokens."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from hasten.backends.transformers_target import TransformersTarget
+from hasten.errors import HastenError
+from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.sampling import SamplingParams, sample
+from hasten.tree import TokenTree
+
+
+def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel, target_tok=None, draft_tok=None) -> None:
+    """Refuse a draft whose vocabulary differs from the target's, before any work is done."""
+    target_size = target.get_output_embeddings().weight.shape[0]
+    draft_size = draft.get_output_embeddings().weight.shape[0]
+    if target_size != draft_size:
+        raise HastenError(
+            f"draft vocabulary ({draft_size} tokens) differs from the target's ({target_size}); "
+            "speculative decoding needs the same vocabulary"
+        )
+    if target_tok is not None and draft_tok is not None and target_tok.get_vocab() != draft_tok.get_vocab():
+        raise HastenError("draft and target tokenizers map tokens to different ids; they must share a vocabulary")
+
+
+class DraftModelProposer(Proposer):
+    """Run the draft autoregressively for ``num_tokens`` steps on its own KV cache, rolled back on rejection.
+
+    Greedy decoding drafts the draft's argmax; sampling draws from the draft's distribution processed with
+    the same temperature/top-k/top-p and hands those distributions to the verifier (min(1, q/p) rule).
+    """
+
+    name = "draft"
+
+    def __init__(self, draft_model: PreTrainedModel, params: SamplingParams, num_tokens: int = 6,
+                 generator: torch.Generator | None = None) -> None:
+        if num_tokens < 1:
+            raise ValueError("draft needs num_tokens >= 1")
+        self.draft = TransformersTarget(draft_model)
+        self.params = params
+        self.num_tokens = num_tokens
+        self.generator = generator or params.generator()
+        self._drafted = 0
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self.draft.start(context[:-1])
+        self._drafted = 0
+
+    def propose(self, context: list[int], max_depth: int) -> Proposal:
+        k = min(self.num_tokens, max_depth)
+        if k <= 0:
+            return Proposal(TokenTree())
+        feed = context[self.draft.cache_len :]
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        for _ in range(k):
+            logits = self.draft.score(feed, list(range(len(feed))), None).logits[-1]
+            self.draft.commit(list(range(len(feed))))
+            if self.params.greedy:
+                token = int(logits.argmax())
+            else:
+                probs = self.params.probs(logits)
+                token = sample(probs, self.generator)
+                rows.append(probs)
+            tokens.append(token)
+            feed = [token]
+        self._drafted = k
+        probs = torch.stack(rows) if rows else None
+        return Proposal(TokenTree.chain(tokens, probs))
+
+    def update(self, outcome: StepOutcome) -> None:
+        # The draft cache holds the context plus all drafted tokens but the last; keep the accepted ones.
+        stale = (self._drafted - 1) - min(len(outcome.accepted), self._drafted - 1)
+        if stale > 0:
+            self.draft.truncate(self.draft.cache_len - stale)

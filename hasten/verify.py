@@ -1,0 +1,100 @@
+"""The rejection sampler: decides which drafted tokens the target accepts.
+
+One rule for every proposer. Given the target's logits at the root and at every tree node, walk down
+from the root; at each node try its children in order:
+
+* greedy: accept the child whose token is the target's argmax;
+* sampling: accept child ``x`` with probability ``min(1, q(x) / p(x))``, where ``q`` is the target's
+  processed distribution and ``p`` the distribution the child was drafted from (a point mass for a
+  deterministic guess). On rejection ``q`` becomes ``norm(max(0, q - p))`` and the next sibling is tried
+  (SpecInfer's multi-candidate rule); when every child is rejected, the next token is drawn from the
+  residual ``q``. Every accepted path ends with one token chosen by the target itself, so a step always
+  yields at least one token and the output distribution is exactly the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hasten.sampling import SamplingParams, sample
+from hasten.tree import ROOT, TokenTree
+
+
+@dataclass
+class Verdict:
+    """Accepted node indices (root's child first) and the target's own next token."""
+
+    accepted: list[int]
+    next_token: int
+
+
+def verify(
+    tree: TokenTree,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """Accept a root-to-node path of ``tree``; ``logits`` has one row for the root then one per node."""
+    children = tree.children()
+    if params.greedy:
+        return _verify_greedy(tree, children, logits)
+    if generator is None:
+        raise ValueError("sampling needs a generator")
+    return _verify_sampling(tree, children, logits, params, generator)
+
+
+def _verify_greedy(tree: TokenTree, children: dict[int, list[int]], logits: torch.Tensor) -> Verdict:
+    best = logits.argmax(-1).tolist()
+    accepted: list[int] = []
+    node = ROOT
+    while True:
+        wanted = best[node + 1]
+        match = next((c for c in children.get(node, ()) if tree.tokens[c] == wanted), None)
+        if match is None:
+            return Verdict(accepted, wanted)
+        accepted.append(match)
+        node = match
+
+
+def _verify_sampling(
+    tree: TokenTree,
+    children: dict[int, list[int]],
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> Verdict:
+    accepted: list[int] = []
+    node = ROOT
+    while True:
+        q = params.probs(logits[node + 1])
+        chosen = None
+        for child in children.get(node, ()):
+            token = tree.tokens[child]
+            p = None if tree.draft_probs is None else tree.draft_probs[child].float()
+            if p is None or p[token] <= 0:  # a deterministic guess: its draft distribution is a point mass
+                p = None
+                ratio = q[token]
+            else:
+                ratio = q[token] / p[token]
+            if torch.rand((), generator=generator) < ratio:
+                chosen = child
+                break
+            q = _residual(q, token, p)
+        if chosen is None:
+            return Verdict(accepted, sample(q, generator))
+        accepted.append(chosen)
+        node = chosen
+
+
+def _residual(q: torch.Tensor, token: int, p: torch.Tensor | None) -> torch.Tensor:
+    """``norm(max(0, q - p))``; for a point mass at ``token`` that is ``q`` without ``token``."""
+    if p is None:
+        rest = q.clone()
+        rest[token] = 0
+    else:
+        rest = (q - p).clamp_min(0)
+    total = rest.sum()
+    # Rejection is impossible when q == p; guard against round-off leaving nothing to sample from.
+    return rest / total if total > 0 else q

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny seeded models (many fast runs) and the real default model (the real path)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from hasten.models import LoadedModel, load_model
+
+torch.set_num_threads(2)
+
+EOS = 1
+TINY_CONFIGS = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "gemma": GemmaConfig,
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 64, layers: int = 2, hidden: int = 32,
+               attn: str = "sdpa", init_std: float = 0.2):
+    """A randomly initialised causal LM, small enough for hundreds of generations per second."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch](
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=EOS, pad_token_id=0, initializer_range=init_std,
+        tie_word_embeddings=False, attn_implementation=attn,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_tokenizer(vocab_size: int = 64) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose token i is the word ``w{i}``."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w0", eos_token=f"w{EOS}", pad_token="w0")
+    return fast
+
+
+def tiny_loaded(arch: str = "llama", seed: int = 0, vocab_size: int = 64, **kwargs) -> LoadedModel:
+    """A tiny model with its tokenizer, as the API takes them."""
+    return LoadedModel(f"tiny-{arch}-{seed}", tiny_model(arch, seed, vocab_size, **kwargs), tiny_tokenizer(vocab_size))
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate`` output (new tokens only), stopping at EOS."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(count: int, vocab_size: int = 64, seed: int = 0, repeat: bool = True) -> list[list[int]]:
+    """Seeded prompts; with ``repeat`` half of each is a copy of an earlier stretch (so copying drafts can hit)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(count):
+        length = int(torch.randint(6, 24, (1,), generator=gen))
+        ids = torch.randint(2, vocab_size, (length,), generator=gen).tolist()
+        if repeat:
+            ids = ids + ids[: length // 2]
+        prompts.append(ids)
+    return prompts
+
+
+@functools.cache
+def _default() -> LoadedModel:
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct (loaded once per test session)."""
+    return _default()

@@ -9,7 +9,7 @@ import sys
 
 from hasten.errors import HastenError
 
-COMMANDS = ["hasten.commands.generate"]
+COMMANDS = ["hasten.commands.generate", "hasten.commands.train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,271 @@
+"""Self-distillation data: the target's own answers, its last hidden states and its top-K next-token log-probs.
+
+A data directory holds ``meta.json``, ``prompts.json`` (the plan, for resuming) and ``shard_00000.safetensors``,
+... Each shard concatenates S sequences (chat-templated prompt + the target's response) and has:
+
+* ``tokens`` int64 (T,), ``seq_starts`` int64 (S+1,) offsets of each sequence (last = T);
+* ``loss_mask`` bool (T,): True where the NEXT token belongs to the response;
+* ``hidden`` float16 (T, H): the target's last-layer hidden state (after the final norm, what the LM head sees);
+* ``topk_ids`` int64 (T, K), ``topk_logprobs`` float16 (T, K): the target's top-K next-token log-probabilities.
+
+Shards are written atomically and skipped when present, so an interrupted build resumes where it stopped.
+Trainers read a directory with ``load_shards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from hasten.errors import HastenError
+from hasten.models import LoadedModel, encode_prompt
+
+SHARED_PROMPTS = [f"/work/shared/data/{name}.jsonl" for name in ("alpacaeval_dev", "gsm8k_dev", "mbpp")]
+DEFAULT_OUT = "out/distill"
+META = "meta.json"
+PLAN = "prompts.json"
+MAX_PROMPT_CHARS = 1500  # longer prompts are skipped: the data is about answers, not prompts
+
+# A few prompts of our own, so that summarisation and rewriting are represented too.
+BUILTIN_PROMPTS = [
+    "Summarize in two sentences: The city council voted on Tuesday to extend the bike lane network by forty "
+    "kilometres over the next three years. Supporters said it would reduce traffic and pollution, while "
+    "shop owners worried about losing parking spaces in front of their stores.",
+    "Summarize this paragraph: Photosynthesis is the process by which green plants use sunlight, water and "
+    "carbon dioxide to make glucose and oxygen. It takes place mainly in the leaves, inside chloroplasts that "
+    "contain the pigment chlorophyll.",
+    "Give a short summary of the following text: The library will close for renovation from June to August. "
+    "During that time, books can be returned at the community centre, and the online catalogue stays open.",
+    "Rewrite this sentence to be more formal: hey, can u send me the report by tomorrow? thanks!",
+    "Summarize: Regular exercise improves heart health, strengthens muscles and bones, helps control weight "
+    "and can improve mood and sleep. Experts recommend at least 150 minutes of moderate activity per week.",
+    "Write a Python function that returns the factorial of a number.",
+    "Explain what a linked list is in simple terms.",
+    "List three tips for writing clear emails.",
+    "Summarize in one sentence: The company reported higher profits this quarter thanks to strong sales of "
+    "its new phone, but warned that rising costs for parts could slow growth next year.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a short story about a cat who learns to swim, in four sentences.",
+    "Explain why the sky is blue.",
+]
+
+
+@dataclass
+class DistillData:
+    """All shards of a directory, concatenated; ``seq_starts`` indexes the concatenation."""
+
+    meta: dict[str, Any]
+    tokens: torch.Tensor
+    seq_starts: torch.Tensor
+    loss_mask: torch.Tensor
+    hidden: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_starts) - 1
+
+    def sequence(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of one sequence (same names as in a shard, without ``seq_starts``)."""
+        a, b = int(self.seq_starts[index]), int(self.seq_starts[index + 1])
+        return {name: getattr(self, name)[a:b] for name in
+                ("tokens", "loss_mask", "hidden", "topk_ids", "topk_logprobs")}
+
+
+def read_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(source, prompt) pairs from JSONL files with a ``prompt`` field."""
+    pairs = []
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            raise HastenError(f"prompt file {path} not found")
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise HastenError(f"{path}:{number}: expected a JSON object with a 'prompt' field") from error
+            if isinstance(prompt, str) and prompt.strip():
+                pairs.append((file.name, prompt))
+    return pairs
+
+
+def plan_prompts(pairs: list[tuple[str, str]], limit: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Shuffle each source (seeded) and interleave them round-robin, so every source is represented."""
+    by_source: dict[str, list[str]] = {}
+    for source, prompt in pairs:
+        by_source.setdefault(source, []).append(prompt)
+    rng = random.Random(seed)
+    for prompts in by_source.values():
+        rng.shuffle(prompts)
+    planned: list[tuple[str, str]] = []
+    queues = [[(source, p) for p in prompts] for source, prompts in by_source.items()]
+    while len(planned) < limit and any(queues):
+        for queue in queues:
+            if queue and len(planned) < limit:
+                planned.append(queue.pop(0))
+    return planned
+
+
+def teacher_force(loaded: LoadedModel, sequences: list[list[int]], top_k: int,
+                  max_batch_tokens: int = 2048) -> list[dict[str, torch.Tensor]]:
+    """Run the target over whole sequences (batched, right-padded): hidden states and top-K log-probs."""
+    model = loaded.model
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    start = 0
+    while start < len(order):
+        longest = len(sequences[order[start]])
+        end = start + 1
+        while end < len(order) and (end - start + 1) * max(longest, len(sequences[order[end]])) <= max_batch_tokens:
+            longest = max(longest, len(sequences[order[end]]))
+            end += 1
+        batch = [sequences[i] for i in order[start:end]]
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        attention = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        with torch.inference_mode():
+            hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+            head = model.get_output_embeddings()
+            for row, index in enumerate(order[start:end]):
+                h = hidden[row, : len(sequences[index])]
+                logprobs = torch.log_softmax(head(h).float(), dim=-1)
+                values, top = logprobs.topk(top_k, dim=-1)
+                results[index] = {"hidden": h.to(torch.float16), "topk_ids": top,
+                                  "topk_logprobs": values.to(torch.float16)}
+        start = end
+    return [results[i] for i in range(len(sequences))]
+
+
+def make_shard(loaded: LoadedModel, prompts: list[str], top_k: int, max_new_tokens: int,
+               method: str = "pld") -> dict[str, torch.Tensor]:
+    """Generate the target's greedy answers to ``prompts`` and teacher-force them into one shard."""
+    from hasten.api import generate  # imported here: the API imports the method registry
+
+    sequences, masks = [], []
+    for prompt in prompts:
+        ids = encode_prompt(loaded.tokenizer, prompt, chat=True)
+        answer = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=0.0).token_ids
+        seq = ids + answer
+        mask = torch.zeros(len(seq), dtype=torch.bool)
+        mask[len(ids) - 1 : len(seq) - 1] = True
+        sequences.append(seq)
+        masks.append(mask)
+    forced = teacher_force(loaded, sequences, top_k)
+    lengths = torch.tensor([0] + [len(s) for s in sequences])
+    return {
+        "tokens": torch.tensor([t for s in sequences for t in s], dtype=torch.int64),
+        "seq_starts": lengths.cumsum(0).to(torch.int64),
+        "loss_mask": torch.cat(masks),
+        "hidden": torch.cat([f["hidden"] for f in forced]),
+        "topk_ids": torch.cat([f["topk_ids"] for f in forced]).to(torch.int64),
+        "topk_logprobs": torch.cat([f["topk_logprobs"] for f in forced]),
+    }
+
+
+def shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard_{index:05d}.safetensors"
+
+
+def build(loaded: LoadedModel, planned: list[tuple[str, str]], out: str | Path, top_k: int = 32,
+          max_new_tokens: int = 96, shard_size: int = 16, method: str = "pld", progress: bool = True) -> dict:
+    """Write the data directory for the (source, prompt) plan, skipping shards already there; returns meta."""
+    if top_k < 1 or shard_size < 1 or max_new_tokens < 1:
+        raise HastenError("--top-k, --shard-size and --max-new-tokens must be >= 1")
+    if not planned:
+        raise HastenError("no prompts to build data from")
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = {"model": loaded.name, "top_k": top_k, "max_new_tokens": max_new_tokens, "shard_size": shard_size,
+            "prompts": [{"source": s, "prompt": p} for s, p in planned]}
+    plan_file = directory / PLAN
+    if plan_file.is_file():
+        if json.loads(plan_file.read_text()) != plan:
+            raise HastenError(f"{directory} holds data built with other prompts or settings; use another --out")
+    else:
+        plan_file.write_text(json.dumps(plan, indent=1))
+    chunks = [planned[i : i + shard_size] for i in range(0, len(planned), shard_size)]
+    bar = tqdm(total=len(planned), desc="self-distillation", unit="prompt", disable=not progress)
+    for index, chunk in enumerate(chunks):
+        path = shard_path(directory, index)
+        if not path.is_file():
+            shard = make_shard(loaded, [p for _, p in chunk], top_k, max_new_tokens, method)
+            partial = path.with_suffix(".tmp")
+            save_file(shard, str(partial))
+            partial.replace(path)
+        bar.update(len(chunk))
+    bar.close()
+    sequences = tokens = 0
+    for index in range(len(chunks)):
+        shard = load_file(str(shard_path(directory, index)))
+        sequences += len(shard["seq_starts"]) - 1
+        tokens += len(shard["tokens"])
+        hidden_size = shard["hidden"].shape[1]
+    meta = {"model": loaded.name, "top_k": top_k, "hidden_size": hidden_size, "sequences": sequences,
+            "tokens": tokens, "prompts": sorted({s for s, _ in planned}), "shards": len(chunks),
+            "max_new_tokens": max_new_tokens}
+    (directory / META).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_shards(directory: str | Path) -> DistillData:
+    """Read every shard of a data directory into one ``DistillData``."""
+    directory = Path(directory)
+    if not (directory / META).is_file():
+        raise HastenError(f"{directory} has no {META}; build it first with `hasten train data`")
+    meta = json.loads((directory / META).read_text())
+    paths = sorted(directory.glob("shard_*.safetensors"))
+    if not paths:
+        raise HastenError(f"{directory} has no shards")
+    parts = [load_file(str(p)) for p in paths]
+    starts, offset = [torch.zeros(1, dtype=torch.int64)], 0
+    for part in parts:
+        starts.append(part["seq_starts"][1:] + offset)
+        offset += len(part["tokens"])
+    cat = {name: torch.cat([p[name] for p in parts]) for name in
+           ("tokens", "loss_mask", "hidden", "topk_ids", "topk_logprobs")}
+    return DistillData(meta=meta, seq_starts=torch.cat(starts), **cat)
+
+
+def register(train_subparsers: argparse._SubParsersAction) -> None:
+    parser = train_subparsers.add_parser("data", help="build self-distillation data from the target's own answers")
+    parser.add_argument("--model", default="default", help="the target: 'default', a model folder or a .gguf file")
+    parser.add_argument("--prompts", nargs="+", default=None,
+                        help="JSONL files with a 'prompt' field (default: the /work/shared/data sets)")
+    parser.add_argument("--no-builtin", action="store_true", help="leave out hasten's own handful of prompts")
+    parser.add_argument("--limit", type=int, default=240, help="number of prompts (interleaved across files)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=16, help="sequences per shard")
+    parser.add_argument("--method", default="pld", help="method that generates the answers (output is the same)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt shuffle")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (resumes if it exists)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hasten.models import load_model
+
+    if args.limit < 1:
+        raise HastenError(f"--limit must be >= 1, got {args.limit}")
+    files = args.prompts or [p for p in SHARED_PROMPTS if Path(p).is_file()]
+    pairs = [(s, p) for s, p in read_prompt_files(files) if len(p) <= MAX_PROMPT_CHARS]
+    if not args.no_builtin:
+        pairs += [("builtin", p) for p in BUILTIN_PROMPTS]
+    planned = plan_prompts(pairs, args.limit, args.seed)
+    loaded = load_model(args.model)
+    meta = build(loaded, planned, args.out, args.top_k, args.max_new_tokens, args.shard_size, args.method)
+    print(f"wrote {meta['sequences']} sequences, {meta['tokens']} tokens in {meta['shards']} shards to {args.out}")
+    return 0

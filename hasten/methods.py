@@ -11,6 +11,7 @@ from hasten.errors import HastenError
 from hasten.models import LoadedModel, load_model
 from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer, check_same_vocabulary
+from hasten.proposers.lookahead import LookaheadProposer
 from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
 
@@ -37,7 +38,14 @@ def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict
     return DraftModelProposer(draft.model, params, num_tokens=options.get("num_tokens") or 6, generator=generator)
 
 
+def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+    sizes = {key: options[key] for key in ("window", "ngram", "guesses") if options.get(key) is not None}
+    max_context = getattr(target.model.config, "max_position_embeddings", None)
+    return LookaheadProposer(**sizes, max_context=max_context)
+
+
 METHODS: dict[str, Factory] = {"ar": _ar, "pld": _pld, "draft": _draft}
+METHODS["lookahead"] = _lookahead
 
 
 def load_draft(target: LoadedModel, spec: str) -> LoadedModel:

@@ -16,6 +16,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_method: str = "pl
                         help="drafting method (ar = plain decoding)")
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft (folder or .gguf)")
     parser.add_argument("--num-tokens", type=int, default=None, help="tokens drafted per step (pld, draft)")
+    parser.add_argument("--window", type=int, default=None, help="lookahead window width W (default 4)")
+    parser.add_argument("--ngram", type=int, default=None, help="lookahead n-gram size N (default 4)")
+    parser.add_argument("--guesses", type=int, default=None, help="lookahead n-grams verified per step G (default 3)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +32,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace, target: LoadedModel) -> dict[str, Any]:
     """Options for ``build_proposer`` from the parsed arguments (loads the draft model if one is named)."""
     options: dict[str, Any] = {"num_tokens": args.num_tokens}
+    for key in ("window", "ngram", "guesses"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
     if getattr(args, "draft_model", None):
         options["draft"] = load_draft(target, args.draft_model)
     return options

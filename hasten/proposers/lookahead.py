@@ -1,0 +1,179 @@
+"""Lookahead decoding (``lookahead``): a Jacobi window collects n-grams that later become guesses.
+
+Fu et al., "Break the Sequential Dependency of LLM Inference Using Lookahead Decoding" (arXiv 2402.02057).
+Every target pass scores, besides the root and the verification tree, a 2-D *window* of ``window`` (W)
+columns and ``ngram - 1`` levels. Column ``c`` is a trajectory of tokens at consecutive positions: its
+level ``l`` sits at offset ``c + 1 + l`` after the root and sees the root, the first-level tokens of
+columns ``0..c`` and its own column's lower levels (a chain of consecutive positions), never the tree.
+The target's argmax at the top of a column extends it by one token, and the column plus that token is
+an n-gram for the pool. Guesses are the pool's n-grams that start with the root (the last token).
+Correctness never depends on the window: the verifier accepts only what the target itself would emit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+
+from hasten.errors import HastenError
+from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
+from hasten.tree import TokenTree
+
+DEFAULT_WINDOW = 4
+DEFAULT_NGRAM = 4
+DEFAULT_GUESSES = 3
+
+
+class NgramPool:
+    """N-grams keyed by their first token; each key keeps at most ``per_key`` tails, least recently used out."""
+
+    def __init__(self, n: int, per_key: int) -> None:
+        self.n = n
+        self.per_key = per_key
+        self._table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(tails) for tails in self._table.values())
+
+    def add(self, ngram: Sequence[int]) -> None:
+        """Insert (or refresh) one n-gram of exactly ``n`` tokens."""
+        tails = self._table.setdefault(ngram[0], OrderedDict())
+        tail = tuple(ngram[1:])
+        if tail in tails:
+            tails.move_to_end(tail)
+            return
+        tails[tail] = None
+        if len(tails) > self.per_key:
+            tails.popitem(last=False)
+
+    def add_sequence(self, tokens: Sequence[int]) -> None:
+        """Insert every n-gram of a token sequence, left to right (so the latest ends up most recent)."""
+        for start in range(len(tokens) - self.n + 1):
+            self.add(tokens[start : start + self.n])
+
+    def lookup(self, key: int, limit: int) -> list[list[int]]:
+        """Up to ``limit`` tails (n - 1 tokens) stored under ``key``, most recently used first."""
+        tails = self._table.get(key)
+        if not tails:
+            return []
+        return [list(tail) for tail in reversed(tails)][:limit]
+
+
+@cache
+def window_layout(width: int, height: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Offsets and the bool (m, m + 1) mask over [root, window...] of a W x H window laid out level by level.
+
+    Token ``l * width + c`` (level ``l``, column ``c``) sits at offset ``c + 1 + l`` and attends to the root,
+    level-0 tokens of columns ``0..c`` and levels ``1..l`` of its own column.
+    """
+    m = width * height
+    mask = torch.zeros(m, m + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    offsets = []
+    for level in range(height):
+        for col in range(width):
+            row = level * width + col
+            offsets.append(col + 1 + level)
+            mask[row, 1 : col + 2] = True
+            for lower in range(1, level + 1):
+                mask[row, 1 + lower * width + col] = True
+    return tuple(offsets), mask
+
+
+class LookaheadProposer(Proposer):
+    """Lookahead decoding with a W x (N - 1) Jacobi window, an LRU n-gram pool and up to G guesses per step.
+
+    Statistics after a generation: ``steps``, ``guess_steps`` (steps that verified at least one guess),
+    ``hit_steps`` (steps that accepted at least one guessed token), ``accepted`` (guessed tokens accepted),
+    and the rates ``guess_rate`` and ``hit_rate`` (per step).
+    """
+
+    name = "lookahead"
+
+    def __init__(self, window: int = DEFAULT_WINDOW, ngram: int = DEFAULT_NGRAM, guesses: int = DEFAULT_GUESSES,
+                 max_context: int | None = None, seed: int = 0) -> None:
+        for label, value, low in (("window", window, 1), ("ngram", ngram, 2), ("guesses", guesses, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise HastenError(f"lookahead {label} must be an integer >= {low}, got {value!r}")
+        self.window = window
+        self.ngram = ngram
+        self.guesses = guesses
+        self.max_context = max_context
+        self.seed = seed
+        self.start([0], None)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_steps / self.steps if self.steps else 0.0
+
+    @property
+    def guess_rate(self) -> float:
+        return self.guess_steps / self.steps if self.steps else 0.0
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self._rng = random.Random(self.seed)
+        self._history = list(context)
+        self.pool = NgramPool(self.ngram, self.guesses)
+        self.pool.add_sequence(context)
+        self.columns = [self._seed_column() for _ in range(self.window)]
+        self._sent_window = False
+        self._guessed = False
+        self.steps = self.guess_steps = self.hit_steps = self.accepted = 0
+
+    def _seed_column(self) -> list[int]:
+        """A fresh trajectory: ``ngram - 1`` consecutive tokens copied from a random place in the context."""
+        height = self.ngram - 1
+        history = self._history
+        if len(history) < height:
+            return [self._rng.choice(history) for _ in range(height)]
+        start = self._rng.randrange(len(history) - height + 1)
+        return history[start : start + height]
+
+    def propose(self, context: list[int], max_depth: int) -> Proposal:
+        if max_depth <= 0:
+            self._sent_window = self._guessed = False
+            return Proposal(TokenTree())
+        paths = [tail[:max_depth] for tail in self.pool.lookup(context[-1], self.guesses)]
+        tree = TokenTree.from_paths(paths)
+        self._guessed = bool(paths)
+        self._sent_window = self._window_fits(len(context))
+        return Proposal(tree, self._branch() if self._sent_window else None)
+
+    def _window_fits(self, context_len: int) -> bool:
+        # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.
+        return self.max_context is None or context_len + self.window + self.ngram - 2 <= self.max_context
+
+    def _branch(self) -> ExtraBranch:
+        height = self.ngram - 1
+        offsets, mask = window_layout(self.window, height)
+        tokens = [column[level] for level in range(height) for column in self.columns]
+        return ExtraBranch(tokens, list(offsets), mask)
+
+    def update(self, outcome: StepOutcome) -> None:
+        new = [*outcome.accepted, outcome.next_token]
+        self.steps += 1
+        self.guess_steps += self._guessed
+        self.hit_steps += bool(outcome.accepted)
+        self.accepted += len(outcome.accepted)
+        tail = self._history[-(self.ngram - 1) :] if self.ngram > 1 else []
+        self._history.extend(new)
+        self.pool.add_sequence(tail + new)
+        if self._sent_window and outcome.extra_logits is not None:
+            self._advance(outcome.extra_logits, shift=len(outcome.accepted))
+
+    def _advance(self, logits: torch.Tensor, shift: int) -> None:
+        """One Jacobi step: extend every column by the target's argmax at its top, pool the n-grams, then
+        slide the window with the context (``shift`` extra tokens) and refill the columns that fell off."""
+        top = (self.ngram - 2) * self.window
+        predicted = logits[top : top + self.window].argmax(-1).tolist()
+        grown = [column + [token] for column, token in zip(self.columns, predicted, strict=True)]
+        for ngram in grown:
+            self.pool.add(ngram)
+        # A column's tokens sit at offsets c+1.. ; after the context advances by shift + 1 tokens, the
+        # grown column without its first token sits exactly where column c - shift starts.
+        kept = [column[1:] for column in grown[shift:]]
+        self.columns = kept + [self._seed_column() for _ in range(self.window - len(kept))]

@@ -9,7 +9,7 @@ import sys
 
 from hasten.errors import HastenError
 
-COMMANDS = ["hasten.commands.generate", "hasten.commands.train"]
+COMMANDS = ["hasten.commands.generate", "hasten.commands.train", "hasten.commands.serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

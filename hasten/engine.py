@@ -17,7 +17,7 @@ from hasten.verify import verify
 
 @dataclass
 class DecodeStats:
-    """Counters of one generation. ``mean_accepted`` follows vLLM: tokens emitted per target pass."""
+    """Counters of one or more generations (they add up). ``mean_accepted`` is vLLM's: tokens per target pass."""
 
     target_passes: int = 0
     new_tokens: int = 0
@@ -80,7 +80,10 @@ def decode(
         generator = params.generator()
     began = time.perf_counter()
     prefill = target.start(prompt_ids[:-1])
-    stats.prefill_s = time.perf_counter() - began
+    now = time.perf_counter()
+    stats.prefill_s += now - began
+    stats.wall_s += now - began
+    began = now
     context = list(prompt_ids)
     proposer.start(context, prefill.hidden)
     produced = 0
@@ -109,8 +112,10 @@ def decode(
         new = new[: max_new_tokens - produced]
         context.extend(new)
         produced += len(new)
-        stats.new_tokens = produced
-        stats.wall_s = time.perf_counter() - began
+        stats.new_tokens += len(new)
+        now = time.perf_counter()
+        stats.wall_s += now - began
+        began = now
         yield new
         if ended is not None:
             return

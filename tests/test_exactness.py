@@ -1,8 +1,8 @@
 """Greedy exactness: every method reproduces transformers' greedy ``generate`` token for token."""
 
 import pytest
-
 from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model
+
 from hasten.api import generate
 from hasten.backends import TransformersTarget
 from hasten.engine import DecodeStats, decode

@@ -9,7 +9,8 @@ import sys
 
 from hasten.errors import HastenError
 
-COMMANDS = ["hasten.commands.generate", "hasten.commands.train", "hasten.commands.serve"]
+COMMANDS = ["hasten.commands.generate", "hasten.commands.train", "hasten.commands.serve",
+            "hasten.commands.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

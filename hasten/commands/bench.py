@@ -1,0 +1,74 @@
+"""``hasten bench``: every method against plain decoding on a prompt set, with a report, a table and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from hasten.bench import balanced_subset, read_prompts, run_bench, write_report
+from hasten.bench.report import table
+from hasten.errors import HastenError
+from hasten.models import DEFAULT_MODEL
+from hasten.sampling import SamplingParams
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark every method against plain decoding (Spec-Bench style)",
+        description="Run each method on each prompt, interleaved in one process after a warm-up; write "
+                    "results.json, report.md and speedup.png; check greedy outputs equal ar's token for token.",
+    )
+    parser.add_argument("--prompts", default=None,
+                        help="JSONL prompts: Spec-Bench format or {\"prompt\", \"category\"} (default: shipped set)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods and anchors (hf_generate, hf_pld, hf_assisted); "
+                             "default: all that can run. ar is always added as the baseline")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="'default', a model folder or a .gguf file")
+    parser.add_argument("--draft-model", default=None, help="draft model for draft and hf_assisted")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn")
+    parser.add_argument("--limit", type=int, default=None, help="at most N prompts, taken evenly across categories")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exactness is checked)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed questions run by every method first")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise HastenError("--methods is empty")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    # Check everything cheap before the slow model load.
+    if args.max_new_tokens < 1:
+        raise HastenError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.warmup < 0:
+        raise HastenError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.limit is not None and args.limit < 1:
+        raise HastenError(f"--limit must be >= 1, got {args.limit}")
+    SamplingParams(args.temperature, 0, 1.0, args.seed)
+    methods = parse_methods(args.methods)
+    prompts = balanced_subset(read_prompts(args.prompts), args.limit)
+
+    from hasten.methods import load_draft
+    from hasten.models import load_model
+
+    loaded = load_model(args.model)
+    draft = load_draft(loaded, args.draft_model) if args.draft_model else None
+    results = run_bench(loaded, prompts, methods, draft=draft, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, warmup=args.warmup, seed=args.seed,
+                        progress=not args.no_progress)
+    command = "hasten " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    out = write_report(results, args.out, command)
+    for warning in results["warnings"]:
+        print(f"hasten bench: {warning}", file=sys.stderr)
+    print(table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speedup.png'}")
+    return 0

@@ -1,0 +1,201 @@
+"""Lookahead decoding: exact greedy output, exact sampling distribution, and the window's mask and offsets."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model
+
+from hasten.api import generate
+from hasten.backends.transformers_target import TransformersTarget
+from hasten.engine import decode, pass_layout
+from hasten.errors import HastenError
+from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_layout
+from hasten.sampling import SamplingParams
+
+SIZES = [(4, 4, 3), (3, 2, 2), (5, 3, 5), (2, 6, 1)]  # (window, ngram, guesses)
+
+
+@functools.cache
+def _loaded(arch: str):
+    return tiny_loaded(arch, seed=3)
+
+
+@functools.cache
+def _reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int) -> list[int]:
+    return greedy_reference(_loaded(arch).model, list(prompt), max_new_tokens)
+
+
+def _run(loaded, prompt: list[int], max_new_tokens: int, window: int, ngram: int, guesses: int,
+         params: SamplingParams | None = None, generator=None) -> tuple[list[int], LookaheadProposer]:
+    proposer = LookaheadProposer(window, ngram, guesses, max_context=loaded.model.config.max_position_embeddings)
+    target = TransformersTarget(loaded.model)
+    out: list[int] = []
+    params = params or SamplingParams()
+    for chunk in decode(target, proposer, prompt, max_new_tokens, params, {EOS}, generator=generator):
+        out.extend(chunk)
+    return out, proposer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "W{}N{}G{}".format(*s))
+def test_greedy_matches_generate_and_guesses_are_accepted(arch, sizes):
+    loaded = _loaded(arch)
+    accepted = hits = 0
+    for prompt in random_prompts(10, seed=11):
+        out, proposer = _run(loaded, prompt, 32, *sizes)
+        assert out == _reference(arch, tuple(prompt), 32), prompt
+        accepted += proposer.accepted
+        hits += proposer.hit_steps
+        assert 0 <= proposer.hit_rate <= proposer.guess_rate <= 1
+    assert accepted > hits > 0  # the tree path is exercised, sometimes with several tokens at once
+
+
+def test_api_method_and_options():
+    loaded = _loaded("llama")
+    prompt = random_prompts(1, seed=5)[0]
+    result = generate(loaded, prompt, "lookahead", max_new_tokens=20, window=3, ngram=3, guesses=2, chat=False)
+    assert result.token_ids == _reference("llama", tuple(prompt), 20)
+    assert result.method == "lookahead"
+    with pytest.raises(HastenError, match="ngram"):
+        generate(loaded, prompt, "lookahead", ngram=1, chat=False)
+    with pytest.raises(HastenError, match="window"):
+        LookaheadProposer(window=0)
+
+
+def test_window_mask_and_offsets_hand_worked():
+    offsets, mask = window_layout(3, 2)  # W=3, N=3: two levels of three columns, level by level
+    assert offsets == (1, 2, 3, 2, 3, 4)
+    #            root  a0 a1 a2 b0 b1 b2      (a = level 0, b = level 1)
+    expected = [[1, 1, 0, 0, 0, 0, 0],  # a0 at 1: root a0
+                [1, 1, 1, 0, 0, 0, 0],  # a1 at 2: root a0 a1
+                [1, 1, 1, 1, 0, 0, 0],  # a2 at 3: root a0 a1 a2
+                [1, 1, 0, 0, 1, 0, 0],  # b0 at 2: root a0 b0
+                [1, 1, 1, 0, 0, 1, 0],  # b1 at 3: root a0 a1 b1
+                [1, 1, 1, 1, 0, 0, 1]]  # b2 at 4: root a0 a1 a2 b2
+    assert mask.tolist() == [[bool(x) for x in row] for row in expected]
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 2), (4, 4, 3), (3, 2, 2)])
+def test_window_logits_equal_plain_runs_of_each_trajectory(sizes):
+    """Each window row's logits must be what the model gives after the context plus that row's own chain."""
+    window, ngram, guesses = sizes
+    model = tiny_model("llama", seed=1)
+    context = [5, 9, 12, 5, 9, 7, 30, 5, 9, 12, 40, 5]
+    proposer = LookaheadProposer(window, ngram, guesses)
+    proposer.start(context, None)
+    proposal = proposer.propose(context, 8)
+    assert len(proposal.tree) > 0  # the prompt's n-grams under the root are guessed
+    tokens, offsets, mask = pass_layout(proposal, context[-1])
+    target = TransformersTarget(model)
+    target.start(context[:-1])
+    logits = target.score(tokens, offsets, mask).logits[len(proposal.tree) + 1 :]
+    columns = proposer.columns
+    for level in range(ngram - 1):
+        for col in range(window):
+            chain = [context[-1], *(c[0] for c in columns[: col + 1]), *columns[col][1 : level + 1]]
+            plain = model(torch.tensor([context[:-1] + chain])).logits[0, -1]
+            torch.testing.assert_close(logits[level * window + col], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_window_advance_pools_ngrams_and_slides_with_the_context():
+    proposer = LookaheadProposer(window=3, ngram=3, guesses=4)
+    proposer.start([2, 3, 4, 5, 6, 7], None)
+    proposer.columns = [[10, 11], [20, 21], [30, 31]]
+    logits = torch.zeros(6, 64)
+    for col, token in enumerate([12, 22, 32]):
+        logits[3 + col, token] = 1.0  # the top level (rows 3..5) predicts 12, 22, 32
+    proposer._advance(logits, shift=0)
+    assert proposer.columns == [[11, 12], [21, 22], [31, 32]]
+    assert proposer.pool.lookup(20, 4) == [[21, 22]]
+    # Two accepted tokens move the context three places: the first two columns fall off, fresh ones follow.
+    logits = torch.zeros(6, 64)
+    for col, token in enumerate([13, 23, 33]):
+        logits[3 + col, token] = 1.0
+    proposer._advance(logits, shift=2)
+    assert proposer.columns[0] == [32, 33]
+    assert all(len(column) == 2 for column in proposer.columns)
+    assert all(tok in range(2, 8) for column in proposer.columns[1:] for tok in column)  # seeded from the context
+
+
+def test_pool_keeps_the_most_recent_per_key():
+    pool = NgramPool(3, per_key=2)
+    pool.add_sequence([1, 2, 3, 1, 4, 5, 1, 2, 3, 1, 6, 7])
+    assert pool.lookup(1, 5) == [[6, 7], [2, 3]]  # (1, 4, 5) was evicted; (1, 2, 3) was refreshed
+    assert pool.lookup(9, 5) == []
+
+
+def _exact_probs(model, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(first three new tokens) computed from the model; a sequence that reaches EOS stops there."""
+    with torch.inference_mode():
+        first = params.probs(model(torch.tensor([prompt])).logits[0, -1])
+        vocab = first.shape[0]
+        second = params.probs(model(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1])
+        pairs = [(a, b) for a in range(vocab) for b in range(vocab)]
+        third = params.probs(model(torch.tensor([prompt + list(ab) for ab in pairs])).logits[:, -1])
+    probs = {(EOS,): float(first[EOS])}
+    for i, (a, b) in enumerate(pairs):
+        if a == EOS:
+            continue
+        p_ab = float(first[a] * second[a, b])
+        if b == EOS:
+            probs[(a, b)] = p_ab
+            continue
+        for c in range(vocab):
+            probs[(a, b, c)] = p_ab * float(third[i, c])
+    return probs
+
+
+def test_sampling_is_lossless():
+    """Distribution of the first three sampled tokens vs the model's exact one, chi-square over 3000 seeded draws."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    params = SamplingParams(1.0)
+    loaded = tiny_loaded("llama", seed=5, vocab_size=16, init_std=0.5)
+    # Pool tails under the root 5: (6, 9), (7, 9), (6, 6): siblings 6 and 7 (likely) at depth 1, 9 and 6 at depth 2.
+    prompt = [5, 6, 6, 5, 7, 9, 5, 6, 9, 5]
+    exact = _exact_probs(loaded.model, prompt, params)
+    generator = torch.Generator().manual_seed(1234)
+    draws = 3000
+    counts: dict[tuple[int, ...], int] = {}
+    accepted = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is several times faster on a busy machine
+    try:
+        for _ in range(draws):
+            out, proposer = _run(loaded, prompt, 3, 3, 3, 3, params, generator)
+            counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+            accepted += proposer.accepted
+    finally:
+        torch.set_num_threads(threads)
+    assert accepted > draws // 5  # guesses were accepted often: the multi-candidate rule is what is tested
+    assert set(counts) <= {key for key, p in exact.items() if p > 0}
+    big = sorted(key for key, p in exact.items() if p * draws >= 5)
+    observed = [counts.get(key, 0) for key in big]
+    expected = [exact[key] * draws for key in big]
+    if draws - sum(expected) > 1e-6:  # every rare outcome together, as one more cell
+        observed.append(draws - sum(observed))
+        expected.append(draws - sum(expected))
+    assert len(observed) > 20
+    assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Write a Python function that checks whether a string is a palindrome, then test it on three words.",
+        "Tell me a short story about a robot who learns to paint.",
+    ],
+)
+def test_default_model_matches_generate(default_model, prompt):
+    from hasten.models import encode_prompt
+
+    ids = encode_prompt(default_model.tokenizer, prompt)
+    reference = default_model.model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=48,
+        do_sample=False,
+    )[0, len(ids):].tolist()
+    result = generate(default_model, prompt, "lookahead", max_new_tokens=48)
+    assert result.token_ids == reference

@@ -50,7 +50,8 @@ def test_greedy_matches_generate_and_guesses_are_accepted(arch, sizes):
         accepted += proposer.accepted
         hits += proposer.hit_steps
         assert 0 <= proposer.hit_rate <= proposer.guess_rate <= 1
-    assert accepted > hits > 0  # the tree path is exercised, sometimes with several tokens at once
+    assert hits > 0  # the tree path is exercised...
+    assert accepted > hits or sizes[1] == 2  # ...and several guessed tokens are accepted at once (N > 2)
 
 
 def test_api_method_and_options():

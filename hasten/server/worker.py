@@ -112,7 +112,10 @@ class Worker:
             if job is not None:
                 job.post(Failed(APIError(503, "the server is shutting down", type="server_error")))
                 job.post(Closed())
-        self.queue.put(None)
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:  # a request slipped in while shutting down; the daemon thread dies with the process
+            return
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -13,6 +13,7 @@ from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer, check_same_vocabulary
 from hasten.proposers.lookahead import LookaheadProposer
 from hasten.proposers.prompt_lookup import PromptLookupProposer
+from hasten.proposers.redrafter import ReDrafterProposer, load_head
 from hasten.sampling import SamplingParams
 
 # A factory gets the target, the sampling parameters, a generator and the method's options.
@@ -38,6 +39,11 @@ def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict
     return DraftModelProposer(draft.model, params, num_tokens=options.get("num_tokens") or 6, generator=generator)
 
 
+def _redrafter(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+    head = load_head(target.name, target.model, options.get("head"))
+    return ReDrafterProposer(head, options.get("beam_width", 4), options.get("beam_length", 5))
+
+
 def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     sizes = {key: options[key] for key in ("window", "ngram", "guesses") if options.get(key) is not None}
     max_context = getattr(target.model.config, "max_position_embeddings", None)
@@ -46,6 +52,7 @@ def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: 
 
 METHODS: dict[str, Factory] = {"ar": _ar, "pld": _pld, "draft": _draft}
 METHODS["lookahead"] = _lookahead
+METHODS["redrafter"] = _redrafter
 
 
 def load_draft(target: LoadedModel, spec: str) -> LoadedModel:

@@ -19,6 +19,10 @@ def add_model_options(parser: argparse.ArgumentParser, default_method: str = "pl
     parser.add_argument("--window", type=int, default=None, help="lookahead window width W (default 4)")
     parser.add_argument("--ngram", type=int, default=None, help="lookahead n-gram size N (default 4)")
     parser.add_argument("--guesses", type=int, default=None, help="lookahead n-grams verified per step G (default 3)")
+    parser.add_argument("--beam-width", type=int, default=None, help="beams per step (redrafter, default 4)")
+    parser.add_argument("--beam-length", type=int, default=None,
+                        help="tokens per beam counting the root (redrafter, default 5 = 4 drafted)")
+    parser.add_argument("--head", default=None, help="ReDrafter head folder (default: the shipped one, default model)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +39,9 @@ def method_options(args: argparse.Namespace, target: LoadedModel) -> dict[str, A
     for key in ("window", "ngram", "guesses"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
+    for name in ("beam_width", "beam_length", "head"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     if getattr(args, "draft_model", None):
         options["draft"] = load_draft(target, args.draft_model)
     return options

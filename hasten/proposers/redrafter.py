@@ -1,0 +1,108 @@
+"""ReDrafter (``redrafter``): beam search over a recurrent draft head, beams merged into one token tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hasten.errors import HastenError
+from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.redrafter.beam import beam_search
+from hasten.redrafter.head import ReDrafterHead
+from hasten.redrafter.tree import merge_beams
+from hasten.tree import TokenTree
+
+SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "artifacts" / "redrafter"
+
+
+@dataclass
+class TreeStats:
+    """How much merging shared beam prefixes saves: beam tokens drafted vs tree nodes verified."""
+
+    steps: int = 0
+    beam_tokens: int = 0
+    tree_tokens: int = 0
+
+    @property
+    def saving(self) -> float:
+        """Fraction of beam tokens that merging removed from the verification passes."""
+        return 1 - self.tree_tokens / self.beam_tokens if self.beam_tokens else 0.0
+
+
+class HeadDrafter:
+    """Adapts a ``ReDrafterHead`` with a fixed hidden state to beam search's ``Drafter`` protocol."""
+
+    def __init__(self, head: ReDrafterHead, hidden: torch.Tensor) -> None:
+        self.head = head
+        self.hidden = hidden.reshape(1, -1)
+
+    @property
+    def vocab(self) -> torch.Tensor:
+        return self.head.draft_ids
+
+    def start(self, rows: int) -> torch.Tensor:
+        return self.head.init_state(rows)
+
+    def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.head.step(state, tokens)
+        logits = self.head.logits(self.hidden.expand(state.shape[0], -1), state)
+        return state, torch.log_softmax(logits.float(), dim=-1)
+
+
+class ReDrafterProposer(Proposer):
+    """Draft ``beam_width`` beams of ``beam_length - 1`` tokens after the root (Apple's convention: the length
+    counts the root) from the target's hidden state, and verify their merged prefix tree in one pass.
+
+    Beams come from a top-k search, not from sampling, so the tree carries no draft distributions and the
+    verifier treats every node as a point-mass guess: greedy and sampled output stay exactly the target's.
+    """
+
+    name = "redrafter"
+    needs_hidden = True
+
+    def __init__(self, head: ReDrafterHead, beam_width: int = 4, beam_length: int = 5) -> None:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (beam_width, beam_length)) or \
+                beam_width < 1 or beam_length < 2:
+            raise HastenError("redrafter needs --beam-width >= 1 and --beam-length >= 2 (the length counts the root)")
+        if head.output is None:
+            raise ValueError("attach() the head to the target first")
+        self.head = head.eval()
+        self.beam_width = beam_width
+        self.beam_length = beam_length
+        self.tree_stats = TreeStats()
+        self._hidden: torch.Tensor | None = None
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], max_depth: int) -> Proposal:
+        length = min(self.beam_length - 1, max_depth)
+        if length <= 0 or self._hidden is None:
+            return Proposal(TokenTree())
+        beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
+        tree = merge_beams(beams.tokens)
+        self.tree_stats.steps += 1
+        self.tree_stats.beam_tokens += beams.tokens.numel()
+        self.tree_stats.tree_tokens += len(tree)
+        return Proposal(tree)
+
+    def update(self, outcome: StepOutcome) -> None:
+        self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
+
+
+def load_head(target_name: str, target_model: torch.nn.Module,
+              head: str | Path | ReDrafterHead | None) -> ReDrafterHead:
+    """The head to use: the one given (a path or a head), else the shipped one for the default model."""
+    if head is None:
+        if target_name != "default":
+            raise HastenError(
+                f"--method redrafter needs a head trained for {target_name!r} (--head DIR; train one with "
+                "'hasten train redrafter'); the shipped head fits only the default model"
+            )
+        head = SHIPPED_HEAD
+    if not isinstance(head, ReDrafterHead):
+        head = ReDrafterHead.load(head)
+    return head.attach(target_model)

@@ -1,0 +1,60 @@
+"""Deterministic beam search over a recurrent drafter.
+
+Beams start from the root token; each step scores every (beam, token) extension by the beam's summed draft
+log-probability and keeps the ``width`` best (a top-k, never a sample), so the drafted tokens are point-mass
+guesses for the verifier. The first step grows the single root beam; later steps spread over all beams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Drafter(Protocol):
+    """What beam search needs: a recurrent state, its update by target tokens and log-probs over a vocabulary."""
+
+    def start(self, rows: int) -> torch.Tensor:
+        """The initial state of ``rows`` beams."""
+        ...
+
+    def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed target ids ``tokens`` (n,); return the new state and log-probs (n, len(vocab)) of the next token."""
+        ...
+
+    @property
+    def vocab(self) -> torch.Tensor:
+        """Target id of every column of ``advance``'s log-probs."""
+        ...
+
+
+@dataclass
+class Beams:
+    """``tokens`` (n, length) drafted target ids after the root, best beam first; ``scores`` (n,) their log-probs."""
+
+    tokens: torch.Tensor
+    scores: torch.Tensor
+
+
+def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
+    """The ``width`` most likely continuations of ``root`` with ``length`` tokens each (fewer beams if the
+    vocabulary cannot fill them)."""
+    if width < 1 or length < 1:
+        raise ValueError("beam search needs width >= 1 and length >= 1")
+    vocab = drafter.vocab
+    tokens = torch.empty(1, 0, dtype=torch.long)
+    scores = torch.zeros(1)
+    state = drafter.start(1)
+    last = torch.tensor([root])
+    for _ in range(length):
+        state, log_probs = drafter.advance(state, last)
+        total = (scores[:, None] + log_probs.float()).flatten()
+        best = total.topk(min(width, total.numel()))
+        beam = best.indices // log_probs.shape[1]
+        last = vocab[best.indices % log_probs.shape[1]]
+        tokens = torch.cat([tokens[beam], last[:, None]], dim=1)
+        state = state[beam]
+        scores = best.values
+    return Beams(tokens, scores)

@@ -23,6 +23,7 @@ from hasten.server import create_app
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 STEP_S = 0.05  # the "slow" method's pause per step: keeps the worker busy long enough to fill the queue
+LONG_PROMPT = "w26 w37 w36 w7 w26 w37 w36"  # the slow server's model runs 200 tokens on it without an EOS (~5 s)
 
 
 @contextmanager
@@ -299,7 +300,7 @@ def test_load_queue_full_is_a_clean_503(slow_base):
 
 def test_client_disconnect_cancels_the_generation(slow_base):
     before = metrics_of(slow_base)
-    body = {"prompt": "w3 w4 w5", "max_tokens": 200, "temperature": 0, "stream": True}  # ~10 s if left to run
+    body = {"prompt": LONG_PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{slow_base}/v1/completions", json=body) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
@@ -317,6 +318,30 @@ def test_client_disconnect_cancels_the_generation(slow_base):
     reply = httpx.post(f"{slow_base}/v1/completions", json={"prompt": "w3 w4 w5", "max_tokens": 3, "temperature": 0},
                        timeout=30)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_client_leaving_the_queue_cancels_its_request(slow_base):
+    """A non-streaming client that gives up while queued behind a long stream is cancelled before it runs."""
+    before = metrics_of(slow_base)
+    long = {"prompt": LONG_PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{slow_base}/v1/completions", json=long) as stream:
+        lines = stream.iter_lines()  # held: dropping the iterator would close the connection
+        next(line for line in lines if line.startswith("data: "))  # the worker is busy now
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{slow_base}/v1/completions", json={"prompt": "w6 w7", "max_tokens": 3, "temperature": 0},
+                       timeout=httpx.Timeout(30, read=1.0))
+        deadline = time.monotonic() + 10
+        while requests_count(metrics_of(slow_base), "/v1/completions", 499) == requests_count(
+                before, "/v1/completions", 499):
+            assert time.monotonic() < deadline, "the queued request did not notice its client leaving"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while metrics_of(slow_base)["hasten_requests_cancelled_total"] < before["hasten_requests_cancelled_total"] + 2:
+        assert time.monotonic() < deadline, "the stream and the queued request were not both cancelled"
+        time.sleep(0.1)
+    after = metrics_of(slow_base)
+    assert after.get('hasten_generations_total{method="slow"}') == before.get('hasten_generations_total{method="slow"}')
+    assert after["hasten_queue_depth"] == 0 and after["hasten_requests_running"] == 0
 
 
 def test_stream_ends_with_done_and_chunk_shapes(base, tiny):

@@ -16,6 +16,8 @@ import uvicorn
 from conftest import greedy_reference, random_prompts, tiny_loaded
 
 from hasten.api import generate, prompt_ids
+from hasten.cli import main
+from hasten.errors import HastenError
 from hasten.methods import METHODS
 from hasten.models import LoadedModel
 from hasten.proposers.prompt_lookup import PromptLookupProposer
@@ -361,6 +363,23 @@ def test_stream_ends_with_done_and_chunk_shapes(base, tiny):
     assert texts == {0: expected, 1: expected}
     finals = [c for c in chunks if c["choices"][0]["finish_reason"]]
     assert len(finals) == 2 and all(c["hasten"]["target_passes"] >= 1 for c in finals)
+
+
+@pytest.mark.parametrize("argv", [["--max-queue", "0"], ["--port", "70000"], ["--max-tokens", "0"],
+                                  ["--method", "draft"]])
+def test_serve_command_refuses_bad_options_before_loading(argv, capsys):
+    assert main(["serve", "--model", "/nonexistent/model", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hasten: error: --") and err.count("\n") == 1
+
+
+def test_create_app_refuses_bad_settings(tiny):
+    with pytest.raises(HastenError, match="unknown method"):
+        create_app(tiny, "nope")
+    with pytest.raises(HastenError, match="draft model"):
+        create_app(tiny, "draft")
+    with pytest.raises(HastenError, match="at least one"):
+        create_app(tiny, "pld", max_queue=0)
 
 
 @pytest.mark.slow

@@ -179,18 +179,17 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
             raise queue_full(max_queue) from None
         inbox = Inbox(job, request)
         reply = Reply(chat=job.chat, model=served, method=job.method, n=job.n)
+        streaming = False
         try:
             first = await inbox.next()
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-        if isinstance(first, Failed):
-            return first.error.response()
-        if body.stream:
-            return StreamingResponse(stream_events(inbox, reply, first, body.include_usage()),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results: dict[int, GenerationResult] = {}
-        message = first
-        try:
+            if isinstance(first, Failed):
+                return first.error.response()
+            if body.stream:
+                streaming = True  # from here on the SSE body owns the job
+                return StreamingResponse(stream_events(inbox, reply, first, body.include_usage()),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            results: dict[int, GenerationResult] = {}
+            message = first
             while not isinstance(message, Closed):
                 if isinstance(message, Failed):
                     return message.error.response()
@@ -198,7 +197,10 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
                     results[message.index] = message.result
                 message = await inbox.next()
         except ClientGone:
-            return JSONResponse({}, status_code=499)
+            return JSONResponse({}, status_code=499)  # nobody reads it; /metrics counts it
+        finally:
+            if not streaming:
+                inbox.close()  # a no-op when the job is over; cancels it if this handler was interrupted
         if len(results) != len(job.prompts) * job.n:
             raise APIError(503, "the generation was interrupted", type="server_error")
         return reply.response(results)

@@ -34,6 +34,10 @@ def _pld(target: LoadedModel, params: SamplingParams, generator, options: dict[s
 
 def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     draft = options.get("draft")
+    if draft is None and target.name == "default":  # the draft distilled from the default model ships with hasten
+        from hasten.draft_head import shipped_draft_proposer
+
+        return shipped_draft_proposer(target, params, options.get("num_tokens"), generator)
     if draft is None:
         raise HastenError("--method draft needs a draft model (--draft-model PATH)")
     return DraftModelProposer(draft.model, params, num_tokens=options.get("num_tokens") or 6, generator=generator)

@@ -9,9 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from hasten.api import prompt_ids
+from hasten.backends.transformers_target import TransformersTarget
+from hasten.draft_head import build_draft, load_draft_dir, save_draft
+from hasten.engine import DecodeStats, decode
 from hasten.errors import HastenError
+from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
+from hasten.sampling import SamplingParams
+from hasten.training import draft as draft_training
 from hasten.training import selfdistill
-from tests.conftest import greedy_reference, tiny_loaded
+from tests.conftest import EOS, greedy_reference, random_prompts, tiny_loaded
 
 TINY_PROMPTS = [("tiny", " ".join(f"w{(7 * i + 3 * j) % 60 + 2}" for j in range(4 + i % 5))) for i in range(10)]
 
@@ -91,3 +97,122 @@ def test_read_prompt_files_rejects_bad_lines(tmp_path):
         selfdistill.read_prompt_files([str(bad)])
     with pytest.raises(HastenError, match="not found"):
         selfdistill.read_prompt_files([str(tmp_path / "missing.jsonl")])
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+def _cfg(epochs: int) -> draft_training.TrainConfig:
+    return draft_training.TrainConfig(layers=[0], draft_vocab=40, epochs=epochs, lr=3e-3, batch_tokens=16,
+                                      val_fraction=0.2)
+
+
+def test_choose_vocab_keeps_eos_and_frequent_tokens(tiny_data):
+    _, out, _ = tiny_data
+    data = selfdistill.load_shards(out)
+    ids = draft_training.choose_vocab(data, 40, 64, {EOS})
+    assert len(ids) == 40 and EOS in ids.tolist() and ids.tolist() == sorted(set(ids.tolist()))
+    top1 = torch.bincount(data.topk_ids[:, 0], minlength=64)
+    assert int(top1.argmax()) in ids.tolist()
+
+
+def test_training_lowers_loss_and_resumes(tiny_data, tmp_path):
+    loaded, out, _ = tiny_data
+    data = selfdistill.load_shards(out)
+    info = draft_training.train(loaded, data, tmp_path / "ckpt", _cfg(3), progress=False)
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3] and info["epochs_done"] == 3
+    train_ids, _ = draft_training.split_sequences(data, 0.2, 0)
+    trained, vocab_ids, _ = load_draft_dir(loaded.model, tmp_path / "ckpt")
+    fresh = build_draft(loaded.model, vocab_ids, [0])
+    remap = torch.full((64,), -1, dtype=torch.long)
+    remap[vocab_ids] = torch.arange(len(vocab_ids))
+    before, _ = draft_training.evaluate(fresh, data, train_ids, remap, _cfg(3))
+    after, _ = draft_training.evaluate(trained, data, train_ids, remap, _cfg(3))
+    assert after < before - 0.1  # the training loss went down
+    # save / load round trip: the reloaded draft computes what was saved
+    draft, vocab_ids, config = load_draft_dir(loaded.model, tmp_path / "ckpt")
+    assert config["epochs_done"] == 3 and len(vocab_ids) == 40
+    again = draft_training.train(loaded, data, tmp_path / "ckpt", _cfg(3), resume=True, progress=False)
+    assert again["epochs_done"] == 3  # nothing left to do
+    more = draft_training.train(loaded, data, tmp_path / "ckpt", _cfg(4), resume=True, progress=False)
+    assert more["epochs_done"] == 4 and len(more["history"]) == 5 and more["history"][:4] == history
+    resumed, _, _ = load_draft_dir(loaded.model, tmp_path / "ckpt")
+    ids = torch.tensor([data.sequence(0)["tokens"].tolist()])
+    with torch.no_grad():
+        assert not torch.equal(resumed(ids).logits, draft(ids).logits)  # the fourth epoch changed the weights
+    save_draft(resumed, vocab_ids, tmp_path / "fp16", {"init_layers": [0]})
+    half, _, _ = load_draft_dir(loaded.model, tmp_path / "fp16")
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits, resumed(ids).logits, atol=0.05, rtol=0.05)
+    with pytest.raises(HastenError, match="nothing to resume"):
+        draft_training.train(loaded, data, tmp_path / "empty", _cfg(1), resume=True, progress=False)
+
+
+def test_build_draft_refuses_bad_layers():
+    loaded = tiny_loaded("llama", seed=0)
+    with pytest.raises(HastenError, match="indices"):
+        build_draft(loaded.model, torch.arange(10), [5])
+    with pytest.raises(HastenError, match="llama"):
+        build_draft(tiny_loaded("qwen2", seed=0).model, torch.arange(10), [0])
+
+
+# --- the reduced-vocabulary proposer -------------------------------------------------------------------------
+
+def _reduced(loaded, size: int, params: SamplingParams, num_tokens: int = 4, generator=None):
+    vocab_ids = torch.tensor(sorted({EOS, *range(64 - size + 1, 64)}))[:size]
+    draft = build_draft(loaded.model, vocab_ids, [0])
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    return ReducedVocabDraftProposer(draft, vocab_ids, vocab, params, num_tokens=num_tokens, generator=generator)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reduced_draft_greedy_is_exact(seed):
+    loaded = tiny_loaded("llama", seed=seed, init_std=0.05)
+    params = SamplingParams()
+    accepted = 0
+    for prompt in random_prompts(12, seed=seed):
+        stats = DecodeStats()
+        proposer = _reduced(loaded, 48, params)
+        out = [t for chunk in decode(TransformersTarget(loaded.model), proposer, prompt, 20, params,
+                                     loaded.eos_token_ids, stats) for t in chunk]
+        assert out == greedy_reference(loaded.model, prompt, 20)
+        accepted += stats.accepted_drafts
+    assert accepted > 0  # the draft was right sometimes, so the accepting path was exercised too
+
+
+def test_reduced_draft_sampling_is_lossless():
+    """Chi-square of the first two sampled tokens against the target's exact distributions."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    vocab = 16
+    loaded = tiny_loaded("llama", seed=5, vocab_size=vocab, init_std=0.1)
+    vocab_ids = torch.tensor([1, 2, 3, 5, 8, 9, 12, 15])  # half the vocabulary: p is zero elsewhere
+    draft = build_draft(loaded.model, vocab_ids, [0])
+    prompt = [3, 7, 11, 5]
+    params = SamplingParams(temperature=1.0, seed=1234)
+    generator = params.generator()
+    target = TransformersTarget(loaded.model)
+    draws = 2500
+    counts = torch.zeros(2, vocab)
+    accepted = 0
+    for _ in range(draws):
+        proposer = ReducedVocabDraftProposer(draft, vocab_ids, vocab, params, num_tokens=2, generator=generator)
+        stats = DecodeStats()
+        out = [t for chunk in decode(target, proposer, prompt, 2, params, frozenset(), stats, generator)
+               for t in chunk]
+        counts[0, out[0]] += 1
+        counts[1, out[1]] += 1
+        accepted += stats.accepted_drafts
+    assert accepted > draws // 4
+    with torch.no_grad():
+        first = torch.softmax(loaded.model(torch.tensor([prompt])).logits[0, -1], -1)
+        nxt = torch.softmax(loaded.model(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], -1)
+    expected = [first, first @ nxt]
+    for observed, probs in zip(counts, expected, strict=True):
+        exp = probs.double() * draws
+        keep = exp >= 5
+        obs = torch.cat([observed[keep].double(), observed[~keep].sum().reshape(1).double()])
+        ex = torch.cat([exp[keep], exp[~keep].sum().reshape(1)])
+        if ex[-1] < 5:
+            obs, ex = obs[:-1], ex[:-1]
+            obs = obs * ex.sum() / obs.sum()
+        assert scipy_stats.chisquare(obs.numpy(), ex.numpy()).pvalue > 0.001

@@ -56,7 +56,7 @@ class DraftModelProposer(Proposer):
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self.draft.score(feed, list(range(len(feed))), None).logits[-1]
+            logits = self.vocab_logits(self.draft.score(feed, list(range(len(feed))), None).logits[-1])
             self.draft.commit(list(range(len(feed))))
             if self.params.greedy:
                 token = int(logits.argmax())
@@ -69,6 +69,10 @@ class DraftModelProposer(Proposer):
         self._drafted = k
         probs = torch.stack(rows) if rows else None
         return Proposal(TokenTree.chain(tokens, probs))
+
+    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's logits over the target's vocabulary (a hook for drafts with a reduced output vocabulary)."""
+        return logits
 
     def update(self, outcome: StepOutcome) -> None:
         # The draft cache holds the context plus all drafted tokens but the last; keep the accepted ones.

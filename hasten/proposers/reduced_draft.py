@@ -1,0 +1,33 @@
+"""Classic speculative decoding with a draft whose output covers only part of the target's vocabulary."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from hasten.proposers.draft_model import DraftModelProposer
+from hasten.sampling import SamplingParams
+
+
+class ReducedVocabDraftProposer(DraftModelProposer):
+    """``DraftModelProposer`` for a draft that scores ``vocab_ids`` only; every other token gets -inf.
+
+    The draft's distribution is then zero outside ``vocab_ids``. That stays lossless: the verifier accepts a
+    drafted token with probability min(1, q/p) and resamples from the residual, which covers the whole
+    vocabulary; under greedy decoding the target's argmax decides alone, as always.
+    """
+
+    name = "draft"
+
+    def __init__(self, draft_model: PreTrainedModel, vocab_ids: torch.Tensor, vocab_size: int,
+                 params: SamplingParams, num_tokens: int = 6, generator: torch.Generator | None = None) -> None:
+        super().__init__(draft_model, params, num_tokens, generator)
+        if vocab_ids.ndim != 1 or len(vocab_ids) != draft_model.get_output_embeddings().weight.shape[0]:
+            raise ValueError("vocab_ids needs one id per row of the draft's output head")
+        self.vocab_ids = vocab_ids.to(torch.long)
+        self.vocab_size = vocab_size
+
+    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        full = torch.full((self.vocab_size,), float("-inf"), dtype=logits.dtype)
+        full[self.vocab_ids] = logits
+        return full

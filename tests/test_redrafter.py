@@ -223,9 +223,9 @@ def exact_two_token_distribution(model, prompt: list[int], params: SamplingParam
 
 
 def test_sampling_is_lossless_chi_square():
-    vocab = 6
-    model = tiny_model("llama", seed=11, vocab_size=vocab, init_std=0.6)
-    head = random_head(vocab_size=vocab, draft_vocab=vocab, seed=12).attach(model)
+    vocab, draws = 6, 2000
+    model = tiny_model("llama", seed=11, vocab_size=vocab, layers=1, hidden=16, init_std=0.6)
+    head = random_head(vocab_size=vocab, hidden=16, draft_vocab=vocab, seed=12).attach(model)
     params = SamplingParams(temperature=1.0, seed=0)
     prompt = [2, 3, 4, 5, 2]
     expected = exact_two_token_distribution(model, prompt, params)
@@ -233,28 +233,25 @@ def test_sampling_is_lossless_chi_square():
     proposer = ReDrafterProposer(head, beam_width=3, beam_length=3)
     target = TransformersTarget(model, want_hidden=True)
     counts: Counter[tuple[int, int]] = Counter()
-    draws = 3000
     stats = hasten.engine.DecodeStats()
     for _ in range(draws):
         out = [t for chunk in decode(target, proposer, prompt, 2, params, frozenset(), stats, generator) for t in chunk]
-        counts[tuple(out[:2])] += 1
+        counts[tuple(out)] += 1
     # drafts really were accepted, and rejected, along the way
-    assert 200 < stats.accepted_drafts < stats.drafted_tokens / 2
-    keys = sorted(expected)
-    observed = [counts[k] for k in keys]
-    probs = [expected[k] for k in keys]
-    pooled_obs, pooled_exp, rest_obs, rest_exp = [], [], 0, 0.0
-    for o, p in zip(observed, probs, strict=True):  # pool rare cells so every expected count is >= 5
+    assert 100 < stats.accepted_drafts < stats.drafted_tokens / 2
+    assert sum(counts.values()) == draws and set(counts) <= set(expected)
+    observed, wanted, rest_obs, rest_exp = [], [], 0, 0.0
+    for key, p in expected.items():  # pool rare cells so that every expected count is >= 5
         if p * draws >= 5:
-            pooled_obs.append(o)
-            pooled_exp.append(p * draws)
+            observed.append(counts[key])
+            wanted.append(p * draws)
         else:
-            rest_obs, rest_exp = rest_obs + o, rest_exp + p * draws
-    if rest_exp > 0:
-        pooled_obs.append(rest_obs)
-        pooled_exp.append(rest_exp)
-    assert sum(observed) == draws
-    assert chisquare(pooled_obs, pooled_exp).pvalue > 0.001
+            rest_obs, rest_exp = rest_obs + counts[key], rest_exp + p * draws
+    observed.append(rest_obs)
+    wanted.append(rest_exp)
+    wanted = [w * draws / sum(wanted) for w in wanted]  # remove float round-off from the total
+    assert len(observed) > 10
+    assert chisquare(observed, wanted).pvalue > 0.001
 
 
 def test_errors_are_clear():
@@ -292,16 +289,16 @@ def fake_distill_data(model, count: int = 24, length: int = 24, seed: int = 0) -
 def test_training_learns_saves_and_resumes(tmp_path):
     loaded = tiny_loaded("llama", seed=2)
     data = fake_distill_data(loaded.model)
-    config = TrainConfig(steps=60, batch_size=64, lr=3e-3, horizon=3, draft_vocab=40, state_size=32, holdout=0.0)
+    config = TrainConfig(steps=60, batch_size=64, lr=1e-2, horizon=3, draft_vocab=40, state_size=32, holdout=0.0)
     report = train(data, loaded.model, tmp_path / "a", config, progress=False)
-    assert report["last_loss"] < 0.7 * report["first_loss"]
+    assert report["last_loss"] < 0.85 * report["first_loss"]
     head = ReDrafterHead.load(tmp_path / "a")
     assert head.config.draft_vocab_size == 40 and head.config.horizon == 3
     assert json.loads((tmp_path / "a" / "config.json").read_text())["state_size"] == 32
 
-    # Resuming 30 + 30 steps gives the same head as 60 steps in one go.
-    half = TrainConfig(**{**config.__dict__, "steps": 30})
-    train(data, loaded.model, tmp_path / "b", half, progress=False)
+    # Stopping after 30 steps and resuming gives the same head as 60 steps in one go.
+    train(data, loaded.model, tmp_path / "b", config, progress=False, pause_after=30)
+    assert torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)["step"] == 30
     train(data, loaded.model, tmp_path / "b", config, resume=True, progress=False)
     one_go = torch.load(tmp_path / "a" / STATE_FILE, weights_only=True)["head"]
     resumed = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)["head"]

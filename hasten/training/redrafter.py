@@ -129,8 +129,12 @@ def evaluate(head: ReDrafterHead, examples: Examples, batch_size: int = 1024) ->
 
 
 def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: TrainConfig, resume: bool = False,
-          model_name: str = "", progress: bool = True) -> dict:
-    """Train (or resume) a head, save it to ``out`` (fp16 head + config, fp32 trainer state) and return a report."""
+          model_name: str = "", progress: bool = True, save_every: int = 100, pause_after: int | None = None) -> dict:
+    """Train (or resume) a head, save it to ``out`` (fp16 head + config, fp32 trainer state) and return a report.
+
+    The state is saved every ``save_every`` steps, on Ctrl-C and at the end; ``pause_after`` stops this call
+    after that many steps, as an interruption would (``resume`` continues exactly where it stopped).
+    """
     out = Path(out)
     torch.manual_seed(config.seed)
     vocab_size, embed_size = target.get_input_embeddings().weight.shape
@@ -169,34 +173,43 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         step, history = state["step"], state["history"]
+    def save() -> None:
+        head.save(out)
+        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "step": step,
+                    "history": history, "draft_ids": draft_ids, "train_config": asdict(config)}, out / STATE_FILE)
+
     head.train()
-    began = time.perf_counter()
+    began, stop = time.perf_counter(), config.steps if pause_after is None else min(config.steps, step + pause_after)
     bar = tqdm(total=config.steps, initial=step, desc="redrafter", unit="step", disable=not progress)
-    while step < config.steps:
-        rows = torch.randint(len(examples), (config.batch_size,), generator=generator)
-        loss, agree = distill_loss(head, *examples.batch(rows))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        history.append(round(float(loss), 4))
-        bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{float(agree[0]):.2f}/{float(agree[-1]):.2f}")
-        bar.update(1)
-    bar.close()
+    try:
+        while step < stop:
+            rows = torch.randint(len(examples), (config.batch_size,), generator=generator)
+            loss, agree = distill_loss(head, *examples.batch(rows))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.append(round(loss.item(), 4))
+            bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{float(agree[0]):.2f}/{float(agree[-1]):.2f}")
+            bar.update(1)
+            if step % save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    finally:
+        bar.close()
+    save()
     report = {"steps": step, "examples": len(examples), "draft_vocab": len(draft_ids),
               "parameters": head.num_parameters(), "train_s": round(time.perf_counter() - began, 1),
               "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None}
     if held is not None and len(held):
         report["heldout"] = evaluate(head, held)
-    head.save(out)
-    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "step": step, "history": history, "draft_ids": draft_ids,
-                "train_config": asdict(config)}, out / STATE_FILE)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
-
 
 def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser = train_subparsers.add_parser("redrafter", help="train a ReDrafter head on self-distillation data")

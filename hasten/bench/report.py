@@ -75,6 +75,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     methods = list(results["methods"])
     groups = [*results["categories"], "overall"]
     width = 0.8 / len(groups)
+    highest = 1.0
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * max(1, len(groups) / 4)), 4.5))
     for g, group in enumerate(groups):
         values = []
@@ -82,9 +83,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             entry = results["methods"][method]
             value = entry["speedup"] if group == "overall" else entry["categories"][group]["speedup"]
             values.append(value or 0.0)
+        highest = max(highest, *values)
         xs = [i - 0.4 + width * (g + 0.5) for i in range(len(methods))]
         ax.bar(xs, values, width, label=group, edgecolor="black" if group == "overall" else None)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_ylim(0, highest * 1.35)  # room for the legend above the bars
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("speedup over ar (median)")
     ax.set_title(f"{results['model']}: {results['prompts']} prompts, {results['max_new_tokens']} new tokens")

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exactness is checked)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed questions run by every method first")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: HASTEN_THREADS or up to 8); use 1 on a busy shared machine")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -53,12 +55,19 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError(f"--warmup must be >= 0, got {args.warmup}")
     if args.limit is not None and args.limit < 1:
         raise HastenError(f"--limit must be >= 1, got {args.limit}")
+    if args.threads is not None and args.threads < 1:
+        raise HastenError(f"--threads must be >= 1, got {args.threads}")
     SamplingParams(args.temperature, 0, 1.0, args.seed)
     methods = parse_methods(args.methods)
     prompts = balanced_subset(read_prompts(args.prompts), args.limit)
 
+    import torch
+
     from hasten.methods import load_draft
     from hasten.models import load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model)
     draft = load_draft(loaded, args.draft_model) if args.draft_model else None

@@ -74,6 +74,8 @@ class ReDrafterHead(nn.Module):
         self.rnn_u = nn.Linear(config.state_size, config.state_size)
         self.blocks = nn.Sequential(*(ResBlock(width) for _ in range(config.num_layers)))
         self.proj = nn.Linear(width, config.hidden_size, bias=False)
+        with torch.no_grad():
+            self.proj.weight.mul_(0.1)  # start near uniform draft logits instead of large random ones
         self.vocab_bias = nn.Parameter(torch.zeros(config.draft_vocab_size))
         self.register_buffer("draft_ids", draft_ids.long().clone())
         self.embedding: torch.Tensor | None = None

@@ -36,6 +36,7 @@ class TrainConfig:
     state_size: int = 384
     num_layers: int = 1
     holdout: float = 0.05  # fraction of sequences kept for evaluation
+    all_positions: bool = True  # also learn the target's distributions inside the prompts (more data)
     seed: int = 0
 
 
@@ -53,11 +54,14 @@ def choose_draft_vocab(data: DistillData, size: int, vocab_size: int) -> torch.T
 class Examples:
     """Response positions with their teacher-forced inputs and targets, mapped onto the draft vocabulary."""
 
-    def __init__(self, data: DistillData, draft_ids: torch.Tensor, vocab_size: int, horizon: int) -> None:
+    def __init__(self, data: DistillData, draft_ids: torch.Tensor, vocab_size: int, horizon: int,
+                 all_positions: bool = False) -> None:
         total = len(data.tokens)
         ends = data.seq_starts[1:]
         end_of = ends[torch.searchsorted(ends, torch.arange(total), right=True)]
-        self.positions = torch.nonzero(data.loss_mask & (torch.arange(total) + 1 < end_of)).flatten()
+        # Response positions only, or every position: the target's distribution is a fair target anywhere.
+        wanted = data.loss_mask | all_positions
+        self.positions = torch.nonzero(wanted & (torch.arange(total) + 1 < end_of)).flatten()
         steps = self.positions[:, None] + torch.arange(1, horizon + 1)  # (N, horizon): t+1 .. t+horizon
         inside = steps < end_of[self.positions][:, None]
         steps = steps.clamp_max(total - 1)
@@ -70,7 +74,7 @@ class Examples:
         mass = probs.sum(-1, keepdim=True)
         self.target_index = index.clamp_min(0)
         self.target_probs = probs / mass.clamp_min(1e-8)
-        self.valid = inside & data.loss_mask[steps] & (mass[..., 0] > 0.05)
+        self.valid = inside & wanted[steps] & (mass[..., 0] > 0.05)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -152,7 +156,7 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
     head_config = HeadConfig(hidden_size, embed_size, vocab_size, len(draft_ids), config.state_size,
                              config.num_layers, config.horizon, model_name)
     head = ReDrafterHead(head_config, draft_ids).attach(target)
-    examples = Examples(train_data, draft_ids, vocab_size, config.horizon)
+    examples = Examples(train_data, draft_ids, vocab_size, config.horizon, config.all_positions)
     held = Examples(held_data, draft_ids, vocab_size, config.horizon) if held_data is not None else None
     if len(examples) == 0:
         raise HastenError("the data has no response positions to train on")
@@ -226,6 +230,8 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--state-size", type=int, default=defaults.state_size)
     parser.add_argument("--layers", type=int, default=defaults.num_layers, help="residual blocks")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--response-only", action="store_true",
+                        help="train on response positions only (default: prompt positions too)")
     parser.set_defaults(run=run)
 
 
@@ -242,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(name)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, horizon=args.horizon,
                          draft_vocab=args.draft_vocab, state_size=args.state_size, num_layers=args.layers,
-                         seed=args.seed)
+                         seed=args.seed, all_positions=not args.response_only)
     report = train(data, loaded.model, args.out, config, resume=args.resume, model_name=name)
     print(json.dumps(report))
     print(f"wrote the head to {args.out}; use it with --method redrafter --head {args.out}")

@@ -246,6 +246,8 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys):
     assert "--limit must be >= 1" in capsys.readouterr().err
     assert main(["bench", "--methods", " , ", "--out", str(tmp_path)]) == 2
     assert "--methods is empty" in capsys.readouterr().err
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ SHARED_PROMPTS = [f"/work/shared/data/{name}.jsonl" for name in ("alpacaeval_dev
 DEFAULT_OUT = "out/distill"
 META = "meta.json"
 PLAN = "prompts.json"
-MAX_PROMPT_CHARS = 1500  # longer prompts are skipped: the data is about answers, not prompts
+MAX_PROMPT_CHARS = 600  # longer prompts are skipped: the data is about answers, not prompts
 
 # A few prompts of our own, so that summarisation and rewriting are represented too.
 BUILTIN_PROMPTS = [

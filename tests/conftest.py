@@ -17,7 +17,11 @@ from transformers import (
 
 from hasten.models import LoadedModel, load_model
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One thread for tiny models (threading overhead dominates them), two for the real model."""
+    torch.set_num_threads(2 if "default_model" in request.fixturenames else 1)
 
 EOS = 1
 TINY_CONFIGS = {

@@ -12,6 +12,7 @@ from hasten.errors import HastenError
 from hasten.methods import build_proposer
 from hasten.models import LoadedModel, encode_prompt
 from hasten.sampling import SamplingParams
+from hasten.text import IncrementalDetokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -86,32 +87,36 @@ def stream(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise HastenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = [s for s in stop if s]
+    cut = -1
     ids = prompt_ids(loaded, prompt, chat)
     generator = None if params.greedy else params.generator()
     proposer = build_proposer(method, loaded, params, generator, **method_options)
     target = TransformersTarget(loaded.model, want_hidden=proposer.needs_hidden)
     stats = DecodeStats()
-    tokens: list[int] = []
+    detok = IncrementalDetokenizer(loaded.tokenizer)
     sent = 0  # characters of text already streamed
     sent_tokens = 0
     finish = "length"
-    text = ""
-    holdback = max((len(s) for s in stops), default=1) - 1
+    longest_stop = max((len(s) for s in stops), default=0)
     for chunk in decode(target, proposer, ids, max_new_tokens, params, loaded.eos_token_ids, stats, generator):
-        tokens.extend(chunk)
-        if tokens and tokens[-1] in loaded.eos_token_ids:
+        detok.add(chunk)
+        if chunk[-1] in loaded.eos_token_ids:
             finish = "stop"
-        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        text = detok.text
+        # A stop string can only end inside the newest text: search just the tail.
+        tail_from = max(0, sent - longest_stop)
+        cut = min((i for i in (text.find(s, tail_from) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
-            text, finish = text[:cut], "stop"
+            finish = "stop"
             break
-        ready = len(text) - holdback if finish == "length" else len(text)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            ready = min(ready, len(text) - 1)
+        ready = len(text) - max(longest_stop - 1, 0) if finish == "length" else len(text)
         if ready > sent:
-            yield StreamEvent(text[sent:ready], tokens[sent_tokens:])
-            sent, sent_tokens = ready, len(tokens)
+            yield StreamEvent(text[sent:ready], detok.tokens[sent_tokens:])
+            sent, sent_tokens = ready, len(detok.tokens)
+    if cut < 0:
+        detok.flush()
+    tokens = detok.tokens
+    text = detok.text if cut < 0 else detok.text[:cut]
     result = GenerationResult(
         text=text,
         token_ids=tokens,

@@ -9,10 +9,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from hasten.models import LoadedModel, load_model
@@ -28,6 +33,11 @@ TINY_CONFIGS = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
     "gemma": GemmaConfig,
+    "mistral": MistralConfig,
+    "qwen3": Qwen3Config,
+    "gemma3_text": Gemma3TextConfig,
+    "phi3": Phi3Config,
+    "olmo2": Olmo2Config,
 }
 
 

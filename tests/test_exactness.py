@@ -56,6 +56,26 @@ def test_draft_model_matches_greedy_generate(arch):
             assert stats.mean_accepted > 4
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma3_text", "phi3", "olmo2"])
+def test_other_supported_architectures_match(arch):
+    model = tiny_model(arch, 1)
+    stats = DecodeStats()
+    for prompt in random_prompts(5, seed=3):
+        proposer = PromptLookupProposer(num_tokens=6, branches=3)
+        assert run(model, proposer, prompt, 30, stats) == greedy_reference(model, prompt, 30)
+    assert stats.drafted_tokens > 0
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hasten.errors import HastenError
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    with pytest.raises(HastenError, match="not supported"):
+        TransformersTarget(model)
+
+
 def test_eager_attention_matches_too():
     model = tiny_model("llama", 4, attn="eager")
     for prompt in random_prompts(6, seed=4):

@@ -9,9 +9,7 @@ from hasten.backends.base import Scores
 from hasten.errors import HastenError
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids (checked in the tests).
-SUPPORTED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"}
-)
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"})
 SUPPORTED_ATTENTION = frozenset({"sdpa", "eager"})
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hasten.api import prompt_ids
+from hasten.api import generate, prompt_ids
 from hasten.backends.transformers_target import TransformersTarget
 from hasten.draft_head import build_draft, load_draft_dir, save_draft
 from hasten.engine import DecodeStats, decode
@@ -191,7 +191,7 @@ def test_reduced_draft_sampling_is_lossless():
     params = SamplingParams(temperature=1.0, seed=1234)
     generator = params.generator()
     target = TransformersTarget(loaded.model)
-    draws = 2500
+    draws = 1500
     counts = torch.zeros(2, vocab)
     accepted = 0
     for _ in range(draws):
@@ -216,3 +216,21 @@ def test_reduced_draft_sampling_is_lossless():
             obs, ex = obs[:-1], ex[:-1]
             obs = obs * ex.sum() / obs.sum()
         assert scipy_stats.chisquare(obs.numpy(), ex.numpy()).pvalue > 0.001
+
+
+# --- the shipped draft on the default model ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_shipped_draft_greedy_is_exact_on_default_model(default_model):
+    from hasten.methods import build_proposer
+
+    proposer = build_proposer("draft", default_model, SamplingParams())
+    assert isinstance(proposer, ReducedVocabDraftProposer)  # loaded automatically, no --draft-model
+    assert len(proposer.vocab_ids) < default_model.model.get_output_embeddings().weight.shape[0]
+    for prompt in ("Write a Python function that adds two numbers.", "Name three colours of the rainbow."):
+        ids = prompt_ids(default_model, prompt)
+        result = generate(default_model, prompt, "draft", max_new_tokens=48)
+        reference = default_model.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                 dtype=torch.long), max_new_tokens=48, do_sample=False)
+        assert result.token_ids == reference[0, len(ids):].tolist()
+        assert result.drafted_tokens > 0

@@ -28,7 +28,9 @@ from tqdm import tqdm
 from hasten.errors import HastenError
 from hasten.models import LoadedModel, encode_prompt
 
-SHARED_PROMPTS = [f"/work/shared/data/{name}.jsonl" for name in ("alpacaeval_dev", "gsm8k_dev", "mbpp")]
+# The development prompt sets live in ``shared/data`` beside the project checkout (never copied into it).
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_PROMPTS = [str(SHARED_DATA / f"{name}.jsonl") for name in ("alpacaeval_dev", "gsm8k_dev", "mbpp")]
 DEFAULT_OUT = "out/distill"
 META = "meta.json"
 PLAN = "prompts.json"
@@ -274,7 +276,7 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser = train_subparsers.add_parser("data", help="build self-distillation data from the target's own answers")
     parser.add_argument("--model", default="default", help="the target: 'default', a model folder or a .gguf file")
     parser.add_argument("--prompts", nargs="+", default=None,
-                        help="JSONL files with a 'prompt' field (default: the /work/shared/data sets)")
+                        help="JSONL files with a 'prompt' field (default: ../shared/data beside the checkout)")
     parser.add_argument("--no-builtin", action="store_true", help="leave out hasten's own handful of prompts")
     parser.add_argument("--limit", type=int, default=240, help="number of prompts (interleaved across files)")
     parser.add_argument("--max-new-tokens", type=int, default=96)

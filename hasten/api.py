@@ -32,6 +32,7 @@ class GenerationResult:
     wall_s: float
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    method_stats: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +130,7 @@ def stream(
         wall_s=stats.wall_s,
         drafted_tokens=stats.drafted_tokens,
         accepted_drafts=stats.accepted_drafts,
+        method_stats=proposer.stats(),
     )
     yield StreamEvent(text[sent:], tokens[sent_tokens:], result)
 

@@ -129,3 +129,11 @@ def test_default_model_pld_and_ar_match_generate(default_model, prompt):
     for method in ("ar", "pld"):
         result = generate(default_model, prompt, method, max_new_tokens=48)
         assert result.token_ids == reference, method
+
+
+def test_method_statistics_are_reported():
+    loaded = tiny_loaded("llama", 6)
+    prompt = random_prompts(1, seed=6)[0] * 2
+    stats = generate(loaded, prompt, "lookahead", max_new_tokens=20).method_stats
+    assert set(stats) >= {"pool_hit_rate", "guess_rate"} and 0 <= stats["pool_hit_rate"] <= 1
+    assert generate(loaded, prompt, "pld", max_new_tokens=5).method_stats == {}

@@ -46,14 +46,15 @@ def run(args: argparse.Namespace) -> int:
     assert result is not None
     if args.json:
         keys = ("text", "token_ids", "method", "target_passes", "mean_accepted", "tokens_per_s",
-                "prompt_tokens", "finish_reason", "wall_s")
+                "prompt_tokens", "finish_reason", "wall_s", "method_stats")
         print(json.dumps({key: result.to_dict()[key] for key in keys}))
     else:
         sys.stdout.write("\n")
         print(
             f"[{result.method}] {len(result.token_ids)} tokens in {result.wall_s:.2f} s = "
             f"{result.tokens_per_s:.1f} tokens/s; {result.target_passes} target passes, "
-            f"{result.mean_accepted:.2f} tokens per pass",
+            f"{result.mean_accepted:.2f} tokens per pass"
+            + "".join(f"; {key} {value:.2f}" for key, value in result.method_stats.items()),
             file=sys.stderr,
         )
     return 0

@@ -53,3 +53,7 @@ class Proposer:
 
     def update(self, outcome: StepOutcome) -> None:
         """Learn what was accepted (roll back caches, advance windows, collect n-grams)."""
+
+    def stats(self) -> dict[str, float]:
+        """Method-specific statistics of the generation so far (reported beside the common ones)."""
+        return {}

@@ -116,6 +116,9 @@ class LookaheadProposer(Proposer):
     def guess_rate(self) -> float:
         return self.guess_steps / self.steps if self.steps else 0.0
 
+    def stats(self) -> dict[str, float]:
+        return {"pool_hit_rate": self.hit_rate, "guess_rate": self.guess_rate, "pool_ngrams": float(len(self.pool))}
+
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._rng = random.Random(self.seed)
         self._history = list(context)

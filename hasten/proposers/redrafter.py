@@ -89,6 +89,14 @@ class ReDrafterProposer(Proposer):
         self.tree_stats.tree_tokens += len(tree)
         return Proposal(tree)
 
+    def stats(self) -> dict[str, float]:
+        steps = max(self.tree_stats.steps, 1)
+        return {
+            "beam_tokens_per_step": self.tree_stats.beam_tokens / steps,
+            "tree_tokens_per_step": self.tree_stats.tree_tokens / steps,
+            "tree_saving": self.tree_stats.saving,
+        }
+
     def update(self, outcome: StepOutcome) -> None:
         self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
 

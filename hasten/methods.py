@@ -26,9 +26,10 @@ def _ar(target: LoadedModel, params: SamplingParams, generator, options: dict[st
 
 def _pld(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     return PromptLookupProposer(
-        num_tokens=options.get("num_tokens") or 10,
+        num_tokens=options.get("num_tokens") or 8,
         max_ngram=options.get("max_ngram", 3),
-        branches=options.get("branches", 3),
+        min_ngram=options.get("min_ngram", 2),
+        branches=options.get("branches", 1),
     )
 
 

@@ -76,6 +76,16 @@ def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]
     return out[0, len(prompt):].tolist()
 
 
+def default_reference(loaded: LoadedModel, prompt: str, max_new_tokens: int = 48) -> list[int]:
+    """transformers' greedy ``generate`` on a chat prompt for a real model (new tokens only)."""
+    from hasten.models import encode_prompt
+
+    ids = encode_prompt(loaded.tokenizer, prompt)
+    out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def random_prompts(count: int, vocab_size: int = 64, seed: int = 0, repeat: bool = True) -> list[list[int]]:
     """Seeded prompts; with ``repeat`` half of each is a copy of an earlier stretch (so copying drafts can hit)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Greedy exactness: every method reproduces transformers' greedy ``generate`` token for token."""
 
 import pytest
-from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model
+from conftest import EOS, default_reference, greedy_reference, random_prompts, tiny_loaded, tiny_model
 
 from hasten.api import generate
 from hasten.backends import TransformersTarget
@@ -117,15 +117,7 @@ def test_stop_string_cuts_the_text():
     ],
 )
 def test_default_model_pld_and_ar_match_generate(default_model, prompt):
-    import torch
-
-    from hasten.models import encode_prompt
-
-    ids = encode_prompt(default_model.tokenizer, prompt)
-    reference = default_model.model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=48,
-        do_sample=False,
-    )[0, len(ids):].tolist()
+    reference = default_reference(default_model, prompt, 48)
     for method in ("ar", "pld"):
         result = generate(default_model, prompt, method, max_new_tokens=48)
         assert result.token_ids == reference, method

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model
+from conftest import EOS, default_reference, greedy_reference, random_prompts, tiny_loaded, tiny_model
 
 from hasten.api import generate
 from hasten.backends.transformers_target import TransformersTarget
@@ -191,12 +191,6 @@ def test_sampling_is_lossless():
     ],
 )
 def test_default_model_matches_generate(default_model, prompt):
-    from hasten.models import encode_prompt
-
-    ids = encode_prompt(default_model.tokenizer, prompt)
-    reference = default_model.model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=48,
-        do_sample=False,
-    )[0, len(ids):].tolist()
+    reference = default_reference(default_model, prompt, 48)
     result = generate(default_model, prompt, "lookahead", max_new_tokens=48)
     assert result.token_ids == reference

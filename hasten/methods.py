@@ -55,9 +55,13 @@ def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: 
     return LookaheadProposer(**sizes, max_context=max_context)
 
 
-METHODS: dict[str, Factory] = {"ar": _ar, "pld": _pld, "draft": _draft}
-METHODS["lookahead"] = _lookahead
-METHODS["redrafter"] = _redrafter
+METHODS: dict[str, Factory] = {
+    "ar": _ar,
+    "pld": _pld,
+    "draft": _draft,
+    "lookahead": _lookahead,
+    "redrafter": _redrafter,
+}
 
 
 def load_draft(target: LoadedModel, spec: str) -> LoadedModel:

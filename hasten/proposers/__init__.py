@@ -1,4 +1,4 @@
-"""Proposers: plug-ins that guess token trees. ``build_proposer`` makes one by method name."""
+"""Proposers: plug-ins that guess token trees (``hasten.methods.build_proposer`` makes one by name)."""
 
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
 

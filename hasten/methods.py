@@ -46,7 +46,7 @@ def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict
 
 def _redrafter(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     head = load_head(target.name, target.model, options.get("head"))
-    return ReDrafterProposer(head, options.get("beam_width", 4), options.get("beam_length", 5))
+    return ReDrafterProposer(head, options.get("beam_width", 2), options.get("beam_length", 5))
 
 
 def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:

@@ -19,7 +19,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_method: str = "pl
     parser.add_argument("--window", type=int, default=None, help="lookahead window width W (default 2)")
     parser.add_argument("--ngram", type=int, default=None, help="lookahead n-gram size N (default 5)")
     parser.add_argument("--guesses", type=int, default=None, help="lookahead n-grams verified per step G (default 2)")
-    parser.add_argument("--beam-width", type=int, default=None, help="beams per step (redrafter, default 4)")
+    parser.add_argument("--beam-width", type=int, default=None, help="beams per step (redrafter, default 2)")
     parser.add_argument("--beam-length", type=int, default=None,
                         help="tokens per beam counting the root (redrafter, default 5 = 4 drafted)")
     parser.add_argument("--head", default=None, help="ReDrafter head folder (default: the shipped one, default model)")

@@ -62,7 +62,7 @@ class ReDrafterProposer(Proposer):
     name = "redrafter"
     needs_hidden = True
 
-    def __init__(self, head: ReDrafterHead, beam_width: int = 4, beam_length: int = 5) -> None:
+    def __init__(self, head: ReDrafterHead, beam_width: int = 2, beam_length: int = 5) -> None:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (beam_width, beam_length)) or \
                 beam_width < 1 or beam_length < 2:
             raise HastenError("redrafter needs --beam-width >= 1 and --beam-length >= 2 (the length counts the root)")

@@ -6,11 +6,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hasten.backends.transformers_target import TransformersTarget
 from hasten.engine import DecodeStats, decode
 from hasten.errors import HastenError
 from hasten.methods import build_proposer
-from hasten.models import LoadedModel, encode_prompt
+from hasten.models import LoadedModel, encode_messages, encode_prompt
 from hasten.sampling import SamplingParams
 from hasten.text import IncrementalDetokenizer
 
@@ -56,11 +55,11 @@ def prompt_ids(loaded: LoadedModel, prompt: Prompt, chat: bool = True) -> list[i
     if not items:
         raise HastenError("the prompt is empty")
     if all(isinstance(item, dict) for item in items):
-        if not getattr(tokenizer, "chat_template", None):
-            raise HastenError("this model's tokenizer has no chat template; send a plain prompt")
-        ids = tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+        return encode_messages(tokenizer, items)
     if all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        bad = next((item for item in items if not 0 <= item < loaded.vocab_size), None)
+        if bad is not None:
+            raise HastenError(f"token id {bad} is outside the vocabulary (0..{loaded.vocab_size - 1})")
         return items
     raise HastenError("a prompt is a string, a list of token ids or a list of chat messages")
 
@@ -92,7 +91,7 @@ def stream(
     ids = prompt_ids(loaded, prompt, chat)
     generator = None if params.greedy else params.generator()
     proposer = build_proposer(method, loaded, params, generator, **method_options)
-    target = TransformersTarget(loaded.model, want_hidden=proposer.needs_hidden)
+    target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
     stats = DecodeStats()
     detok = IncrementalDetokenizer(loaded.tokenizer)
     sent = 0  # characters of text already streamed

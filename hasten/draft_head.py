@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
+from hasten.backends.base import ModelBackend
+from hasten.backends.transformers_target import TransformersModel
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
@@ -27,8 +29,34 @@ WEIGHTS = "draft.safetensors"
 CONFIG = "config.json"
 
 
-def _target_head(target: PreTrainedModel) -> torch.Tensor:
-    return target.get_output_embeddings().weight
+DRAFT_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "hidden_act", "rms_norm_eps", "max_position_embeddings", "rope_parameters", "bos_token_id",
+                     "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")
+
+
+def assemble_draft(config: PretrainedConfig, embeddings: torch.Tensor, head_rows: torch.Tensor,
+                   num_layers: int) -> LlamaForCausalLM:
+    """A llama draft of ``num_layers`` fresh layers on the target's (frozen) embeddings and output rows.
+
+    ``config`` is the target's; ``embeddings`` its input table (V, E); ``head_rows`` its output rows of the
+    draft vocabulary (draft vocab, H). Only the layers and the final norm are meant to be trained or loaded.
+    """
+    if getattr(config, "model_type", None) != "llama":
+        raise HastenError(f"the distilled draft needs a llama target, got {getattr(config, 'model_type', None)!r}")
+    draft_config = LlamaConfig(**{
+        **{key: getattr(config, key) for key in DRAFT_CONFIG_KEYS if hasattr(config, key)},
+        "num_hidden_layers": num_layers,
+        "vocab_size": head_rows.shape[0],  # the head's rows; inputs go through the target's full embedding table
+        "tie_word_embeddings": False,
+        "attn_implementation": "sdpa",
+    })
+    draft = LlamaForCausalLM(draft_config)
+    draft.model.embed_tokens = torch.nn.Embedding.from_pretrained(embeddings, freeze=True)
+    with torch.no_grad():
+        draft.lm_head.weight.copy_(head_rows)
+    draft.lm_head.weight.requires_grad_(False)
+    draft.generation_config.eos_token_id = config.eos_token_id
+    return draft.eval()
 
 
 def build_draft(target: PreTrainedModel, vocab_ids: torch.Tensor, init_layers: list[int]) -> LlamaForCausalLM:
@@ -37,30 +65,19 @@ def build_draft(target: PreTrainedModel, vocab_ids: torch.Tensor, init_layers: l
     The output head is a frozen copy of the target's head rows ``vocab_ids``; the embeddings are the target's
     own module (shared, frozen). Only the layers and the final norm are meant to be trained.
     """
-    config = target.config
-    if getattr(config, "model_type", None) != "llama":
-        raise HastenError(f"the distilled draft needs a llama target, got {getattr(config, 'model_type', None)!r}")
+    if getattr(target.config, "model_type", None) != "llama":
+        raise HastenError(
+            f"the distilled draft needs a llama target, got {getattr(target.config, 'model_type', None)!r}")
     layers = len(target.model.layers)
     if not init_layers or any(not 0 <= i < layers for i in init_layers):
         raise HastenError(f"draft layers must be indices of the target's {layers} layers, got {init_layers}")
-    draft_config = LlamaConfig(**{
-        **{key: getattr(config, key) for key in (
-            "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "hidden_act", "rms_norm_eps", "max_position_embeddings", "rope_parameters", "bos_token_id",
-            "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")},
-        "num_hidden_layers": len(init_layers),
-        "vocab_size": len(vocab_ids),  # the head's rows; inputs go through the target's full embedding module
-        "tie_word_embeddings": False,
-        "attn_implementation": "sdpa",
-    })
-    draft = LlamaForCausalLM(draft_config)
+    head = target.get_output_embeddings().weight.detach()
+    draft = assemble_draft(target.config, target.get_input_embeddings().weight.detach(), head[vocab_ids],
+                           len(init_layers))
     draft.model.embed_tokens = target.get_input_embeddings()
     for mine, theirs in zip(draft.model.layers, init_layers, strict=True):
         mine.load_state_dict(target.model.layers[theirs].state_dict())
     draft.model.norm.load_state_dict(target.model.norm.state_dict())
-    with torch.no_grad():
-        draft.lm_head.weight.copy_(_target_head(target)[vocab_ids])
-    draft.lm_head.weight.requires_grad_(False)
     draft.model.embed_tokens.weight.requires_grad_(False)
     draft.generation_config.eos_token_id = target.generation_config.eos_token_id
     return draft.to(target.dtype).eval()
@@ -85,27 +102,50 @@ def save_draft(draft: LlamaForCausalLM, vocab_ids: torch.Tensor, directory: str 
     (directory / CONFIG).write_text(json.dumps(config, indent=1))
 
 
-def load_draft_dir(target: PreTrainedModel, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
-    """Rebuild a saved draft on ``target``: returns (draft model, vocab ids, config)."""
+def read_draft_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """The stored layers, the vocabulary ids and the config of a saved draft."""
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file() or not (directory / CONFIG).is_file():
         raise HastenError(f"{directory} holds no distilled draft ({WEIGHTS} and {CONFIG})")
     config = json.loads((directory / CONFIG).read_text())
     tensors = load_file(str(directory / WEIGHTS))
-    vocab_ids = tensors.pop("vocab_ids")
-    if config["hidden_size"] != target.config.hidden_size or int(vocab_ids.max()) >= _target_head(target).shape[0]:
-        raise HastenError(f"the draft in {directory} was not trained for this target (hidden size or vocabulary)")
-    draft = build_draft(target, vocab_ids, config["init_layers"])
+    return tensors, tensors.pop("vocab_ids"), config
+
+
+def _load_layers(draft: LlamaForCausalLM, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
     missing = set(trainable_state(draft)) - set(tensors)
     if missing:
         raise HastenError(f"the draft in {directory} lacks {sorted(missing)[0]}")
-    draft.load_state_dict({k: v.to(target.dtype) for k, v in tensors.items()}, strict=False)
+    dtype = draft.lm_head.weight.dtype
+    draft.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+
+
+def _check_fits(config: dict[str, Any], vocab_ids: torch.Tensor, hidden: int, vocab: int, directory) -> None:
+    if config["hidden_size"] != hidden or int(vocab_ids.max()) >= vocab:
+        raise HastenError(f"the draft in {directory} was not trained for this target (hidden size or vocabulary)")
+
+
+def load_draft_dir(target: PreTrainedModel, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
+    """Rebuild a saved draft on a transformers ``target``: returns (draft model, vocab ids, config)."""
+    tensors, vocab_ids, config = read_draft_dir(directory)
+    _check_fits(config, vocab_ids, target.config.hidden_size, target.get_output_embeddings().weight.shape[0],
+                directory)
+    draft = build_draft(target, vocab_ids, config["init_layers"])
+    _load_layers(draft, tensors, directory)
     return draft.eval(), vocab_ids, config
 
 
-def load_shipped_draft(target: PreTrainedModel) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
-    """The draft distilled from the default SmolLM2-135M-Instruct and shipped with hasten."""
-    return load_draft_dir(target, SHIPPED_DRAFT)
+def load_draft_on(target: ModelBackend, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
+    """Rebuild a saved draft on any backend from its config and borrowed embedding tables."""
+    if isinstance(target, TransformersModel):
+        return load_draft_dir(target.model, directory)
+    tensors, vocab_ids, config = read_draft_dir(directory)
+    _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
+    head_rows = target.output_embeddings()[vocab_ids].contiguous()
+    draft = assemble_draft(target.transformers_config(), target.input_embeddings(), head_rows,
+                           config["num_layers"])
+    _load_layers(draft, tensors, directory)
+    return draft.eval(), vocab_ids, config
 
 
 _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -114,9 +154,8 @@ _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def shipped_draft_proposer(target: LoadedModel, params: SamplingParams, num_tokens: int | None,
                            generator: torch.Generator | None) -> ReducedVocabDraftProposer:
     """``--method draft`` on the default model without ``--draft-model``: the shipped draft (loaded once)."""
-    if target.model not in _SHIPPED:
-        _SHIPPED[target.model] = load_shipped_draft(target.model)
-    draft, vocab_ids, config = _SHIPPED[target.model]
-    vocab_size = target.model.get_output_embeddings().weight.shape[0]
-    return ReducedVocabDraftProposer(draft, vocab_ids, vocab_size, params,
+    if target.backend not in _SHIPPED:
+        _SHIPPED[target.backend] = load_draft_on(target.backend, SHIPPED_DRAFT)
+    draft, vocab_ids, config = _SHIPPED[target.backend]
+    return ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, target.vocab_size, params,
                                      num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator)

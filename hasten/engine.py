@@ -12,6 +12,7 @@ from hasten.backends.base import Target
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams
+from hasten.tree import ROOT
 from hasten.verify import verify
 
 
@@ -37,19 +38,31 @@ class DecodeStats:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def pass_layout(proposal: Proposal, root: int) -> tuple[list[int], list[int], torch.Tensor | None]:
-    """Tokens, position offsets and bool mask of one target pass over [root, tree..., extra...]."""
+@dataclass
+class PassLayout:
+    """One target pass over [root, tree..., extra...]: tokens, their parents, and the rows that need logits."""
+
+    tokens: list[int]
+    parents: list[int]
+    logits_rows: list[int]
+
+
+def pass_layout(proposal: Proposal, root: int) -> PassLayout:
+    """Lay out the root, the verified tree and the extra branch as one tree below the root.
+
+    Every row of the verified tree gets logits (the verifier may visit any of them); of the extra branch,
+    only its ``read_rows``.
+    """
     tree, extra = proposal.tree, proposal.extra
     tokens = [root, *tree.tokens]
-    offsets = [0, *tree.depths()]
-    if extra is None:
-        return tokens, offsets, None if tree.is_chain else tree.ancestor_mask()
-    t, m = len(tokens), len(extra.tokens)
-    mask = torch.zeros(t + m, t + m, dtype=torch.bool)
-    mask[:t, :t] = tree.ancestor_mask()
-    mask[t:, 0] = extra.mask[:, 0]
-    mask[t:, t:] = extra.mask[:, 1:]
-    return tokens + extra.tokens, offsets + extra.offsets, mask
+    parents = [-1, *(parent + 1 for parent in tree.parents)]
+    rows = list(range(len(tokens)))
+    if extra is not None:
+        base = len(tokens)
+        tokens += extra.tree.tokens
+        parents += [0 if parent == ROOT else parent + base for parent in extra.tree.parents]
+        rows += [base + row for row in extra.read_rows]
+    return PassLayout(tokens, parents, rows)
 
 
 def decode(
@@ -91,8 +104,8 @@ def decode(
         room = min(max_new_tokens - produced, target.max_context - len(context)) - 1
         proposal = proposer.propose(context, room)
         tree = proposal.tree
-        tokens, offsets, mask = pass_layout(proposal, context[-1])
-        scores = target.score(tokens, offsets, mask)
+        layout = pass_layout(proposal, context[-1])
+        scores = target.score(layout.tokens, layout.parents, layout.logits_rows)
         verdict = verify(tree, scores.logits[: len(tree) + 1], params, generator)
         keep = [0, *(node + 1 for node in verdict.accepted)]
         target.commit(keep)
@@ -101,7 +114,7 @@ def decode(
         stats.target_passes += 1
         stats.drafted_tokens += len(tree)
         stats.accepted_drafts += len(accepted)
-        stats.scored_tokens += len(tokens)
+        stats.scored_tokens += len(layout.tokens)
         stats.accepted_per_pass.append(len(new))
         hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
         extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None

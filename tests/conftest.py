@@ -26,7 +26,8 @@ from hasten.models import LoadedModel, load_model
 @pytest.fixture(autouse=True)
 def _threads(request):
     """One thread for tiny models (threading overhead dominates them), two for the real model."""
-    torch.set_num_threads(2 if "default_model" in request.fixturenames else 1)
+    real = {"default_model", "default_model_hf"} & set(request.fixturenames)
+    torch.set_num_threads(2 if real else 1)
 
 EOS = 1
 TINY_CONFIGS = {
@@ -100,11 +101,17 @@ def random_prompts(count: int, vocab_size: int = 64, seed: int = 0, repeat: bool
 
 
 @functools.cache
-def _default() -> LoadedModel:
-    return load_model("default")
+def _default(backend: str) -> LoadedModel:
+    return load_model("default", backend)
 
 
 @pytest.fixture(scope="session")
 def default_model() -> LoadedModel:
-    """The embedded SmolLM2-135M-Instruct (loaded once per test session)."""
-    return _default()
+    """The embedded SmolLM2-135M-Instruct on llama.cpp, its default backend (loaded once per test session)."""
+    return _default("llamacpp")
+
+
+@pytest.fixture(scope="session")
+def default_model_hf() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct on transformers, dequantized to fp32 (loaded once per test session)."""
+    return _default("transformers")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from hasten.api import generate, prompt_ids
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.transformers_target import TransformersModel, TransformersTarget
 from hasten.draft_head import build_draft, load_draft_dir, save_draft
 from hasten.engine import DecodeStats, decode
 from hasten.errors import HastenError
@@ -162,7 +162,8 @@ def _reduced(loaded, size: int, params: SamplingParams, num_tokens: int = 4, gen
     vocab_ids = torch.tensor(sorted({EOS, *range(64 - size + 1, 64)}))[:size]
     draft = build_draft(loaded.model, vocab_ids, [0])
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    return ReducedVocabDraftProposer(draft, vocab_ids, vocab, params, num_tokens=num_tokens, generator=generator)
+    return ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, vocab, params, num_tokens=num_tokens,
+                                     generator=generator)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -195,7 +196,8 @@ def test_reduced_draft_sampling_is_lossless():
     counts = torch.zeros(2, vocab)
     accepted = 0
     for _ in range(draws):
-        proposer = ReducedVocabDraftProposer(draft, vocab_ids, vocab, params, num_tokens=2, generator=generator)
+        proposer = ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, vocab, params, num_tokens=2,
+                                             generator=generator)
         stats = DecodeStats()
         out = [t for chunk in decode(target, proposer, prompt, 2, params, frozenset(), stats, generator)
                for t in chunk]
@@ -221,16 +223,16 @@ def test_reduced_draft_sampling_is_lossless():
 # --- the shipped draft on the default model ------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_shipped_draft_greedy_is_exact_on_default_model(default_model):
+def test_shipped_draft_greedy_is_exact_on_default_model_hf(default_model_hf):
     from hasten.methods import build_proposer
 
-    proposer = build_proposer("draft", default_model, SamplingParams())
+    proposer = build_proposer("draft", default_model_hf, SamplingParams())
     assert isinstance(proposer, ReducedVocabDraftProposer)  # loaded automatically, no --draft-model
-    assert len(proposer.vocab_ids) < default_model.model.get_output_embeddings().weight.shape[0]
+    assert len(proposer.vocab_ids) < default_model_hf.model.get_output_embeddings().weight.shape[0]
     for prompt in ("Write a Python function that adds two numbers.", "Name three colours of the rainbow."):
-        ids = prompt_ids(default_model, prompt)
-        result = generate(default_model, prompt, "draft", max_new_tokens=48)
-        reference = default_model.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+        ids = prompt_ids(default_model_hf, prompt)
+        result = generate(default_model_hf, prompt, "draft", max_new_tokens=48)
+        reference = default_model_hf.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                                                  dtype=torch.long), max_new_tokens=48, do_sample=False)
         assert result.token_ids == reference[0, len(ids):].tolist()
         assert result.drafted_tokens > 0

@@ -4,7 +4,7 @@ import pytest
 from conftest import EOS, default_reference, greedy_reference, random_prompts, tiny_loaded, tiny_model
 
 from hasten.api import generate
-from hasten.backends import TransformersTarget
+from hasten.backends import TransformersModel, TransformersTarget
 from hasten.engine import DecodeStats, decode
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.prompt_lookup import PromptLookupProposer
@@ -49,7 +49,7 @@ def test_draft_model_matches_greedy_generate(arch):
     for name, draft in drafts.items():
         stats = DecodeStats()
         for prompt in random_prompts(8, seed=7, repeat=False):
-            proposer = DraftModelProposer(draft, GREEDY, num_tokens=4)
+            proposer = DraftModelProposer(TransformersModel(draft), GREEDY, num_tokens=4)
             assert run(target, proposer, prompt, stats=stats) == greedy_reference(target, prompt, 40), name
         if name == "self":  # the target as its own draft: every guess accepted, K+1 tokens per pass
             assert stats.accepted_drafts == stats.drafted_tokens
@@ -116,10 +116,10 @@ def test_stop_string_cuts_the_text():
         "Summarise in two sentences: The quick brown fox jumps over the lazy dog. The dog does not react.",
     ],
 )
-def test_default_model_pld_and_ar_match_generate(default_model, prompt):
-    reference = default_reference(default_model, prompt, 48)
+def test_default_model_pld_and_ar_match_generate(default_model_hf, prompt):
+    reference = default_reference(default_model_hf, prompt, 48)
     for method in ("ar", "pld"):
-        result = generate(default_model, prompt, method, max_new_tokens=48)
+        result = generate(default_model_hf, prompt, method, max_new_tokens=48)
         assert result.token_ids == reference, method
 
 

@@ -9,10 +9,11 @@ import torch
 from conftest import EOS, default_reference, greedy_reference, random_prompts, tiny_loaded, tiny_model
 
 from hasten.api import generate
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.base import tree_depths
+from hasten.backends.transformers_target import TransformersTarget, ancestor_mask
 from hasten.engine import decode, pass_layout
 from hasten.errors import HastenError
-from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_layout
+from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_parents
 from hasten.sampling import SamplingParams
 
 SIZES = [(4, 4, 3), (3, 2, 2), (5, 3, 5), (2, 6, 1)]  # (window, ngram, guesses)
@@ -67,8 +68,9 @@ def test_api_method_and_options():
 
 
 def test_window_mask_and_offsets_hand_worked():
-    offsets, mask = window_layout(3, 2)  # W=3, N=3: two levels of three columns, level by level
-    assert offsets == (1, 2, 3, 2, 3, 4)
+    parents = [-1, *(p + 1 for p in window_parents(3, 2))]  # W=3, N=3: two levels of three columns
+    offsets, mask = tree_depths(parents)[1:], ancestor_mask(parents)
+    assert offsets == [1, 2, 3, 2, 3, 4]
     #            root  a0 a1 a2 b0 b1 b2      (a = level 0, b = level 1)
     expected = [[1, 1, 0, 0, 0, 0, 0],  # a0 at 1: root a0
                 [1, 1, 1, 0, 0, 0, 0],  # a1 at 2: root a0 a1
@@ -76,7 +78,7 @@ def test_window_mask_and_offsets_hand_worked():
                 [1, 1, 0, 0, 1, 0, 0],  # b0 at 2: root a0 b0
                 [1, 1, 1, 0, 0, 1, 0],  # b1 at 3: root a0 a1 b1
                 [1, 1, 1, 1, 0, 0, 1]]  # b2 at 4: root a0 a1 a2 b2
-    assert mask.tolist() == [[bool(x) for x in row] for row in expected]
+    assert mask[1:].tolist() == [[bool(x) for x in row] for row in expected]
 
 
 @pytest.mark.parametrize("sizes", [(3, 3, 2), (4, 4, 3), (3, 2, 2)])
@@ -89,10 +91,10 @@ def test_window_logits_equal_plain_runs_of_each_trajectory(sizes):
     proposer.start(context, None)
     proposal = proposer.propose(context, 8)
     assert len(proposal.tree) > 0  # the prompt's n-grams under the root are guessed
-    tokens, offsets, mask = pass_layout(proposal, context[-1])
+    layout = pass_layout(proposal, context[-1])
     target = TransformersTarget(model)
     target.start(context[:-1])
-    logits = target.score(tokens, offsets, mask).logits[len(proposal.tree) + 1 :]
+    logits = target.score(layout.tokens, layout.parents).logits[len(proposal.tree) + 1 :]
     columns = proposer.columns
     for level in range(ngram - 1):
         for col in range(window):
@@ -101,20 +103,32 @@ def test_window_logits_equal_plain_runs_of_each_trajectory(sizes):
             torch.testing.assert_close(logits[level * window + col], plain, atol=1e-4, rtol=1e-4)
 
 
+def test_pass_asks_logits_only_for_the_tree_and_the_window_top():
+    proposer = LookaheadProposer(window=3, ngram=3, guesses=2)
+    context = [5, 9, 12, 5, 9, 7, 5]
+    proposer.start(context, None)
+    proposal = proposer.propose(context, 8)
+    layout = pass_layout(proposal, context[-1])
+    t = len(proposal.tree) + 1
+    assert len(layout.tokens) == t + 6
+    assert layout.logits_rows == [*range(t), t + 3, t + 4, t + 5]
+    assert layout.parents[t:] == [0, t, t + 1, t, t + 1, t + 2]  # the window hangs below the root, never the tree
+
+
 def test_window_advance_pools_ngrams_and_slides_with_the_context():
     proposer = LookaheadProposer(window=3, ngram=3, guesses=4)
     proposer.start([2, 3, 4, 5, 6, 7], None)
     proposer.columns = [[10, 11], [20, 21], [30, 31]]
-    logits = torch.zeros(6, 64)
+    logits = torch.zeros(3, 64)  # the engine hands back only the top level's rows
     for col, token in enumerate([12, 22, 32]):
-        logits[3 + col, token] = 1.0  # the top level (rows 3..5) predicts 12, 22, 32
+        logits[col, token] = 1.0  # the top level predicts 12, 22, 32
     proposer._advance(logits, shift=0)
     assert proposer.columns == [[11, 12], [21, 22], [31, 32]]
     assert proposer.pool.lookup(20, 4) == [[21, 22]]
     # Two accepted tokens move the context three places: the first two columns fall off, fresh ones follow.
-    logits = torch.zeros(6, 64)
+    logits = torch.zeros(3, 64)
     for col, token in enumerate([13, 23, 33]):
-        logits[3 + col, token] = 1.0
+        logits[col, token] = 1.0
     proposer._advance(logits, shift=2)
     assert proposer.columns[0] == [32, 33]
     assert all(len(column) == 2 for column in proposer.columns)
@@ -190,7 +204,7 @@ def test_sampling_is_lossless():
         "Tell me a short story about a robot who learns to paint.",
     ],
 )
-def test_default_model_matches_generate(default_model, prompt):
-    reference = default_reference(default_model, prompt, 48)
-    result = generate(default_model, prompt, "lookahead", max_new_tokens=48)
+def test_default_model_matches_generate(default_model_hf, prompt):
+    reference = default_reference(default_model_hf, prompt, 48)
+    result = generate(default_model_hf, prompt, "lookahead", max_new_tokens=48)
     assert result.token_ids == reference

@@ -12,7 +12,8 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_mo
 from scipy.stats import chisquare
 
 import hasten
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.base import tree_depths
+from hasten.backends.transformers_target import TransformersTarget, ancestor_mask
 from hasten.engine import decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal
@@ -102,9 +103,10 @@ def test_merge_beams_hand_worked():
     assert tree.tokens == [5, 6, 7, 8, 9, 7, 4, 6, 7]
     assert tree.parents == [ROOT, 0, 1, 1, 0, 4, ROOT, 6, 7]
     assert tree.depths() == [1, 2, 3, 3, 2, 3, 1, 2, 3]
-    tokens, offsets, mask = pass_layout(Proposal(tree), root=3)
-    assert tokens == [3, 5, 6, 7, 8, 9, 7, 4, 6, 7]
-    assert offsets == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]
+    layout = pass_layout(Proposal(tree), root=3)
+    assert layout.tokens == [3, 5, 6, 7, 8, 9, 7, 4, 6, 7]
+    assert tree_depths(layout.parents) == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]
+    mask = ancestor_mask(layout.parents)
     # rows/cols: root, then the nodes; each row sees the root, its ancestors and itself.
     sees = {1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 4], 5: [0, 1, 5], 6: [0, 1, 5, 6],
             7: [0, 7], 8: [0, 7, 8], 9: [0, 7, 8, 9]}
@@ -325,19 +327,19 @@ def test_resume_without_state_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_greedy_exact_with_shipped_head(default_model):
+def test_default_model_hf_greedy_exact_with_shipped_head(default_model_hf):
     from hasten.models import encode_prompt
 
     assert (SHIPPED_HEAD / "head.safetensors").is_file()
     passes = []
     for prompt in ("What is the capital of France? Answer in two sentences.",
                    "Write a Python function that returns the sum of a list of numbers."):
-        ids = encode_prompt(default_model.tokenizer, prompt)
+        ids = encode_prompt(default_model_hf.tokenizer, prompt)
         ref_ids = torch.tensor([ids])
-        out = default_model.model.generate(ref_ids, attention_mask=torch.ones_like(ref_ids), max_new_tokens=48,
-                                           do_sample=False, eos_token_id=sorted(default_model.eos_token_ids))
+        out = default_model_hf.model.generate(ref_ids, attention_mask=torch.ones_like(ref_ids), max_new_tokens=48,
+                                           do_sample=False, eos_token_id=sorted(default_model_hf.eos_token_ids))
         reference = out[0, len(ids):].tolist()
-        result = hasten.generate(default_model, prompt, "redrafter", max_new_tokens=48)
+        result = hasten.generate(default_model_hf, prompt, "redrafter", max_new_tokens=48)
         assert result.token_ids == reference
         passes.append(result.mean_accepted)
     # the shipped head drafts tokens the target accepts: some on chat, many on code (measured 1.14 and 2.67)

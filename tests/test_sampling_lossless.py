@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from scipy.stats import chisquare
 
-from hasten.backends import TransformersTarget
+from hasten.backends import TransformersModel, TransformersTarget
 from hasten.engine import DecodeStats, decode
 from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer
@@ -61,7 +61,7 @@ def test_first_tokens_follow_the_target_distribution(method, params):
     makers = {
         "ar": lambda gen: Proposer(),
         "pld": lambda gen: PromptLookupProposer(num_tokens=3, branches=2),
-        "draft": lambda gen: DraftModelProposer(draft, params, num_tokens=3, generator=gen),
+        "draft": lambda gen: DraftModelProposer(TransformersModel(draft), params, num_tokens=3, generator=gen),
     }
     counts, stats = sampled_joint(model, makers[method], params, seed=123)
     assert_same_distribution(counts, exact_joint(model, params))

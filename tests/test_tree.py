@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from hasten.engine import pass_layout
-from hasten.proposers.base import ExtraBranch, Proposal
 from hasten.tree import ROOT, TokenTree
 
 
@@ -47,24 +45,3 @@ def test_chain_and_validation():
         TokenTree([1, 2], [ROOT, 1])
     with pytest.raises(ValueError):
         TokenTree([1], [ROOT, 0])
-
-
-def test_pass_layout_chain_needs_no_mask_and_tree_with_extra_branch_does():
-    tokens, offsets, mask = pass_layout(Proposal(TokenTree.chain([3, 4])), root=9)
-    assert (tokens, offsets, mask) == ([9, 3, 4], [0, 1, 2], None)
-
-    extra = ExtraBranch(tokens=[20, 21], offsets=[1, 2], mask=torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool))
-    tokens, offsets, mask = pass_layout(Proposal(TokenTree.from_paths([[3], [4]]), extra), root=9)
-    assert tokens == [9, 3, 4, 20, 21]
-    assert offsets == [0, 1, 1, 1, 2]
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [1, 0, 1, 0, 0],
-            [1, 0, 0, 1, 0],
-            [1, 0, 0, 1, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(mask, expected)

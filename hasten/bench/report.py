@@ -41,7 +41,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         f"- {results['prompts']} prompts, max_new_tokens={results['max_new_tokens']}, "
         f"temperature={results['temperature']}, warm-up questions: {results['warmup']}",
         f"- machine: {machine['platform']}, torch {machine['torch']}, {machine['threads']} threads, "
-        f"device {machine['device']}",
+        f"backend {machine['backend']}",
     ]
     if command:
         parts.append(f"- command: `{command}`")

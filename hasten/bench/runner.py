@@ -17,7 +17,7 @@ from hasten.api import generate, prompt_ids
 from hasten.bench.anchors import HF_ANCHORS, anchor_available, run_anchor
 from hasten.bench.prompts import BenchPrompt
 from hasten.errors import HastenError
-from hasten.methods import METHODS, build_proposer
+from hasten.methods import METHODS, build_proposer, options_for
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
 
@@ -62,7 +62,7 @@ def resolve_methods(requested: list[str] | None, loaded: LoadedModel, params: Sa
             reason = f"{name!r} is not a registered method (known: {known})"
         else:
             try:
-                build_proposer(name, loaded, params, None, **options)
+                build_proposer(name, loaded, params, None, **options_for(name, options))
                 reason = None
             except HastenError as error:
                 reason = str(error)
@@ -105,7 +105,7 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             tokens, passes = out.token_ids, out.target_passes
         else:
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
-                              top_k=params.top_k, top_p=params.top_p, seed=seed, **options)
+                              top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))
             record.wall_s += time.perf_counter() - began
             tokens, passes = result.token_ids, result.target_passes
             record.drafted_tokens += result.drafted_tokens
@@ -246,6 +246,6 @@ def run_bench(
         "warnings": warnings,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                    "device": str(loaded.model.device)},
+                    "backend": loaded.backend.backend},
         "records": [asdict(r) for method_records in records.values() for r in method_records],
     }

@@ -13,13 +13,12 @@ from hasten.tree import TokenTree
 class ExtraBranch:
     """Tokens a proposer wants scored in the same target pass, outside the verified tree (lookahead's window).
 
-    ``offsets`` are positions relative to the root (the root sits at 0). ``mask`` is bool (m, m + 1): row i
-    says which of [root, extra tokens...] token i may attend to, besides the cache. It never sees the tree.
+    ``tree`` hangs below the root like the verified tree but never sees it (nor does the verified tree see
+    it). Only the nodes in ``read_rows`` get logits, handed back in ``StepOutcome.extra_logits`` in that order.
     """
 
-    tokens: list[int]
-    offsets: list[int]
-    mask: torch.Tensor
+    tree: TokenTree
+    read_rows: list[int]
 
 
 @dataclass
@@ -35,7 +34,7 @@ class StepOutcome:
     accepted: list[int]  # drafted tokens the target accepted, in order
     next_token: int  # the target's own token after them: the new root
     hidden: torch.Tensor | None  # target hidden state (1, H) at the position that produced ``next_token``
-    extra_logits: torch.Tensor | None  # target logits for the extra branch, if one was proposed
+    extra_logits: torch.Tensor | None  # target logits at the extra branch's ``read_rows``, if one was proposed
 
 
 class Proposer:

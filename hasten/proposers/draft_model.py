@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
 
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams, sample
 from hasten.tree import TokenTree
 
 
-def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel, target_tok=None, draft_tok=None) -> None:
+def check_same_vocabulary(target: ModelBackend, draft: ModelBackend, target_tok=None, draft_tok=None) -> None:
     """Refuse a draft whose vocabulary differs from the target's, before any work is done."""
-    target_size = target.get_output_embeddings().weight.shape[0]
-    draft_size = draft.get_output_embeddings().weight.shape[0]
-    if target_size != draft_size:
+    if target.vocab_size != draft.vocab_size:
         raise HastenError(
-            f"draft vocabulary ({draft_size} tokens) differs from the target's ({target_size}); "
+            f"draft vocabulary ({draft.vocab_size} tokens) differs from the target's ({target.vocab_size}); "
             "speculative decoding needs the same vocabulary"
         )
     if target_tok is not None and draft_tok is not None and target_tok.get_vocab() != draft_tok.get_vocab():
@@ -34,11 +31,11 @@ class DraftModelProposer(Proposer):
 
     name = "draft"
 
-    def __init__(self, draft_model: PreTrainedModel, params: SamplingParams, num_tokens: int = 6,
+    def __init__(self, draft_model: ModelBackend, params: SamplingParams, num_tokens: int = 6,
                  generator: torch.Generator | None = None) -> None:
         if num_tokens < 1:
             raise ValueError("draft needs num_tokens >= 1")
-        self.draft = TransformersTarget(draft_model)
+        self.draft = draft_model.new_target()
         self.params = params
         self.num_tokens = num_tokens
         self.generator = generator or params.generator()
@@ -49,14 +46,16 @@ class DraftModelProposer(Proposer):
         self._drafted = 0
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        k = min(self.num_tokens, max_depth)
-        if k <= 0:
+        k = min(self.num_tokens, max_depth, self.draft.max_context - len(context))
+        self._drafted = 0
+        if k <= 0:  # nothing to draft, or the draft's own context is full: this step is plain decoding
             return Proposal(TokenTree())
         feed = context[self.draft.cache_len :]
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self.vocab_logits(self.draft.score(feed, list(range(len(feed))), None).logits[-1])
+            chain = list(range(-1, len(feed) - 1))
+            logits = self.vocab_logits(self.draft.score(feed, chain, [len(feed) - 1]).logits[-1])
             self.draft.commit(list(range(len(feed))))
             if self.params.greedy:
                 token = int(logits.argmax())

@@ -23,8 +23,7 @@ from hasten.errors import HastenError
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
 from hasten.tree import TokenTree
 
-# Tuned on the default model on a 2-core CPU, where a pass over ~12 tokens costs about as much as over 1:
-# the window scores W * (N - 1) = 8 tokens and the guesses at most G * (N - 1) = 8 (fewer once merged).
+# The window scores W * (N - 1) = 8 tokens and the guesses at most G * (N - 1) = 8 (fewer once merged).
 DEFAULT_WINDOW = 2
 DEFAULT_NGRAM = 5
 DEFAULT_GUESSES = 2
@@ -66,24 +65,22 @@ class NgramPool:
 
 
 @cache
-def window_layout(width: int, height: int) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Offsets and the bool (m, m + 1) mask over [root, window...] of a W x H window laid out level by level.
+def window_parents(width: int, height: int) -> tuple[int, ...]:
+    """Parents (``ROOT`` = -1) of a W x H window laid out level by level, as a tree below the root.
 
-    Token ``l * width + c`` (level ``l``, column ``c``) sits at offset ``c + 1 + l`` and attends to the root,
+    Token ``l * width + c`` (level ``l``, column ``c``): level 0 is a chain through the columns
+    (parent of column c is column c - 1, of column 0 the root), and each higher level's parent is the
+    level below in its own column. So the token sits at depth ``c + 1 + l`` and attends to the root,
     level-0 tokens of columns ``0..c`` and levels ``1..l`` of its own column.
     """
-    m = width * height
-    mask = torch.zeros(m, m + 1, dtype=torch.bool)
-    mask[:, 0] = True
-    offsets = []
+    parents = []
     for level in range(height):
         for col in range(width):
-            row = level * width + col
-            offsets.append(col + 1 + level)
-            mask[row, 1 : col + 2] = True
-            for lower in range(1, level + 1):
-                mask[row, 1 + lower * width + col] = True
-    return tuple(offsets), mask
+            if level == 0:
+                parents.append(col - 1)
+            else:
+                parents.append((level - 1) * width + col)
+    return tuple(parents)
 
 
 class LookaheadProposer(Proposer):
@@ -154,9 +151,10 @@ class LookaheadProposer(Proposer):
 
     def _branch(self) -> ExtraBranch:
         height = self.ngram - 1
-        offsets, mask = window_layout(self.window, height)
         tokens = [column[level] for level in range(height) for column in self.columns]
-        return ExtraBranch(tokens, list(offsets), mask)
+        top = (height - 1) * self.window
+        return ExtraBranch(TokenTree(tokens, list(window_parents(self.window, height))),
+                           list(range(top, top + self.window)))
 
     def update(self, outcome: StepOutcome) -> None:
         new = [*outcome.accepted, outcome.next_token]
@@ -173,8 +171,7 @@ class LookaheadProposer(Proposer):
     def _advance(self, logits: torch.Tensor, shift: int) -> None:
         """One Jacobi step: extend every column by the target's argmax at its top, pool the n-grams, then
         slide the window with the context (``shift`` extra tokens) and refill the columns that fell off."""
-        top = (self.ngram - 2) * self.window
-        predicted = logits[top : top + self.window].argmax(-1).tolist()
+        predicted = logits.argmax(-1).tolist()  # the window's top level, one row per column
         grown = [column + [token] for column, token in zip(self.columns, predicted, strict=True)]
         for ngram in grown:
             self.pool.add(ngram)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer
 from hasten.tree import TokenTree
 
@@ -19,7 +20,7 @@ class PromptLookupProposer(Proposer):
 
     def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 2, branches: int = 1) -> None:
         if num_tokens < 1 or not 1 <= min_ngram <= max_ngram or branches < 1:
-            raise ValueError("pld needs num_tokens >= 1, 1 <= min_ngram <= max_ngram and branches >= 1")
+            raise HastenError("pld needs num_tokens >= 1, 1 <= min_ngram <= max_ngram and branches >= 1")
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram

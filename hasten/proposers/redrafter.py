@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.redrafter.beam import beam_search
@@ -101,16 +103,21 @@ class ReDrafterProposer(Proposer):
         self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
 
 
-def load_head(target_name: str, target_model: torch.nn.Module,
-              head: str | Path | ReDrafterHead | None) -> ReDrafterHead:
-    """The head to use: the one given (a path or a head), else the shipped one for the default model."""
+_SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def load_head(target_name: str, target: ModelBackend, head: str | Path | ReDrafterHead | None) -> ReDrafterHead:
+    """The head to use: the one given (a path or a head), else the shipped one for the default model (read and
+    attached once per target model)."""
     if head is None:
         if target_name != "default":
             raise HastenError(
                 f"--method redrafter needs a head trained for {target_name!r} (--head DIR; train one with "
                 "'hasten train redrafter'); the shipped head fits only the default model"
             )
-        head = SHIPPED_HEAD
+        if target not in _SHIPPED:
+            _SHIPPED[target] = ReDrafterHead.load(SHIPPED_HEAD).attach(target)
+        return _SHIPPED[target]
     if not isinstance(head, ReDrafterHead):
         head = ReDrafterHead.load(head)
-    return head.attach(target_model)
+    return head.attach(target)

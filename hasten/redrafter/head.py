@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 
 CONFIG_FILE = "config.json"
@@ -81,10 +82,16 @@ class ReDrafterHead(nn.Module):
         self.embedding: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
 
-    def attach(self, target: nn.Module) -> ReDrafterHead:
-        """Borrow the target's (frozen) input embeddings and its output rows of the draft vocabulary."""
-        embedding = target.get_input_embeddings().weight.detach()
-        output = target.get_output_embeddings().weight.detach()
+    def attach(self, target: ModelBackend | nn.Module) -> ReDrafterHead:
+        """Borrow the target's (frozen) input embeddings and its output rows of the draft vocabulary.
+
+        ``target`` is a model backend, or a transformers module (training works on those directly).
+        """
+        if isinstance(target, nn.Module):
+            embedding = target.get_input_embeddings().weight.detach()
+            output = target.get_output_embeddings().weight.detach()
+        else:
+            embedding, output = target.input_embeddings(), target.output_embeddings()
         expect = (self.config.vocab_size, self.config.embed_size)
         if tuple(embedding.shape) != expect or output.shape[1] != self.config.hidden_size:
             raise HastenError(

@@ -1,0 +1,522 @@
+"""The llama.cpp backend: a GGUF model through llama-cpp-python's low-level API, a token tree as sequence ids.
+
+A pass lays the tree out with one sequence id per leaf: a token carries the id of every leaf below it, so each
+sequence is one root-to-leaf path and a token attends exactly to the cache and its own ancestors. The
+committed context must be visible in every sequence of the pass; with ``kv_unified`` this only tags cells, and
+the tags are kept lazily (a sequence is caught up from sequence 0 when a pass first needs it), so a step costs
+a few scans of the cell array and never work proportional to the context. After ``commit`` exactly the
+committed cells remain, all in sequence 0; nothing is ever evaluated twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hasten.backends.base import Scores, tree_depths
+from hasten.errors import HastenError
+
+DEFAULT_N_CTX = 4096
+DEFAULT_N_SEQ_MAX = 64
+DEFAULT_N_BATCH = 512
+POOL_SIZE = 4  # idle llama contexts a model keeps for its next targets (creating one costs tens of ms)
+
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
+_log_lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=32)
+_log_callback: Any = None  # the ctypes callback must outlive every llama.cpp call
+_init_lock = threading.Lock()
+
+
+def _lib() -> Any:
+    """llama_cpp, initialised once, with its logging captured instead of printed."""
+    global _log_callback
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise HastenError("the llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python") from error
+    with _init_lock:
+        if _log_callback is None:
+            def record(level: int, text: bytes | None, _user: Any) -> None:
+                if text and level in (_LOG_WARN, _LOG_ERROR, _LOG_CONT):
+                    _log_lines.append((level, text.decode("utf-8", "replace")))
+
+            _log_callback = llama_cpp.llama_log_callback(record)
+            llama_cpp.llama_log_set(_log_callback, None)
+            llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def _last_error(default: str) -> str:
+    """The last error llama.cpp logged (its function-name prefix dropped), or ``default``."""
+    for level, text in reversed(_log_lines):
+        if level == _LOG_ERROR and "failed to load model" not in text:
+            return text.strip().split(": ", 1)[-1]
+    return default
+
+
+def tree_sequences(parents: Sequence[int]) -> tuple[list[list[int]], int]:
+    """Sequence ids of a pass: leaf j (in index order) is sequence j, and a token carries the ids of every leaf
+    below it, ascending. Returns (ids per token, number of sequences). A chain is one sequence, 0."""
+    tree_depths(parents)  # validates
+    n = len(parents)
+    has_child = [False] * n
+    for parent in parents[1:]:
+        has_child[parent] = True
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    leaf = 0
+    for i in range(n):
+        if not has_child[i]:
+            node = i
+            while node != -1:
+                seqs[node].append(leaf)
+                node = parents[node]
+            leaf += 1
+    return seqs, leaf
+
+
+def commit_source(seqs: Sequence[Sequence[int]], keep: Sequence[int]) -> int:
+    """The sequence whose path holds the whole kept path: that of the first leaf below its last node."""
+    return seqs[keep[-1]][0] if keep else 0
+
+
+def _check_keep(parents: Sequence[int], keep: Sequence[int]) -> None:
+    if keep and (keep[0] != 0 or max(keep) >= len(parents)
+                 or any(parents[b] != a for a, b in zip(keep, keep[1:], strict=False))):
+        raise ValueError(f"keep {list(keep)} is not a path down from the root of the last pass")
+
+
+class LlamaCppModel:
+    """A GGUF model loaded by llama.cpp; makes targets (each with its own llama context) on it.
+
+    ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: repacked / AMX weight layouts) defaults to off on CPUs
+    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere.
+    """
+
+    backend = "llamacpp"
+
+    def __init__(self, path: str | Path, *, n_threads: int = 2, n_ctx: int | None = None,
+                 n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
+                 extra_buffers: bool | None = None) -> None:
+        self.path = Path(path).expanduser()
+        self._model: Any = None
+        self._pool: list[Any] = []
+        self._lock = threading.Lock()
+        self._embeddings: dict[str, torch.Tensor] = {}
+        if not self.path.is_file():
+            raise HastenError(f"model file {str(self.path)!r} not found")
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise HastenError(f"{self.path} is not a GGUF file")
+        lib = self._lib = _lib()
+        if extra_buffers is None:
+            extra_buffers = b"AMX_INT8 = 1" not in lib.llama_print_system_info()
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers
+        _log_lines.clear()
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise HastenError(f"llama.cpp cannot load {self.path.name}: {_last_error('unknown error')}")
+        if lib.llama_model_has_encoder(self._model) or lib.llama_model_is_recurrent(self._model) \
+                or lib.llama_model_is_hybrid(self._model):
+            raise HastenError(f"{self.path.name}: only decoder-only attention models can verify token trees")
+        self.architecture = self._meta("general.architecture")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.hidden_size = int(lib.llama_model_n_embd_out(self._model))
+        self.n_embd = int(lib.llama_model_n_embd(self._model))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
+        self.n_threads = n_threads
+        self.n_seq_max = max(1, min(n_seq_max, int(lib.llama_max_parallel_sequences())))
+        self.n_batch = n_batch
+        self._n_ctx_request = n_ctx or min(self.n_ctx_train or DEFAULT_N_CTX, DEFAULT_N_CTX)
+        is_eog = lib.llama_vocab_is_eog
+        self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if is_eog(self._vocab, i))
+        context = self._new_context()
+        self.max_context = int(lib.llama_n_ctx(context))
+        self._pool.append(context)
+
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    def _new_context(self) -> Any:
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = self._n_ctx_request
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.n_seq_max
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.kv_unified = True  # sequences coupled in one batch (a tree) need one shared cell buffer
+        params.swa_full = True  # sliding-window layers keep every cell, so rolling back never fails
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        params.embeddings = False
+        params.no_perf = True
+        context = lib.llama_init_from_model(self._model, params)
+        if not context:
+            raise HastenError(f"llama.cpp could not create a context for {self.path.name}: "
+                              f"{_last_error('out of memory?')}")
+        return context
+
+    def _acquire(self) -> Any:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return self._new_context()
+
+    def _release(self, context: Any) -> None:
+        lib = self._lib
+        lib.llama_memory_clear(lib.llama_get_memory(context), True)
+        with self._lock:
+            if len(self._pool) < POOL_SIZE:
+                self._pool.append(context)
+                return
+        lib.llama_free(context)
+
+    def new_target(self, want_hidden: bool = False) -> LlamaCppTarget:
+        """A fresh sequence with its own llama context (reused from a small pool)."""
+        return LlamaCppTarget(self, self._acquire(), want_hidden)
+
+    def _tensor(self, *names: str) -> torch.Tensor:
+        """The first of ``names`` present in the GGUF, dequantized to a float32 (rows, cols) tensor, cached."""
+        for name in names:
+            if name in self._embeddings:
+                return self._embeddings[name]
+        import gguf
+
+        reader = gguf.GGUFReader(str(self.path))
+        by_name = {tensor.name: tensor for tensor in reader.tensors}
+        for name in names:
+            if name in by_name:
+                tensor = by_name[name]
+                values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
+                weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(rows, -1))
+                self._embeddings[name] = weight
+                return weight
+        raise HastenError(f"{self.path.name} has none of the tensors {', '.join(names)}")
+
+    def input_embeddings(self) -> torch.Tensor:
+        """The token embedding table (V, E), float32, dequantized from the GGUF."""
+        return self._tensor("token_embd.weight")
+
+    def output_embeddings(self) -> torch.Tensor:
+        """The output projection (V, H), float32 (the token embeddings when they are tied)."""
+        return self._tensor("output.weight", "token_embd.weight")
+
+    def __del__(self) -> None:
+        try:
+            lib = self._lib
+            for context in self._pool:
+                lib.llama_free(context)
+            self._pool.clear()
+            if self._model:
+                lib.llama_model_free(self._model)
+                self._model = None
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+
+class LlamaCppTarget:
+    """One sequence on a llama.cpp model: a llama context whose KV cache holds exactly the committed tokens."""
+
+    def __init__(self, model: LlamaCppModel, context: Any, want_hidden: bool = False) -> None:
+        self.model = model
+        self.want_hidden = want_hidden
+        self.vocab_size = model.vocab_size
+        self.hidden_size = model.hidden_size
+        self.max_context = model.max_context
+        self.cache_len = 0
+        self._lib = lib = model._lib
+        self._ctx = context
+        self._mem = lib.llama_get_memory(context)
+        lib.llama_set_embeddings(context, want_hidden)
+        self._n_seq_max = model.n_seq_max
+        self._n_batch = model.n_batch
+        # _synced[s]: sequence s carries the committed positions [0, _synced[s]); sequence 0 always all of them.
+        self._synced = [0] * self._n_seq_max
+        self._pending: tuple[list[int], list[list[int]] | None] | None = None  # (parents, seq ids or None)
+        self._capacity = 0
+        self._grow(max(64, self._n_batch))
+
+    # -- the batch: numpy arrays that a llama_batch points into, filled with vector operations
+
+    def _grow(self, capacity: int) -> None:
+        lib = self._lib
+        self._capacity = capacity
+        self._tok = np.zeros(capacity, np.int32)
+        self._pos = np.zeros(capacity, np.int32)
+        self._nseq = np.ones(capacity, np.int32)
+        self._seq = np.zeros((capacity, self._n_seq_max), np.int32)
+        self._out = np.zeros(capacity, np.int8)
+        self._arange = np.arange(capacity, dtype=np.int32)
+        row = self._seq.strides[0]
+        base = self._seq.ctypes.data
+        self._seq_ptrs = (ctypes.POINTER(lib.llama_seq_id) * capacity)(
+            *[ctypes.cast(base + i * row, ctypes.POINTER(lib.llama_seq_id)) for i in range(capacity)])
+        self._batch = self._batch_at(0)
+
+    def _batch_at(self, start: int) -> Any:
+        lib = self._lib
+        batch = lib.llama_batch()
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        batch.token = ctypes.cast(self._tok.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_token))
+        batch.embd = None
+        batch.pos = ctypes.cast(self._pos.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_pos))
+        batch.n_seq_id = ctypes.cast(self._nseq.ctypes.data + 4 * start, i32)
+        batch.seq_id = ctypes.cast(ctypes.addressof(self._seq_ptrs) + ctypes.sizeof(ctypes.c_void_p) * start,
+                                   ctypes.POINTER(ctypes.POINTER(lib.llama_seq_id)))
+        batch.logits = ctypes.cast(self._out.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
+        return batch
+
+    def _decode(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the rows whose flag is set."""
+        lib = self._lib
+        logits: list[np.ndarray] = []
+        hidden: list[np.ndarray] = []
+        start = 0
+        while start < n:
+            m = min(self._n_batch, n - start)
+            batch = self._batch if start == 0 else self._batch_at(start)
+            batch.n_tokens = m
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                if rc == 1:
+                    raise HastenError(f"the llama.cpp KV cache ({self.max_context} cells) has no room for the pass")
+                raise HastenError(f"llama_decode failed ({rc}): {_last_error('see llama.cpp')}")
+            k = int(np.count_nonzero(self._out[start:start + m]))
+            if k:
+                logits.append(self._rows(lib.llama_get_logits(self._ctx), k, self.vocab_size))
+                if self.want_hidden:
+                    hidden.append(self._rows(lib.llama_get_embeddings(self._ctx), k, self.hidden_size))
+            start += m
+        if len(logits) == 1:
+            return logits[0], (hidden[0] if self.want_hidden else None)
+        empty_v = np.empty((0, self.vocab_size), np.float32)
+        empty_h = np.empty((0, self.hidden_size), np.float32)
+        out_h = np.concatenate(hidden or [empty_h]) if self.want_hidden else None
+        return np.concatenate(logits or [empty_v]), out_h
+
+    @staticmethod
+    def _rows(pointer: Any, rows: int, width: int) -> np.ndarray:
+        if not pointer:
+            raise HastenError("llama.cpp returned no outputs for the pass")
+        return np.ctypeslib.as_array(pointer, shape=(rows, width)).copy()
+
+    # -- the Target protocol
+
+    def start(self, context: list[int]) -> Scores:
+        """Clear the cache and prefill ``context``; scores for its last position."""
+        self._check_open()
+        self._lib.llama_memory_clear(self._mem, True)
+        self.cache_len = 0
+        self._synced = [0] * self._n_seq_max
+        self._pending = None
+        n = len(context)
+        if n > self.max_context:
+            raise HastenError(f"the context of {n} tokens exceeds the model's context of {self.max_context}")
+        if n == 0:
+            hidden = torch.empty(0, self.hidden_size) if self.want_hidden else None
+            return Scores(torch.empty(0, self.vocab_size), hidden)
+        self._fill_chain(context, [n - 1])
+        logits, hidden = self._decode(n)
+        self.cache_len = self._synced[0] = n
+        return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
+
+    def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
+        """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""
+        self._check_open()
+        if self._pending is not None:
+            raise RuntimeError("commit() the previous pass before scoring again")
+        n = len(tokens)
+        if n == 0 or len(parents) != n:
+            raise ValueError("a pass needs tokens and one parent per token")
+        rows: Sequence[int] = range(n) if logits_rows is None else [int(row) for row in logits_rows]
+        if rows and (min(rows) < 0 or max(rows) >= n):
+            raise ValueError(f"logits_rows must lie in [0, {n})")
+        chain = all(parent == i - 1 for i, parent in enumerate(parents))
+        if chain:
+            depth = n - 1
+            seqs = None
+        else:
+            depths = tree_depths(parents)
+            depth = max(depths)
+            seqs, n_seqs = tree_sequences(parents)
+        if self.cache_len + depth >= self.max_context:
+            raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
+        if chain:
+            self._fill_chain(tokens, rows)
+        else:
+            if n_seqs > self._n_seq_max:
+                raise HastenError(f"a tree with {n_seqs} leaves exceeds this model's n_seq_max={self._n_seq_max}")
+            self._sync(n_seqs)
+            self._fill_tree(tokens, depths, seqs, rows)
+        logits, hidden = self._decode(n)
+        self._pending = (list(parents), seqs)
+        if logits_rows is not None and any(b <= a for a, b in zip(rows, rows[1:], strict=False)):
+            # llama.cpp returns rows in batch order, once each: reorder (and repeat) them as asked
+            rank = {row: j for j, row in enumerate(sorted(set(rows)))}
+            index = [rank[row] for row in rows]
+            logits = logits[index]
+            hidden = None if hidden is None else hidden[index]
+        return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
+
+    def commit(self, keep: list[int]) -> None:
+        """Keep the root-down path ``keep`` of the last pass in sequence 0 and drop everything else it added."""
+        self._check_open()
+        if self._pending is None:
+            raise RuntimeError("commit() needs a scored pass")
+        parents, seqs = self._pending
+        _check_keep(parents, keep)
+        lib, mem, old, k = self._lib, self._mem, self.cache_len, len(keep)
+        new = old + k
+        if seqs is None:
+            self._rm(0, new)
+        else:
+            n_seqs = seqs[0][-1] + 1  # the root carries every sequence of the pass
+            source = commit_source(seqs, keep)
+            for s in range(n_seqs):
+                if s != source:
+                    self._rm(s, old)
+                    self._synced[s] = old
+            self._rm(source, new)
+            if source != 0:
+                lib.llama_memory_seq_cp(mem, source, 0, old, new)
+            self._synced[source] = new
+        self._synced[0] = new
+        self.cache_len = new
+        self._pending = None
+
+    def truncate(self, length: int) -> None:
+        """Drop the cache entries from ``length`` on (in every sequence)."""
+        self._check_open()
+        if self._pending is not None:
+            raise RuntimeError("commit() the previous pass before truncating")
+        if not 0 <= length <= self.cache_len:
+            raise ValueError(f"cannot truncate a cache of {self.cache_len} tokens to {length}")
+        self._rm(-1, length)
+        self.cache_len = length
+        self._synced = [min(synced, length) for synced in self._synced]
+
+    def close(self) -> None:
+        """Give the llama context back to the model's pool; the target cannot be used afterwards."""
+        context, self._ctx = getattr(self, "_ctx", None), None
+        if context:
+            self.model._release(context)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    # -- helpers
+
+    def _check_open(self) -> None:
+        if not self._ctx:
+            raise RuntimeError("this target was closed")
+
+    def _rm(self, seq: int, start: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self._mem, seq, start, -1):
+            raise HastenError(f"llama.cpp could not drop cache entries from position {start}")
+
+    def _sync(self, n_seqs: int) -> None:
+        """Make sequences 1..n_seqs-1 carry the whole committed context (tags only: kv_unified)."""
+        for s in range(1, n_seqs):
+            if self._synced[s] < self.cache_len:
+                self._lib.llama_memory_seq_cp(self._mem, 0, s, self._synced[s], -1)
+                self._synced[s] = self.cache_len
+
+    def _ensure(self, n: int) -> None:
+        if n > self._capacity:
+            self._grow(max(n, 2 * self._capacity))
+
+    def _fill_chain(self, tokens: Sequence[int], rows: Sequence[int]) -> None:
+        n = len(tokens)
+        self._ensure(n)
+        self._tok[:n] = tokens
+        self._pos[:n] = self._arange[:n] + self.cache_len
+        self._nseq[:n] = 1
+        self._seq[:n, 0] = 0
+        self._flag(n, rows)
+
+    def _fill_tree(self, tokens: Sequence[int], depths: Sequence[int], seqs: list[list[int]],
+                   rows: Sequence[int]) -> None:
+        n = len(tokens)
+        self._ensure(n)
+        self._tok[:n] = tokens
+        self._pos[:n] = depths
+        self._pos[:n] += self.cache_len
+        seq = self._seq
+        for i, ids in enumerate(seqs):
+            self._nseq[i] = len(ids)
+            seq[i, : len(ids)] = ids
+        self._flag(n, rows)
+
+    def _flag(self, n: int, rows: Sequence[int]) -> None:
+        if isinstance(rows, range) and rows == range(n):
+            self._out[:n] = 1
+        else:
+            self._out[:n] = 0
+            self._out[list(rows)] = 1
+
+    # -- inspection (tests, debugging): read llama.cpp's real cache state
+
+    def real_cache_len(self) -> int:
+        """One past the last position llama.cpp holds in sequence 0."""
+        return int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1
+
+    def kv_cells(self, seq: int = -1) -> list[tuple[int, tuple[int, ...]]]:
+        """(position, sequence ids) of every used cell (or of sequence ``seq``'s cells), from llama.cpp's state
+        serialisation; copies the cells' K/V data, so it is for tests and debugging only."""
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self._ctx, seq)
+        data = (ctypes.c_uint8 * size)()
+        lib.llama_state_seq_get_data(self._ctx, data, size, seq)
+        raw = np.frombuffer(data, dtype=np.uint8)
+        _magic, _seq, n_stream, count = raw[:16].view(np.int32)  # a header, then the KV cache's own state
+        cells: list[tuple[int, tuple[int, ...]]] = []
+        if n_stream != 1:
+            raise RuntimeError(f"expected a unified cache (1 stream), found {n_stream}")
+        offset = 16
+        for _ in range(int(count)):
+            pos, n_ids = raw[offset:offset + 8].view(np.int32)
+            offset += 8
+            ids = tuple(int(s) for s in raw[offset:offset + 4 * int(n_ids)].view(np.int32))
+            offset += 4 * int(n_ids)
+            cells.append((int(pos), ids))
+        return cells
+
+    def cache_problems(self) -> list[str]:
+        """Every way the real cache differs from "exactly positions 0..cache_len-1, each once, in sequence 0"
+        (empty when all is well). Checks, never asserts."""
+        problems: list[str] = []
+        if self._pending is not None:
+            problems.append("a pass is pending (not committed)")
+        if self.real_cache_len() != self.cache_len:
+            problems.append(f"sequence 0 ends at {self.real_cache_len()}, cache_len is {self.cache_len}")
+        cells = self.kv_cells()
+        positions = sorted(pos for pos, _ in cells)
+        if positions != list(range(self.cache_len)):
+            extra = collections.Counter(positions) - collections.Counter(range(self.cache_len))
+            missing = collections.Counter(range(self.cache_len)) - collections.Counter(positions)
+            problems.append(f"cells: {len(cells)} used; extra positions {sorted(extra.elements())[:10]}, "
+                            f"missing {sorted(missing.elements())[:10]}")
+        outside = [pos for pos, ids in cells if 0 not in ids]
+        if outside:
+            problems.append(f"cells outside sequence 0 at positions {outside[:10]}")
+        for s in range(1, self._n_seq_max):
+            end = int(self._lib.llama_memory_seq_pos_max(self._mem, s)) + 1
+            if end != self._synced[s]:
+                problems.append(f"sequence {s} ends at {end}, expected {self._synced[s]}")
+        return problems
+
+
+__all__ = ["LlamaCppModel", "LlamaCppTarget", "commit_source", "tree_sequences"]

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
+from hasten.adaptive.chooser import DraftPolicy
 from hasten.backends.base import ModelBackend
 from hasten.backends.transformers_target import TransformersModel
 from hasten.errors import HastenError
@@ -152,10 +153,12 @@ _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def shipped_draft_proposer(target: LoadedModel, params: SamplingParams, num_tokens: int | None,
-                           generator: torch.Generator | None) -> ReducedVocabDraftProposer:
+                           generator: torch.Generator | None,
+                           policy: DraftPolicy | None = None) -> ReducedVocabDraftProposer:
     """``--method draft`` on the default model without ``--draft-model``: the shipped draft (loaded once)."""
     if target.backend not in _SHIPPED:
         _SHIPPED[target.backend] = load_draft_on(target.backend, SHIPPED_DRAFT)
     draft, vocab_ids, config = _SHIPPED[target.backend]
     return ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, target.vocab_size, params,
-                                     num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator)
+                                     num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator,
+                                     policy=policy)

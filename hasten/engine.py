@@ -26,12 +26,19 @@ class DecodeStats:
     accepted_drafts: int = 0
     scored_tokens: int = 0
     prefill_s: float = 0.0
+    draft_s: float = 0.0  # time in the proposer (propose and update), the draft model's passes included
     wall_s: float = 0.0
     accepted_per_pass: list[int] = field(default_factory=list)
+    pass_widths: list[int] = field(default_factory=list)  # tokens scored by each pass
+    pass_ms: list[float] = field(default_factory=list)  # wall time of each pass
 
     @property
     def mean_accepted(self) -> float:
         return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def draft_ms_per_step(self) -> float:
+        return 1000 * self.draft_s / self.target_passes if self.target_passes else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,10 +109,14 @@ def decode(
     produced = 0
     while produced < max_new_tokens and len(context) < target.max_context:
         room = min(max_new_tokens - produced, target.max_context - len(context)) - 1
+        step_began = time.perf_counter()
         proposal = proposer.propose(context, room)
+        stats.draft_s += time.perf_counter() - step_began
         tree = proposal.tree
         layout = pass_layout(proposal, context[-1])
+        pass_began = time.perf_counter()
         scores = target.score(layout.tokens, layout.parents, layout.logits_rows)
+        pass_ms = (time.perf_counter() - pass_began) * 1000
         verdict = verify(tree, scores.logits[: len(tree) + 1], params, generator)
         keep = [0, *(node + 1 for node in verdict.accepted)]
         target.commit(keep)
@@ -118,7 +129,12 @@ def decode(
         stats.accepted_per_pass.append(len(new))
         hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
         extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
-        proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits))
+        update_began = time.perf_counter()
+        proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, verdict.accepted,
+                                    len(layout.tokens), pass_ms))
+        stats.draft_s += time.perf_counter() - update_began
+        stats.pass_widths.append(len(layout.tokens))
+        stats.pass_ms.append(pass_ms)
         ended = next((i for i, tok in enumerate(new) if tok in eos_token_ids), None)
         if ended is not None:
             new = new[: ended + 1]

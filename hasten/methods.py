@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from hasten.adaptive import DraftPolicy, draft_policy
 from hasten.errors import HastenError
 from hasten.models import LoadedModel, load_model
 from hasten.proposers.base import Proposer
@@ -25,28 +26,45 @@ def _ar(target: LoadedModel, params: SamplingParams, generator, options: dict[st
     return Proposer()
 
 
+def _policy(target: LoadedModel, source: str, params: SamplingParams, options: dict[str, Any]) -> DraftPolicy | None:
+    """The adaptive policy of a method (the default), or None with ``adaptive=False`` (fixed sizes)."""
+    if not options.pop("adaptive", True):
+        return None
+    return draft_policy(target, source, params.greedy)
+
+
 def _pld(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
-    return PromptLookupProposer(**options)
+    policy = _policy(target, "pld", params, options)
+    if policy is not None:  # generous candidates: the policy prunes them to what pays
+        options = {"num_tokens": 8, "max_ngram": 4, "min_ngram": 1, "branches": 3, **options}
+    return PromptLookupProposer(**options, policy=policy)
 
 
 def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     draft = options.get("draft")
-    if draft is None and target.name == "default":  # the draft distilled from the default model ships with hasten
+    if draft is None and target.name != "default":
+        raise HastenError("--method draft needs a draft model (--draft-model PATH)")
+    policy = _policy(target, "draft", params, options)
+    num_tokens = options.get("num_tokens") or (8 if policy is not None else None)
+    if draft is None:  # the draft distilled from the default model ships with hasten
         from hasten.draft_head import shipped_draft_proposer
 
-        return shipped_draft_proposer(target, params, options.get("num_tokens"), generator)
-    if draft is None:
-        raise HastenError("--method draft needs a draft model (--draft-model PATH)")
-    return DraftModelProposer(draft.backend, params, num_tokens=options.get("num_tokens", 6), generator=generator)
+        return shipped_draft_proposer(target, params, num_tokens, generator, policy)
+    return DraftModelProposer(draft.backend, params, num_tokens=num_tokens or 6, generator=generator, policy=policy)
 
 
 def _redrafter(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     head = load_head(target.name, target.backend, options.get("head"))
-    return ReDrafterProposer(head, options.get("beam_width", 2), options.get("beam_length", 5))
+    policy = _policy(target, "redrafter", params, options)
+    width, length = (3, 5) if policy is not None else (2, 5)  # the policy prunes the beams' tree
+    return ReDrafterProposer(head, options.get("beam_width", width), options.get("beam_length", length), policy)
 
 
 def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
-    return LookaheadProposer(**options, max_context=target.max_context)
+    policy = _policy(target, "lookahead", params, options)
+    if policy is not None:
+        options = {"guesses": 4, **options}
+    return LookaheadProposer(**options, max_context=target.max_context, policy=policy)
 
 
 @dataclass(frozen=True)
@@ -59,10 +77,10 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ar": Method(_ar),
-    "pld": Method(_pld, frozenset({"num_tokens", "max_ngram", "min_ngram", "branches"})),
-    "draft": Method(_draft, frozenset({"num_tokens", "draft"})),
-    "lookahead": Method(_lookahead, frozenset({"window", "ngram", "guesses"})),
-    "redrafter": Method(_redrafter, frozenset({"beam_width", "beam_length", "head"})),
+    "pld": Method(_pld, frozenset({"num_tokens", "max_ngram", "min_ngram", "branches", "adaptive"})),
+    "draft": Method(_draft, frozenset({"num_tokens", "draft", "adaptive"})),
+    "lookahead": Method(_lookahead, frozenset({"window", "ngram", "guesses", "adaptive"})),
+    "redrafter": Method(_redrafter, frozenset({"beam_width", "beam_length", "head", "adaptive"})),
 }
 
 
@@ -82,6 +100,10 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         raise HastenError(f"method {method!r} takes no option {unknown[0]!r} (its options: {accepted})")
     for key, value in given.items():
         if key in ("draft", "head"):
+            continue
+        if key == "adaptive":
+            if not isinstance(value, bool):
+                raise HastenError(f"{method} option adaptive must be true or false, got {value!r}")
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HastenError(f"{method} option --{key.replace('_', '-')} must be an integer >= 1, got {value!r}")

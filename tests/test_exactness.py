@@ -128,4 +128,6 @@ def test_method_statistics_are_reported():
     prompt = random_prompts(1, seed=6)[0] * 2
     stats = generate(loaded, prompt, "lookahead", max_new_tokens=20).method_stats
     assert set(stats) >= {"pool_hit_rate", "guess_rate"} and 0 <= stats["pool_hit_rate"] <= 1
-    assert generate(loaded, prompt, "pld", max_new_tokens=5).method_stats == {}
+    pld = generate(loaded, prompt, "pld", max_new_tokens=5).method_stats
+    assert set(pld) == {"mean_drafted", "plain_steps"} and 0 <= pld["plain_steps"] <= 1
+    assert generate(loaded, prompt, "pld", max_new_tokens=5, adaptive=False).method_stats == {}

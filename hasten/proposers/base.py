@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,9 @@ class StepOutcome:
     next_token: int  # the target's own token after them: the new root
     hidden: torch.Tensor | None  # target hidden state (1, H) at the position that produced ``next_token``
     extra_logits: torch.Tensor | None  # target logits at the extra branch's ``read_rows``, if one was proposed
+    accepted_nodes: list[int] = field(default_factory=list)  # tree indices of the accepted tokens
+    pass_width: int = 1  # tokens the target pass scored (root, tree and extra branch)
+    pass_ms: float = 0.0  # wall time of that pass
 
 
 class Proposer:

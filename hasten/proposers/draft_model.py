@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
@@ -32,14 +35,17 @@ class DraftModelProposer(Proposer):
     name = "draft"
 
     def __init__(self, draft_model: ModelBackend, params: SamplingParams, num_tokens: int = 6,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, policy: DraftPolicy | None = None) -> None:
         if num_tokens < 1:
             raise ValueError("draft needs num_tokens >= 1")
         self.draft = draft_model.new_target()
         self.params = params
         self.num_tokens = num_tokens
         self.generator = generator or params.generator()
+        self.policy = policy
+        self.draft_ms = 0.0  # running estimate of one draft forward
         self._drafted = 0
+        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
@@ -48,32 +54,63 @@ class DraftModelProposer(Proposer):
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         k = min(self.num_tokens, max_depth, self.draft.max_context - len(context))
         self._drafted = 0
+        self._sent = None
         if k <= 0:  # nothing to draft, or the draft's own context is full: this step is plain decoding
             return Proposal(TokenTree())
         feed = context[self.draft.cache_len :]
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
-        for _ in range(k):
+        features: list[list[Feature]] = []
+        path_prob = 1.0
+        gained = spent = 0.0
+        for depth in range(1, k + 1):
+            if self.policy is not None and not self._worth_drafting(depth, path_prob, gained, spent):
+                break
+            began = time.perf_counter()
             chain = list(range(-1, len(feed) - 1))
             logits = self.vocab_logits(self.draft.score(feed, chain, [len(feed) - 1]).logits[-1])
             self.draft.commit(list(range(len(feed))))
             if self.params.greedy:
                 token = int(logits.argmax())
+                confidence = float(torch.softmax(logits.float(), -1)[token]) if self.policy is not None else 0.0
             else:
                 probs = self.params.probs(logits)
                 token = sample(probs, self.generator)
                 rows.append(probs)
+                confidence = float(probs[token])
+            spent += (time.perf_counter() - began) * 1000
             tokens.append(token)
             feed = [token]
-        self._drafted = k
-        probs = torch.stack(rows) if rows else None
-        return Proposal(TokenTree.chain(tokens, probs))
+            self._drafted = depth
+            if self.policy is not None:
+                feature = ("draft", depth, min(int(confidence * 10), 9))
+                features.append([feature])
+                path_prob *= self.policy.acceptance.estimate(feature)
+                gained += path_prob
+        if self._drafted:
+            self.draft_ms += (spent / self._drafted - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
+        tree = TokenTree.chain(tokens, torch.stack(rows) if rows else None)
+        if self.policy is not None:
+            tree, features = self.policy.choose(tree, features)
+            self._sent = (tree, features)
+        return Proposal(tree)
+
+    def _worth_drafting(self, depth: int, path_prob: float, gained: float, spent: float) -> bool:
+        """Whether one more draft token (its acceptance guessed from its depth alone) is expected to pay."""
+        assert self.policy is not None
+        cost = self.policy.cost
+        chance = path_prob * self.policy.acceptance.estimate(("draft", depth))
+        now = (1 + gained) / (cost(depth) + spent)
+        after = (1 + gained + chance) / (cost(depth + 1) + spent + self.draft_ms)
+        return after > now
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the target's vocabulary (a hook for drafts with a reduced output vocabulary)."""
         return logits
 
     def update(self, outcome: StepOutcome) -> None:
+        if self.policy is not None and self._sent is not None:
+            self.policy.learn(*self._sent, outcome)
         # The draft cache holds the context plus all drafted tokens but the last; keep the accepted ones.
         stale = (self._drafted - 1) - min(len(outcome.accepted), self._drafted - 1)
         if stale > 0:

@@ -19,14 +19,17 @@ from functools import cache
 
 import torch
 
+from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
 from hasten.errors import HastenError
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
+from hasten.proposers.prompt_lookup import streak
 from hasten.tree import TokenTree
 
 # The window scores W * (N - 1) = 8 tokens and the guesses at most G * (N - 1) = 8 (fewer once merged).
 DEFAULT_WINDOW = 2
 DEFAULT_NGRAM = 5
 DEFAULT_GUESSES = 2
+WINDOW_TRIALS = 48  # window steps (over the model's lifetime) before its measured gain decides
 
 
 class NgramPool:
@@ -35,19 +38,19 @@ class NgramPool:
     def __init__(self, n: int, per_key: int) -> None:
         self.n = n
         self.per_key = per_key
-        self._table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+        self._table: dict[int, OrderedDict[tuple[int, ...], str]] = {}
 
     def __len__(self) -> int:
         return sum(len(tails) for tails in self._table.values())
 
-    def add(self, ngram: Sequence[int]) -> None:
-        """Insert (or refresh) one n-gram of exactly ``n`` tokens."""
+    def add(self, ngram: Sequence[int], origin: str = "context") -> None:
+        """Insert (or refresh) one n-gram of exactly ``n`` tokens; ``origin`` says where it came from."""
         tails = self._table.setdefault(ngram[0], OrderedDict())
         tail = tuple(ngram[1:])
         if tail in tails:
             tails.move_to_end(tail)
             return
-        tails[tail] = None
+        tails[tail] = origin
         if len(tails) > self.per_key:
             tails.popitem(last=False)
 
@@ -58,10 +61,14 @@ class NgramPool:
 
     def lookup(self, key: int, limit: int) -> list[list[int]]:
         """Up to ``limit`` tails (n - 1 tokens) stored under ``key``, most recently used first."""
+        return [tail for tail, _ in self.lookup_with_origin(key, limit)]
+
+    def lookup_with_origin(self, key: int, limit: int) -> list[tuple[list[int], str]]:
+        """Like ``lookup``, each tail with the origin it was first added with."""
         tails = self._table.get(key)
         if not tails:
             return []
-        return [list(tail) for tail in reversed(tails)][:limit]
+        return [(list(tail), origin) for tail, origin in reversed(tails.items())][:limit]
 
 
 @cache
@@ -94,7 +101,7 @@ class LookaheadProposer(Proposer):
     name = "lookahead"
 
     def __init__(self, window: int = DEFAULT_WINDOW, ngram: int = DEFAULT_NGRAM, guesses: int = DEFAULT_GUESSES,
-                 max_context: int | None = None, seed: int = 0) -> None:
+                 max_context: int | None = None, seed: int = 0, policy: DraftPolicy | None = None) -> None:
         for label, value, low in (("window", window, 1), ("ngram", ngram, 2), ("guesses", guesses, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise HastenError(f"lookahead {label} must be an integer >= {low}, got {value!r}")
@@ -103,6 +110,7 @@ class LookaheadProposer(Proposer):
         self.guesses = guesses
         self.max_context = max_context
         self.seed = seed
+        self.policy = policy
         self.start([0], None)
 
     @property
@@ -114,7 +122,9 @@ class LookaheadProposer(Proposer):
         return self.guess_steps / self.steps if self.steps else 0.0
 
     def stats(self) -> dict[str, float]:
-        return {"pool_hit_rate": self.hit_rate, "guess_rate": self.guess_rate, "pool_ngrams": float(len(self.pool))}
+        stats = {"pool_hit_rate": self.hit_rate, "guess_rate": self.guess_rate, "pool_ngrams": float(len(self.pool)),
+                 "window_rate": self.window_steps / self.steps if self.steps else 0.0}
+        return stats | (self.policy.stats() if self.policy is not None else {})
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._rng = random.Random(self.seed)
@@ -124,7 +134,9 @@ class LookaheadProposer(Proposer):
         self.columns = [self._seed_column() for _ in range(self.window)]
         self._sent_window = False
         self._guessed = False
-        self.steps = self.guess_steps = self.hit_steps = self.accepted = 0
+        self._sent: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None
+        self._last: int | None = None
+        self.steps = self.guess_steps = self.hit_steps = self.accepted = self.window_steps = 0
 
     def _seed_column(self) -> list[int]:
         """A fresh trajectory: ``ngram - 1`` consecutive tokens copied from a random place in the context."""
@@ -136,14 +148,38 @@ class LookaheadProposer(Proposer):
         return history[start : start + height]
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
+        self._sent = None
         if max_depth <= 0:
             self._sent_window = self._guessed = False
             return Proposal(TokenTree())
-        paths = [tail[:max_depth] for tail in self.pool.lookup(context[-1], self.guesses)]
-        tree = TokenTree.from_paths(paths)
-        self._guessed = bool(paths)
-        self._sent_window = self._window_fits(len(context))
+        found = [(tail[:max_depth], origin) for tail, origin in self.pool.lookup_with_origin(context[-1], self.guesses)]
+        paths = [path for path, _ in found]
+        fits = self._window_fits(len(context))
+        if self.policy is None:
+            tree = TokenTree.from_paths(paths)
+            self._sent_window = fits
+        else:
+            features = [[("pool", d, rank, origin == "window", streak(self._last)) for d in range(1, len(path) + 1)]
+                        for rank, (path, origin) in enumerate(found)]
+            tree, node_features = merge_paths(paths, features)
+            tree, node_features = self.policy.choose(tree, node_features)
+            origins = [any(f[3] for f in node) for node in node_features]
+            self._sent = (tree, node_features, origins)
+            self._sent_window = fits and self._window_pays(len(tree))
+        self._guessed = len(tree) > 0
+        self.window_steps += self._sent_window
         return Proposal(tree, self._branch() if self._sent_window else None)
+
+    def _window_pays(self, tree_size: int) -> bool:
+        """Whether the window's expected future tokens are worth its width in this pass."""
+        assert self.policy is not None
+        gain = self.policy.extra_gain
+        if gain.offered < WINDOW_TRIALS:  # too little evidence yet: keep trying it
+            return True
+        cost = self.policy.cost
+        width = tree_size + 1
+        extra_ms = cost(width + self.window * (self.ngram - 1)) - cost(width)
+        return gain.value * cost(1) > extra_ms
 
     def _window_fits(self, context_len: int) -> bool:
         # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.
@@ -157,6 +193,12 @@ class LookaheadProposer(Proposer):
                            list(range(top, top + self.window)))
 
     def update(self, outcome: StepOutcome) -> None:
+        if self.policy is not None and self._sent is not None:
+            tree, features, origins = self._sent
+            self.policy.learn(tree, features, outcome)
+            self.policy.extra_gain.accepted += sum(origins[node] for node in outcome.accepted_nodes)
+            self.policy.extra_gain.offered += self._sent_window
+            self._last = len(outcome.accepted) if len(tree) else None
         new = [*outcome.accepted, outcome.next_token]
         self.steps += 1
         self.guess_steps += self._guessed
@@ -174,7 +216,7 @@ class LookaheadProposer(Proposer):
         predicted = logits.argmax(-1).tolist()  # the window's top level, one row per column
         grown = [column + [token] for column, token in zip(self.columns, predicted, strict=True)]
         for ngram in grown:
-            self.pool.add(ngram)
+            self.pool.add(ngram, "window")
         # A column's tokens sit at offsets c+1.. ; after the context advances by shift + 1 tokens, the
         # grown column without its first token sits exactly where column c - shift starts.
         kept = [column[1:] for column in grown[shift:]]

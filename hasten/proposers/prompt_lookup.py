@@ -2,38 +2,83 @@
 
 from __future__ import annotations
 
+import torch
+
+from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
 from hasten.errors import HastenError
-from hasten.proposers.base import Proposal, Proposer
+from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.tree import TokenTree
+
+
+def streak(accepted: int | None) -> int:
+    """How the last step went, as a feature: -1 nothing drafted, else its accepted drafts (capped at 3)."""
+    return -1 if accepted is None else min(accepted, 3)
 
 
 class PromptLookupProposer(Proposer):
     """Find the longest recent n-gram match of the context's tail and propose what followed it.
 
     With ``branches > 1`` several matches with different continuations are merged into one tree (each
-    shared prefix verified once). The defaults (8 tokens, one branch, a match of at least 2 tokens) were
-    the fastest measured on the default model on a 2-core CPU: a 1-token match is too weak a signal to
-    pay for a wider pass there, so without a 2-token match the step is plain decoding.
+    shared prefix verified once).
+
+    With a ``policy`` the sizes are adaptive: the candidates (up to ``branches`` continuations of
+    ``num_tokens``) are pruned each step to what is expected to pay on the target's cost curve, by the
+    acceptance learned per depth, match length, branch rank and how the last step went. Without one, every
+    candidate is sent (the fixed sizes: 8 tokens, one branch, a match of at least 2 tokens).
     """
 
     name = "pld"
 
-    def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 2, branches: int = 1) -> None:
+    def __init__(self, num_tokens: int = 8, max_ngram: int = 3, min_ngram: int = 2, branches: int = 1,
+                 policy: DraftPolicy | None = None) -> None:
         if num_tokens < 1 or not 1 <= min_ngram <= max_ngram or branches < 1:
             raise HastenError("pld needs num_tokens >= 1, 1 <= min_ngram <= max_ngram and branches >= 1")
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.branches = branches
+        self.policy = policy
+        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
+        self._last: int | None = None
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self._sent, self._last = None, None
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
+        self._sent = None
         depth = min(self.num_tokens, max_depth)
         if depth <= 0:
             return Proposal(TokenTree())
-        return Proposal(TokenTree.from_paths(self.candidates(context, depth)))
+        ngram, paths = self.matches(context, depth)
+        if self.policy is None:
+            return Proposal(TokenTree.from_paths(paths))
+        features = [[self.feature(d, ngram, rank) for d in range(1, len(path) + 1)] for rank, path in enumerate(paths)]
+        tree, node_features = merge_paths(paths, features)
+        tree, node_features = self.policy.choose(tree, node_features)
+        self._sent = (tree, node_features)
+        return Proposal(tree)
+
+    def feature(self, depth: int, ngram: int, rank: int) -> Feature:
+        return ("pld", depth, ngram, min(rank, 2), streak(self._last))
+
+    def update(self, outcome: StepOutcome) -> None:
+        if self._sent is None:
+            self._last = None
+            return
+        tree, features = self._sent
+        if self.policy is not None:
+            self.policy.learn(tree, features, outcome)
+        self._last = len(outcome.accepted) if len(tree) else None
+
+    def stats(self) -> dict[str, float]:
+        return self.policy.stats() if self.policy is not None else {}
 
     def candidates(self, context: list[int], depth: int) -> list[list[int]]:
         """Continuations after the most recent matches of the longest matching tail n-gram."""
+        return self.matches(context, depth)[1]
+
+    def matches(self, context: list[int], depth: int) -> tuple[int, list[list[int]]]:
+        """The longest matching tail n-gram's length and the continuations after its most recent matches."""
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
             paths: list[list[int]] = []
@@ -48,5 +93,5 @@ class PromptLookupProposer(Proposer):
                     if len(paths) == self.branches:
                         break
             if paths:
-                return paths
-        return []
+                return n, paths
+        return 0, []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
@@ -64,7 +65,8 @@ class ReDrafterProposer(Proposer):
     name = "redrafter"
     needs_hidden = True
 
-    def __init__(self, head: ReDrafterHead, beam_width: int = 2, beam_length: int = 5) -> None:
+    def __init__(self, head: ReDrafterHead, beam_width: int = 2, beam_length: int = 5,
+                 policy: DraftPolicy | None = None) -> None:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (beam_width, beam_length)) or \
                 beam_width < 1 or beam_length < 2:
             raise HastenError("redrafter needs --beam-width >= 1 and --beam-length >= 2 (the length counts the root)")
@@ -74,18 +76,28 @@ class ReDrafterProposer(Proposer):
         self.beam_width = beam_width
         self.beam_length = beam_length
         self.tree_stats = TreeStats()
+        self.policy = policy
         self._hidden: torch.Tensor | None = None
+        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
+        self._sent = None
         length = min(self.beam_length - 1, max_depth)
         if length <= 0 or self._hidden is None:
             return Proposal(TokenTree())
         beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
-        tree = merge_beams(beams.tokens)
+        if self.policy is None:
+            tree = merge_beams(beams.tokens)
+        else:  # each node's feature: its depth and its own draft probability, in tenths
+            tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
+            features = [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]
+            tree, node_features = merge_paths(beams.tokens.tolist(), features)
+            tree, node_features = self.policy.choose(tree, node_features)
+            self._sent = (tree, node_features)
         self.tree_stats.steps += 1
         self.tree_stats.beam_tokens += beams.tokens.numel()
         self.tree_stats.tree_tokens += len(tree)
@@ -97,9 +109,11 @@ class ReDrafterProposer(Proposer):
             "beam_tokens_per_step": self.tree_stats.beam_tokens / steps,
             "tree_tokens_per_step": self.tree_stats.tree_tokens / steps,
             "tree_saving": self.tree_stats.saving,
-        }
+        } | (self.policy.stats() if self.policy is not None else {})
 
     def update(self, outcome: StepOutcome) -> None:
+        if self.policy is not None and self._sent is not None:
+            self.policy.learn(*self._sent, outcome)
         self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hasten.adaptive.chooser import DraftPolicy
 from hasten.backends.base import ModelBackend
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.sampling import SamplingParams
@@ -20,8 +21,9 @@ class ReducedVocabDraftProposer(DraftModelProposer):
     name = "draft"
 
     def __init__(self, draft_model: ModelBackend, vocab_ids: torch.Tensor, vocab_size: int,
-                 params: SamplingParams, num_tokens: int = 6, generator: torch.Generator | None = None) -> None:
-        super().__init__(draft_model, params, num_tokens, generator)
+                 params: SamplingParams, num_tokens: int = 6, generator: torch.Generator | None = None,
+                 policy: DraftPolicy | None = None) -> None:
+        super().__init__(draft_model, params, num_tokens, generator, policy)
         if vocab_ids.ndim != 1 or len(vocab_ids) != draft_model.vocab_size:
             raise ValueError("vocab_ids needs one id per row of the draft's output head")
         self.vocab_ids = vocab_ids.to(torch.long)

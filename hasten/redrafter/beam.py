@@ -32,10 +32,12 @@ class Drafter(Protocol):
 
 @dataclass
 class Beams:
-    """``tokens`` (n, length) drafted target ids after the root, best beam first; ``scores`` (n,) their log-probs."""
+    """``tokens`` (n, length) drafted target ids after the root, best beam first; ``scores`` (n,) their log-probs;
+    ``token_log_probs`` (n, length) each token's own draft log-prob given the tokens before it."""
 
     tokens: torch.Tensor
     scores: torch.Tensor
+    token_log_probs: torch.Tensor
 
 
 def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
@@ -45,6 +47,7 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
         raise ValueError("beam search needs width >= 1 and length >= 1")
     vocab = drafter.vocab
     tokens = torch.empty(1, 0, dtype=torch.long)
+    steps = torch.empty(1, 0)
     scores = torch.zeros(1)
     state = drafter.start(1)
     last = torch.tensor([root])
@@ -55,6 +58,7 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
         beam = best.indices // log_probs.shape[1]
         last = vocab[best.indices % log_probs.shape[1]]
         tokens = torch.cat([tokens[beam], last[:, None]], dim=1)
+        steps = torch.cat([steps[beam], (best.values - scores[beam])[:, None]], dim=1)
         state = state[beam]
         scores = best.values
-    return Beams(tokens, scores)
+    return Beams(tokens, scores, steps)

@@ -1,0 +1,53 @@
+"""Speculation that pays: the target's cost curve, acceptance learned online, and the chooser of draft sizes.
+
+One ``AdaptiveState`` lives beside each loaded model for the process's lifetime (a server's included): its
+cost curve and its acceptance models, one per drafting source and decoding mode, keep learning across
+generations. Each generation's proposer gets a fresh ``DraftPolicy`` over them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, Rate
+from hasten.adaptive.cost import CostModel, cost_model_for
+from hasten.models import LoadedModel
+
+
+@dataclass
+class AdaptiveState:
+    """What adaptive drafting has learned about one model (``name`` says which, for the cost cache)."""
+
+    name: str
+    cost: CostModel | None = None
+    acceptance: dict[tuple[str, bool], AcceptanceModel] = field(default_factory=dict)
+    extra_gain: dict[tuple[str, bool], Rate] = field(default_factory=dict)
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adaptive_state(loaded: LoadedModel) -> AdaptiveState:
+    """The adaptive state of ``loaded``'s model; its cost curve is calibrated, or read from disk, on first use."""
+    state = _STATES.get(loaded.backend)
+    if state is None:
+        state = _STATES[loaded.backend] = AdaptiveState(str(loaded.path or loaded.name))
+    if state.cost is None:
+        threads = getattr(loaded.backend, "threads", None) or torch.get_num_threads()
+        state.cost = cost_model_for(loaded.backend, state.name, threads)
+    return state
+
+
+def draft_policy(loaded: LoadedModel, source: str, greedy: bool) -> DraftPolicy:
+    """A fresh policy for one generation over the model's cost curve and the source's acceptance model."""
+    state = adaptive_state(loaded)
+    assert state.cost is not None
+    key = (source, greedy)
+    return DraftPolicy(state.cost, state.acceptance.setdefault(key, AcceptanceModel()),
+                       state.extra_gain.setdefault(key, Rate(0.0, 0.0)))
+
+
+__all__ = ["AcceptanceModel", "AdaptiveState", "CostModel", "DraftPolicy", "adaptive_state", "draft_policy"]

@@ -1,0 +1,185 @@
+"""Choosing what to draft: acceptance estimates learned online, and the tree that maximizes tokens per second.
+
+A proposer offers a generous candidate tree; each node carries a *feature* (what the proposer knew when it
+guessed it: its source, match length, depth, a probability bucket). ``AcceptanceModel`` estimates, per feature,
+the probability that the node is accepted given that its parent was, from every node verified so far. The
+chooser keeps the nodes with the highest path probability (a path's probability only falls with depth, so the
+kept nodes always form a tree below the root) and as many of them as maximize
+
+    E[tokens emitted] / cost(width)  =  (1 + sum of kept path probabilities) / cost(1 + kept [+ extra])
+
+When nothing pays, it keeps nothing and the step is plain decoding. It changes only what is drafted: the
+verifier decides what is accepted, so output stays exactly the target's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from hasten.adaptive.cost import CostModel
+from hasten.proposers.base import StepOutcome
+from hasten.tree import ROOT, TokenTree
+
+Feature = Hashable
+
+
+EXPLORE = 1.0  # width of the optimism bonus, in standard errors
+
+
+@dataclass
+class Rate:
+    """Acceptance counts of one feature, ``prior_weight`` pseudo-observations included."""
+
+    accepted: float
+    offered: float
+
+    @property
+    def value(self) -> float:
+        return self.accepted / self.offered
+
+    @property
+    def optimistic(self) -> float:
+        """The rate plus one standard error: rarely tried features keep getting tried (exploration)."""
+        value = self.value
+        return min(1.0, value + EXPLORE * (value * (1 - value) / self.offered) ** 0.5)
+
+
+def coarser(feature: Feature) -> Feature | None:
+    """A tuple feature without its last field, down to (source, depth); None below that."""
+    return feature[:-1] if isinstance(feature, tuple) and len(feature) > 2 else None
+
+
+@dataclass
+class AcceptanceModel:
+    """P(node accepted | parent accepted) per feature, learned from every verified node.
+
+    A feature not seen yet borrows the rate of its coarser feature (``coarser``), and below that the prior.
+    Estimates are optimistic by one standard error, so a feature that looked bad early is tried again now
+    and then; the bonus shrinks as evidence grows.
+    """
+
+    prior_mean: float = 0.5
+    prior_weight: float = 2.0
+    rates: dict[Feature, Rate] = field(default_factory=dict)
+
+    def _mean(self, feature: Feature | None) -> float:
+        if feature is None:
+            return self.prior_mean
+        rate = self.rates.get(feature)
+        return rate.value if rate is not None else self._mean(coarser(feature))
+
+    def estimate(self, feature: Feature) -> float:
+        rate = self.rates.get(feature)
+        if rate is not None:
+            return rate.optimistic
+        prior = Rate(self._mean(coarser(feature)) * self.prior_weight, self.prior_weight)
+        return prior.optimistic
+
+    def record(self, feature: Feature, accepted: bool) -> None:
+        while feature is not None:
+            rate = self.rates.get(feature)
+            if rate is None:
+                prior = self._mean(coarser(feature))
+                rate = self.rates[feature] = Rate(prior * self.prior_weight, self.prior_weight)
+            rate.accepted += accepted
+            rate.offered += 1
+            feature = coarser(feature)
+
+    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], accepted_nodes: Sequence[int]) -> None:
+        """Record every node whose parent was accepted (the root counts): accepted or not, under each of its
+        features (a node several sources proposed has one per source)."""
+        on_path = {ROOT, *accepted_nodes}
+        taken = set(accepted_nodes)
+        for node, parent in enumerate(tree.parents):
+            if parent in on_path:
+                for feature in features[node]:
+                    self.record(feature, node in taken)
+
+
+def merge_paths(paths: Sequence[Sequence[int]], features: Sequence[Sequence[Feature]]
+                ) -> tuple[TokenTree, list[list[Feature]]]:
+    """Candidate continuations merged into one tree; each node keeps the features of every path through it."""
+    tree = TokenTree()
+    node_features: list[list[Feature]] = []
+    index: dict[tuple[int, ...], int] = {}
+    for path, path_features in zip(paths, features, strict=True):
+        parent = ROOT
+        for depth, token in enumerate(path):
+            prefix = tuple(path[: depth + 1])
+            node = index.get(prefix)
+            if node is None:
+                node = index[prefix] = len(tree.tokens)
+                tree.tokens.append(token)
+                tree.parents.append(parent)
+                node_features.append([])
+            if path_features[depth] not in node_features[node]:
+                node_features[node].append(path_features[depth])
+            parent = node
+    return tree, node_features
+
+
+def path_probabilities(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
+    """P(the path to each node is accepted), from each node's conditional acceptance probability."""
+    probs: list[float] = []
+    for node, parent in enumerate(tree.parents):
+        probs.append(conditional[node] * (1.0 if parent == ROOT else probs[parent]))
+    return probs
+
+
+def best_size(path_probs: Sequence[float], cost: Callable[[int], float], extra: int = 0,
+              extra_gain: float = 0.0) -> tuple[list[int], float]:
+    """The nodes to keep (by falling path probability) and the expected tokens per millisecond that gives.
+
+    ``extra`` tokens ride along in the same pass (lookahead's window) and are worth ``extra_gain`` tokens.
+    """
+    order = sorted(range(len(path_probs)), key=lambda i: (-path_probs[i], i))
+    best_m, best_rate, gained = 0, (1.0 + extra_gain) / cost(1 + extra), 0.0
+    for m, node in enumerate(order, start=1):
+        gained += path_probs[node]
+        rate = (1.0 + gained + extra_gain) / cost(1 + m + extra)
+        if rate > best_rate:
+            best_m, best_rate = m, rate
+    return sorted(order[:best_m]), best_rate
+
+
+def subtree(tree: TokenTree, keep: Sequence[int]) -> tuple[TokenTree, list[int]]:
+    """The tree of ``keep`` (node indices closed under parents, in index order) and the kept old indices."""
+    keep = sorted(keep)
+    new_index = {old: new for new, old in enumerate(keep)}
+    parents = [ROOT if tree.parents[old] == ROOT else new_index[tree.parents[old]] for old in keep]
+    probs = None if tree.draft_probs is None else tree.draft_probs[keep]
+    return TokenTree([tree.tokens[old] for old in keep], parents, probs), keep
+
+
+@dataclass
+class DraftPolicy:
+    """What an adaptive proposer asks: the target's cost curve and an acceptance model of its own."""
+
+    cost: CostModel
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
+    extra_gain: Rate = field(default_factory=lambda: Rate(0.0, 0.0))  # extra-branch tokens gained per step sent
+    choices: Counter = field(default_factory=Counter)  # drafted width -> steps, for the statistics
+
+    def choose(self, tree: TokenTree, features: Sequence[Sequence[Feature]], extra: int = 0,
+               extra_gain: float = 0.0) -> tuple[TokenTree, list[list[Feature]]]:
+        """Prune ``tree`` to the nodes that maximize expected tokens per millisecond; their features."""
+        conditional = [max(self.acceptance.estimate(f) for f in node) for node in features]
+        keep, _ = best_size(path_probabilities(tree, conditional), self.cost, extra, extra_gain)
+        pruned, kept = subtree(tree, keep)
+        self.choices[len(kept)] += 1
+        return pruned, [list(features[i]) for i in kept]
+
+    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: StepOutcome) -> None:
+        """Learn from one verified step: acceptance of what was sent, and the pass's real cost."""
+        self.acceptance.learn(tree, features, outcome.accepted_nodes)
+        if outcome.pass_ms > 0:
+            self.cost.observe(outcome.pass_width, outcome.pass_ms)
+
+    def stats(self) -> dict[str, float]:
+        steps = sum(self.choices.values())
+        if not steps:
+            return {}
+        return {"mean_drafted": sum(w * n for w, n in self.choices.items()) / steps,
+                "plain_steps": self.choices[0] / steps}

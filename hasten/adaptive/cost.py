@@ -1,0 +1,130 @@
+"""The target's cost curve: wall time of one pass as a function of the tokens it scores.
+
+Measured once per backend, model, thread count and CPU in a calibration of a few seconds, kept on disk, and
+refined online from the real passes. Speculation pays only where tokens gained are worth more than the extra
+width costs, so every adaptive choice asks this curve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from pathlib import Path
+
+from hasten.backends.base import ModelBackend, Target
+
+CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "costs"
+CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+CALIBRATION_CONTEXT = 200
+ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of its width
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class CostModel:
+    """Milliseconds per pass by width, linearly interpolated between measured widths (and extrapolated)."""
+
+    def __init__(self, widths: list[int], millis: list[float], key: str = "") -> None:
+        if not widths or len(widths) != len(millis) or sorted(widths) != list(widths):
+            raise ValueError("a cost curve needs increasing widths, one time each")
+        self.widths = list(widths)
+        self.millis = list(millis)
+        self.key = key
+
+    def __call__(self, width: int) -> float:
+        """Predicted milliseconds for a pass over ``width`` tokens."""
+        widths, millis = self.widths, self.millis
+        if width <= widths[0]:
+            return millis[0]
+        i = bisect_left(widths, width)
+        if i == len(widths):
+            i -= 1
+        lo, hi = i - 1, i
+        slope = (millis[hi] - millis[lo]) / (widths[hi] - widths[lo])
+        return millis[lo] + slope * (width - widths[lo])
+
+    def observe(self, width: int, millis: float) -> None:
+        """Refine the estimate at ``width`` (the nearest measured width) from one real pass."""
+        i = min(range(len(self.widths)), key=lambda j: abs(self.widths[j] - width))
+        if self.widths[i] != width:
+            return
+        self.millis[i] += ONLINE_WEIGHT * (millis - self.millis[i])
+
+    def relative(self) -> dict[int, float]:
+        """Cost of each measured width relative to a one-token pass."""
+        return {w: m / self.millis[0] for w, m in zip(self.widths, self.millis, strict=True)}
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "widths": self.widths, "millis": self.millis}
+
+    def save(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_json()))
+        except OSError:
+            pass  # a read-only home: calibrate again next time
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["widths"], data["millis"], data.get("key", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str:
+    """What a cost curve depends on: backend, model, threads and CPU."""
+    parts = [backend.backend, model_name, str(threads), _cpu_name(), str(os.cpu_count())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def measure(target: Target, widths: tuple[int, ...] = CALIBRATION_WIDTHS, context: int = CALIBRATION_CONTEXT,
+            rounds: int = 3, clock: Callable[[], float] = time.perf_counter) -> CostModel:
+    """Time chain passes of each width after ``context`` cached tokens (median of ``rounds``; nothing is kept)."""
+    vocab = target.vocab_size
+    context = max(1, min(context, target.max_context - max(widths) - 2))
+    widths = tuple(w for w in widths if context + w < target.max_context)
+    target.start([(7 * i + 3) % vocab for i in range(context)])
+    millis = []
+    for width in widths:
+        tokens = [(11 * i + 5) % vocab for i in range(width)]
+        parents = list(range(-1, width - 1))
+        times = []
+        for _ in range(rounds + 1):  # the first round warms up
+            began = clock()
+            target.score(tokens, parents, [width - 1])
+            times.append((clock() - began) * 1000)
+            target.commit([])
+        millis.append(statistics.median(times[1:]))
+    # A wider pass never costs less than a narrower one (noise aside): keep the curve monotone.
+    for i in range(1, len(millis)):
+        millis[i] = max(millis[i], millis[i - 1])
+    return CostModel(list(widths), millis)
+
+
+def cost_model_for(backend: ModelBackend, model_name: str, threads: int | None = None,
+                   cache_dir: Path | None = None) -> CostModel:
+    """The cached curve of this backend, model, thread count and CPU, calibrated now if there is none."""
+    key = cost_key(backend, model_name, threads)
+    path = (cache_dir or CACHE_DIR) / f"{key}.json"
+    model = CostModel.load(path)
+    if model is None or model.key != key:
+        model = measure(backend.new_target())
+        model.key = key
+        model.save(path)
+    return model

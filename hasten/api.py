@@ -67,7 +67,7 @@ def prompt_ids(loaded: LoadedModel, prompt: Prompt, chat: bool = True) -> list[i
 def stream(
     loaded: LoadedModel,
     prompt: Prompt,
-    method: str = "pld",
+    method: str = "auto",
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -134,7 +134,7 @@ def stream(
     yield StreamEvent(text[sent:], tokens[sent_tokens:], result)
 
 
-def generate(loaded: LoadedModel, prompt: Prompt, method: str = "pld", **kwargs: Any) -> GenerationResult:
+def generate(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: Any) -> GenerationResult:
     """Generate one answer; see ``stream`` for the arguments."""
     for event in stream(loaded, prompt, method, **kwargs):
         if event.result is not None:
@@ -142,7 +142,7 @@ def generate(loaded: LoadedModel, prompt: Prompt, method: str = "pld", **kwargs:
     raise AssertionError("stream ended without a result")
 
 
-def generate_batch(loaded: LoadedModel, prompts: Sequence[Prompt], method: str = "pld",
+def generate_batch(loaded: LoadedModel, prompts: Sequence[Prompt], method: str = "auto",
                    **kwargs: Any) -> list[GenerationResult]:
     """Generate for several prompts (one after another for now; each keeps its own cache and statistics)."""
     return [generate(loaded, prompt, method, **kwargs) for prompt in prompts]

@@ -11,6 +11,7 @@ import torch
 from hasten.adaptive import DraftPolicy, draft_policy
 from hasten.errors import HastenError
 from hasten.models import LoadedModel, load_model
+from hasten.proposers.auto import AutoProposer
 from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer, check_same_vocabulary
 from hasten.proposers.lookahead import LookaheadProposer
@@ -67,6 +68,14 @@ def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: 
     return LookaheadProposer(**options, max_context=target.max_context, policy=policy)
 
 
+def _auto(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+    policy = draft_policy(target, "auto", params.greedy)
+    head = options.get("head")
+    if head is not None or target.name == "default":  # the shipped head, or the one given
+        head = load_head(target.name, target.backend, head)
+    return AutoProposer(policy, head, options.get("num_tokens", 8))
+
+
 @dataclass(frozen=True)
 class Method:
     """A drafting method: how to build its proposer and which options it takes."""
@@ -81,6 +90,7 @@ METHODS: dict[str, Method] = {
     "draft": Method(_draft, frozenset({"num_tokens", "draft", "adaptive"})),
     "lookahead": Method(_lookahead, frozenset({"window", "ngram", "guesses", "adaptive"})),
     "redrafter": Method(_redrafter, frozenset({"beam_width", "beam_length", "head", "adaptive"})),
+    "auto": Method(_auto, frozenset({"num_tokens", "head"})),
 }
 
 

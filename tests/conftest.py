@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+
+# Cost curves and converted tokenizers go to a fresh folder, never the user's cache (set before hasten loads).
+os.environ.setdefault("HASTEN_CACHE", tempfile.mkdtemp(prefix="hasten-test-cache-"))
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -95,7 +94,11 @@ def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str
 
 def measure(target: Target, widths: tuple[int, ...] = CALIBRATION_WIDTHS, context: int = CALIBRATION_CONTEXT,
             rounds: int = 3, clock: Callable[[], float] = time.perf_counter) -> CostModel:
-    """Time chain passes of each width after ``context`` cached tokens (median of ``rounds``; nothing is kept)."""
+    """Time chain passes of each width after ``context`` cached tokens; nothing is kept in the cache.
+
+    Each width takes the fastest of ``rounds`` (interference only ever adds time), and the curve is made
+    monotone and at most linear: a pass over n tokens never costs more than n one-token passes.
+    """
     vocab = target.vocab_size
     context = max(1, min(context, target.max_context - max(widths) - 2))
     widths = tuple(w for w in widths if context + w < target.max_context)
@@ -110,10 +113,9 @@ def measure(target: Target, widths: tuple[int, ...] = CALIBRATION_WIDTHS, contex
             target.score(tokens, parents, [width - 1])
             times.append((clock() - began) * 1000)
             target.commit([])
-        millis.append(statistics.median(times[1:]))
-    # A wider pass never costs less than a narrower one (noise aside): keep the curve monotone.
+        millis.append(min(times[1:]))
     for i in range(1, len(millis)):
-        millis[i] = max(millis[i], millis[i - 1])
+        millis[i] = min(max(millis[i], millis[i - 1]), millis[0] * widths[i] / widths[0])
     return CostModel(list(widths), millis)
 
 

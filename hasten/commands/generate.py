@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise HastenError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validate before the slow load
-    loaded = load_model(args.model)
+    if args.threads is not None and args.threads < 1:
+        raise HastenError(f"--threads must be >= 1, got {args.threads}")
+    loaded = load_model(args.model, args.backend, threads=args.threads)
     events = stream(
         loaded, args.prompt, args.method,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

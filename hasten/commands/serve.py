@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hasten.server import create_app
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.backend, threads=args.threads)
     options = method_options(args, loaded)
     draft = options.pop("draft", None)
     app = create_app(loaded, args.method, draft, args.max_queue, default_max_tokens=args.max_tokens,

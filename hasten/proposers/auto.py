@@ -1,0 +1,102 @@
+"""``auto``: every available drafter offers candidates each step; one tree keeps those that pay.
+
+Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
+(lookahead's pool, filled from the context), and, where a ReDrafter head is available, its beams. Their
+candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
+policy estimates each node's acceptance from what was learned about those features and keeps the subtree
+with the most expected tokens per millisecond of the target's pass (often nothing: then the step is plain
+decoding). Which sources the kept nodes came from is reported in the statistics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.lookahead import NgramPool
+from hasten.proposers.prompt_lookup import PromptLookupProposer, streak
+from hasten.proposers.redrafter import HeadDrafter
+from hasten.redrafter.beam import beam_search
+from hasten.redrafter.head import ReDrafterHead
+from hasten.tree import TokenTree
+
+POOL_NGRAM = 5
+POOL_GUESSES = 3
+HEAD_BEAMS = 3
+HEAD_LENGTH = 4
+
+
+class AutoProposer(Proposer):
+    """Prompt lookup + n-gram pool (+ ReDrafter beams), merged and pruned by a cost-aware policy."""
+
+    name = "auto"
+
+    def __init__(self, policy: DraftPolicy, head: ReDrafterHead | None = None, num_tokens: int = 8) -> None:
+        self.policy = policy
+        self.head = head.eval() if head is not None else None
+        self.needs_hidden = head is not None
+        self.num_tokens = num_tokens
+        self.lookup = PromptLookupProposer(num_tokens=num_tokens, max_ngram=4, min_ngram=1, branches=3)
+        self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
+        self.sources: Counter = Counter()
+        self._hidden: torch.Tensor | None = None
+        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
+        self._last: int | None = None
+        self._tail: list[int] = []
+
+    def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
+        self.pool.add_sequence(context)
+        self._tail = context[-(POOL_NGRAM - 1) :]
+        self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
+        self._sent, self._last = None, None
+        self.sources = Counter()
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], max_depth: int) -> Proposal:
+        self._sent = None
+        depth = min(self.num_tokens, max_depth)
+        if depth <= 0:
+            return Proposal(TokenTree())
+        last = streak(self._last)
+        paths: list[list[int]] = []
+        features: list[list[Feature]] = []
+        ngram, found = self.lookup.matches(context, depth)
+        for rank, path in enumerate(found):
+            paths.append(path)
+            features.append([("pld", d, ngram, min(rank, 2), last) for d in range(1, len(path) + 1)])
+        for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
+            paths.append(tail[:depth])
+            features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
+        if self.head is not None and self._hidden is not None:
+            beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], HEAD_BEAMS, min(HEAD_LENGTH, depth))
+            tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
+            for tokens, row in zip(beams.tokens.tolist(), tenths, strict=True):
+                paths.append(tokens)
+                features.append([("head", d + 1, bucket) for d, bucket in enumerate(row)])
+        tree, node_features = merge_paths(paths, features)
+        tree, node_features = self.policy.choose(tree, node_features)
+        for node in node_features:
+            self.sources.update({feature[0] for feature in node})
+        self._sent = (tree, node_features)
+        return Proposal(tree)
+
+    def update(self, outcome: StepOutcome) -> None:
+        if self._sent is not None:
+            tree, features = self._sent
+            self.policy.learn(tree, features, outcome)
+            self._last = len(outcome.accepted) if len(tree) else None
+        new = [*outcome.accepted, outcome.next_token]
+        self.pool.add_sequence(self._tail + new)
+        self._tail = (self._tail + new)[-(POOL_NGRAM - 1) :]
+        if self.needs_hidden:
+            self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
+
+    def stats(self) -> dict[str, float]:
+        steps = sum(self.policy.choices.values()) or 1
+        drafted = {f"nodes_from_{source}": count / steps for source, count in sorted(self.sources.items())}
+        return self.policy.stats() | drafted
+

@@ -1,0 +1,251 @@
+"""Adaptive drafting: the cost curve, acceptance learning, the chooser, and exactness of adaptive methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model, tiny_tokenizer
+from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
+from tiny_gguf import write_tiny_gguf
+
+from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, best_size, merge_paths, path_probabilities
+from hasten.adaptive.cost import CostModel, cost_model_for, measure
+from hasten.api import generate
+from hasten.backends import TransformersModel
+from hasten.engine import DecodeStats, decode
+from hasten.models import LoadedModel
+from hasten.proposers.auto import AutoProposer
+from hasten.proposers.base import Proposer
+from hasten.proposers.lookahead import LookaheadProposer
+from hasten.proposers.prompt_lookup import PromptLookupProposer
+from hasten.sampling import SamplingParams
+from hasten.tree import ROOT, TokenTree
+
+GREEDY = SamplingParams()
+FLAT = CostModel([1, 64], [10.0, 10.0])  # a GPU-like curve: width is free
+LINEAR = CostModel([1, 64], [10.0, 640.0])  # fully compute-bound: n tokens cost n passes
+CPU = CostModel([1, 2, 4], [10.0, 14.0, 24.0])
+
+
+def frozen(curve: CostModel) -> CostModel:
+    """A copy of ``curve`` that ignores the real passes (tests must not depend on how fast this machine is)."""
+    copy = CostModel(curve.widths, curve.millis)
+    copy.observe = lambda width, millis: None
+    return copy
+
+
+# --- the cost curve -------------------------------------------------------------------------------------------
+
+def test_cost_curve_interpolates_extrapolates_and_learns():
+    curve = CostModel([1, 2, 4], [10.0, 16.0, 30.0])
+    assert curve(1) == 10.0 and curve(2) == 16.0 and curve(3) == 23.0 and curve(6) == 44.0
+    assert curve.relative() == {1: 1.0, 2: 1.6, 4: 3.0}
+    curve.observe(2, 26.0)
+    assert curve(2) == pytest.approx(16.5)
+    curve.observe(3, 1000.0)  # not a measured width: ignored
+    assert curve(4) == 30.0
+
+
+class FakeTarget:
+    """A target whose pass over n tokens takes ``5 + 3n`` ms on a fake clock (and, noisily, more)."""
+
+    vocab_size = 50
+    max_context = 1000
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock, self.cache_len, self.calls = clock, 0, 0
+
+    def start(self, context):
+        self.cache_len = len(context)
+
+    def score(self, tokens, parents, logits_rows=None):
+        self.calls += 1
+        self.clock[0] += (5 + 3 * len(tokens) + (50 if self.calls % 3 == 0 else 0)) / 1000
+
+    def commit(self, keep):
+        self.cache_len += len(keep)
+
+
+def test_measure_takes_the_fastest_round_and_keeps_the_cache_clean():
+    clock = [0.0]
+    target = FakeTarget(clock)
+    curve = measure(target, widths=(1, 2, 4), context=20, rounds=3, clock=lambda: clock[0])
+    assert curve.widths == [1, 2, 4]
+    assert curve.millis == pytest.approx([8.0, 11.0, 17.0])  # interference (+50 ms every third pass) is ignored
+    assert target.cache_len == 20
+
+
+def test_cost_curve_is_cached_on_disk(tmp_path):
+    loaded = tiny_loaded("llama", 0)
+    first = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    again = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
+    assert again.millis == first.millis and again.key == first.key
+    assert cost_model_for(loaded.backend, "tiny", 2, tmp_path).key != first.key  # threads are part of the key
+
+
+# --- the chooser ----------------------------------------------------------------------------------------------
+
+def test_best_chain_length_hand_worked():
+    # A chain accepted with 0.9 at every depth on a Q4_1-like curve: rates 1, 1.9/1.65, 2.71/2.2, 3.439/3.1.
+    curve = CostModel([1, 2, 3, 4], [1.0, 1.65, 2.2, 3.1])
+    probs = path_probabilities(TokenTree.chain([5, 6, 7]), [0.9, 0.9, 0.9])
+    assert probs == pytest.approx([0.9, 0.81, 0.729])
+    keep, rate = best_size(probs, curve)
+    assert keep == [0, 1] and rate == pytest.approx(2.71 / 2.2)
+    assert best_size(probs, FLAT)[0] == [0, 1, 2]  # width is free: draft everything that may be accepted
+    assert best_size(probs, LINEAR)[0] == []  # nothing pays when n tokens cost n passes
+
+
+def test_chooser_matches_brute_force_on_random_trees():
+    rng = np.random.default_rng(0)
+    curve = CostModel([1, 2, 4, 8, 16], [13.6, 22.4, 42.0, 64.7, 120.8])
+    for _ in range(200):
+        n = int(rng.integers(1, 9))
+        parents = [ROOT] + [int(rng.integers(-1, i)) for i in range(1, n)]
+        tree = TokenTree(list(range(n)), parents)
+        conditional = rng.uniform(0, 1, n).tolist()
+        probs = path_probabilities(tree, conditional)
+        keep, rate = best_size(probs, curve)
+        assert all(tree.parents[i] == ROOT or tree.parents[i] in keep for i in keep)  # a tree below the root
+        best = max((1 + sum(probs[i] for i in range(n) if mask >> i & 1)) / curve(1 + bin(mask).count("1"))
+                   for mask in range(2 ** n)
+                   if all(not mask >> i & 1 or parents[i] == ROOT or mask >> parents[i] & 1 for i in range(n)))
+        assert rate == pytest.approx(best)
+
+
+def test_acceptance_model_learns_and_backs_off_to_coarser_features():
+    model = AcceptanceModel(prior_mean=0.5, prior_weight=2.0)
+    fresh = model.estimate(("pld", 1, 3))
+    for _ in range(200):
+        model.record(("pld", 1, 3), True)
+    assert model.estimate(("pld", 1, 3)) > 0.98 > fresh
+    assert model.estimate(("pld", 1, 2)) > 0.9  # unseen: borrows ("pld", 1)
+    assert model.estimate(("pool", 1, 0)) == fresh  # another source: the prior
+    for _ in range(400):
+        model.record(("pld", 2, 3), False)
+    assert model.estimate(("pld", 2, 3)) < 0.05
+
+
+def test_learning_counts_only_nodes_whose_parent_was_accepted():
+    tree, features = merge_paths([[1, 2, 3], [1, 4]], [[("a", 1), ("a", 2), ("a", 3)], [("b", 1), ("b", 2)]])
+    assert tree.tokens == [1, 2, 3, 4] and tree.parents == [ROOT, 0, 1, 0]
+    assert features == [[("a", 1), ("b", 1)], [("a", 2)], [("a", 3)], [("b", 2)]]
+    model = AcceptanceModel()
+    model.learn(tree, features, accepted_nodes=[0])  # 1 accepted, then 2 and 4 rejected; 3 was never reached
+    assert model.rates[("a", 1)].accepted == 1 + 1 and model.rates[("b", 2)].offered == 2 + 1
+    assert ("a", 3) not in model.rates
+
+
+def test_policy_learns_to_stop_drafting_what_is_never_accepted():
+    policy = DraftPolicy(CostModel([1, 2, 8], [10.0, 13.0, 20.0]))
+    tree = TokenTree.chain([7, 8, 9])
+    features = [[("pld", 1)], [("pld", 2)], [("pld", 3)]]
+    assert len(policy.choose(tree, features)[0]) == 3  # optimistic at first
+    for _ in range(100):
+        policy.acceptance.learn(tree, features, [])
+    assert len(policy.choose(tree, features)[0]) == 0
+
+
+# --- exactness: adaptivity changes what is drafted, never what is accepted -------------------------------------
+
+def _decode(target, proposer, prompt, max_new_tokens, params=GREEDY, stats=None, generator=None, eos=(EOS,)):
+    chunks = decode(target, proposer, prompt, max_new_tokens, params, frozenset(eos), stats, generator)
+    return [t for chunk in chunks for t in chunk]
+
+
+def _proposers(curve: CostModel) -> dict[str, callable]:
+    return {
+        "pld": lambda: PromptLookupProposer(8, 4, 1, 3, policy=DraftPolicy(frozen(curve))),
+        "lookahead": lambda: LookaheadProposer(2, 4, 3, policy=DraftPolicy(frozen(curve))),
+        "auto": lambda: AutoProposer(DraftPolicy(frozen(curve))),
+    }
+
+
+@pytest.mark.parametrize("curve", [FLAT, CPU], ids=["flat", "cpu"])
+def test_adaptive_methods_match_greedy_generate_on_transformers(curve):
+    model = tiny_model("llama", 3, init_std=0.6)
+    for name, make in _proposers(curve).items():
+        stats = DecodeStats()
+        for prompt in random_prompts(6, seed=5):
+            prompt = prompt + prompt
+            assert _decode(TransformersModel(model).new_target(), make(), prompt, 40, stats=stats) == \
+                greedy_reference(model, prompt, 40), name
+        assert stats.drafted_tokens > 0, name
+
+
+def test_api_methods_are_adaptive_by_default_and_exact():
+    loaded = tiny_loaded("llama", 3, init_std=0.6)
+    prompt = random_prompts(1, seed=5)[0] * 2
+    reference = greedy_reference(loaded.model, prompt, 30)
+    for method in ("auto", "pld", "lookahead"):
+        result = generate(loaded, prompt, method, max_new_tokens=30)
+        assert result.token_ids == reference, method
+        assert "mean_drafted" in result.method_stats and "plain_steps" in result.method_stats
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_loaded(tmp_path_factory) -> LoadedModel:
+    from hasten.backends.llamacpp_target import LlamaCppModel
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=4, vocab_size=64, init_std=0.6)
+    return LoadedModel("tiny-gguf", LlamaCppModel(path, threads=1), tiny_tokenizer(64), path)
+
+
+@pytest.mark.parametrize("curve", [FLAT, CPU], ids=["flat", "cpu"])
+def test_adaptive_methods_match_ar_on_llamacpp(tiny_gguf_loaded, curve):
+    backend = tiny_gguf_loaded.backend
+    eos = tuple(backend.eos_token_ids)
+    for name, make in _proposers(curve).items():
+        stats = DecodeStats()
+        for prompt in random_prompts(6, seed=5):
+            prompt = prompt + prompt
+            reference = _decode(backend.new_target(), Proposer(), prompt, 40, eos=eos)
+            assert _decode(backend.new_target(), make(), prompt, 40, stats=stats, eos=eos) == reference, name
+        assert stats.drafted_tokens > 0, name
+
+
+# --- sampling: the same distribution ---------------------------------------------------------------------------
+
+def _exact_joint_on(target, params: SamplingParams) -> np.ndarray:
+    """P(first two tokens) from a backend's own target: the root scored, then each first token under it."""
+    target.start(PROMPT[:-1])
+    first = params.probs(target.score([PROMPT[-1]], [-1]).logits[0])
+    target.commit([])
+    second = []
+    for x in range(VOCAB):
+        second.append(params.probs(target.score([PROMPT[-1], x], [-1, 0], [1]).logits[0]))
+        target.commit([])
+    return (first[:, None] * torch.stack(second)).double().numpy()
+
+
+def _sampled_joint(target, make, params: SamplingParams, draws: int = 2500) -> tuple[np.ndarray, DecodeStats]:
+    generator = torch.Generator().manual_seed(99)
+    counts = np.zeros((VOCAB, VOCAB))
+    stats = DecodeStats()
+    for _ in range(draws):
+        tokens = _decode(target, make(), PROMPT, 3, params, stats, generator, eos=())
+        counts[tokens[0], tokens[1]] += 1
+    return counts, stats
+
+
+@pytest.mark.parametrize("method", ["pld", "auto"])
+@pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
+def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_path):
+    params = SamplingParams(temperature=0.9, top_k=8)
+    if backend == "transformers":
+        engine = TransformersModel(tiny_model("llama", 21, vocab_size=VOCAB, init_std=0.1))
+    else:
+        from hasten.backends.llamacpp_target import LlamaCppModel
+
+        engine = LlamaCppModel(write_tiny_gguf(tmp_path / "s.gguf", seed=21, vocab_size=VOCAB, init_std=0.1),
+                               threads=1)
+    shared = AcceptanceModel()  # shared across draws: it keeps learning, as in a server
+    flat = frozen(FLAT)
+    make = {"pld": lambda: PromptLookupProposer(3, 3, 1, 2, policy=DraftPolicy(flat, shared)),
+            "auto": lambda: AutoProposer(DraftPolicy(flat, shared), num_tokens=3)}[method]
+    target = engine.new_target()
+    counts, stats = _sampled_joint(target, make, params)
+    assert_same_distribution(counts, _exact_joint_on(engine.new_target(), params))
+    assert 0 < stats.accepted_drafts < stats.drafted_tokens

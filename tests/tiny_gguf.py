@@ -77,7 +77,8 @@ def write_tiny_gguf(path: str | Path, *, seed: int = 0, vocab_size: int = 96, hi
         matrix(f"blk.{layer}.ffn_gate.weight", ffn, hidden)
         matrix(f"blk.{layer}.ffn_up.weight", ffn, hidden)
         matrix(f"blk.{layer}.ffn_down.weight", hidden, ffn)
-    norm("output_norm.weight")
+    # A final norm far from the identity, so that hidden states before and after it are easy to tell apart.
+    writer.add_tensor("output_norm.weight", rng.uniform(-2.0, 2.0, hidden).astype(np.float32))
     if not tied:
         matrix("output.weight", vocab_size, hidden)
 

@@ -23,6 +23,7 @@ import torch
 from hasten.backends.base import Scores, tree_depths
 from hasten.errors import HastenError
 
+DEFAULT_THREADS = 2
 DEFAULT_N_CTX = 4096
 DEFAULT_N_SEQ_MAX = 64
 DEFAULT_N_BATCH = 512
@@ -53,10 +54,10 @@ def _lib() -> Any:
     return llama_cpp
 
 
-def _last_error(default: str) -> str:
-    """The last error llama.cpp logged (its function-name prefix dropped), or ``default``."""
-    for level, text in reversed(_log_lines):
-        if level == _LOG_ERROR and "failed to load model" not in text:
+def _first_error(default: str) -> str:
+    """The first error llama.cpp logged since the log was last cleared (its function-name prefix dropped)."""
+    for level, text in _log_lines:
+        if level == _LOG_ERROR:
             return text.strip().split(": ", 1)[-1]
     return default
 
@@ -96,19 +97,22 @@ class LlamaCppModel:
     """A GGUF model loaded by llama.cpp; makes targets (each with its own llama context) on it.
 
     ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: repacked / AMX weight layouts) defaults to off on CPUs
-    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere.
+    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere. ``flash_attn`` is off by
+    default: llama.cpp's CPU flash attention gives results that depend on how the cache was filled (logits
+    ~0.1 apart after tree passes), while without it a pass is bit-identical to plain decoding (quantized
+    weights, passes under 64 tokens).
     """
 
     backend = "llamacpp"
 
-    def __init__(self, path: str | Path, *, n_threads: int = 2, n_ctx: int | None = None,
+    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
-                 extra_buffers: bool | None = None) -> None:
+                 extra_buffers: bool | None = None, flash_attn: bool = False) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None
         self._pool: list[Any] = []
         self._lock = threading.Lock()
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
         if not self.path.is_file():
             raise HastenError(f"model file {str(self.path)!r} not found")
         with open(self.path, "rb") as f:
@@ -122,7 +126,7 @@ class LlamaCppModel:
         _log_lines.clear()
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
-            raise HastenError(f"llama.cpp cannot load {self.path.name}: {_last_error('unknown error')}")
+            raise HastenError(f"llama.cpp cannot load {self.path.name}: {_first_error('unknown error')}")
         if lib.llama_model_has_encoder(self._model) or lib.llama_model_is_recurrent(self._model) \
                 or lib.llama_model_is_hybrid(self._model):
             raise HastenError(f"{self.path.name}: only decoder-only attention models can verify token trees")
@@ -132,9 +136,10 @@ class LlamaCppModel:
         self.hidden_size = int(lib.llama_model_n_embd_out(self._model))
         self.n_embd = int(lib.llama_model_n_embd(self._model))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
-        self.n_threads = n_threads
+        self.threads = threads or DEFAULT_THREADS
         self.n_seq_max = max(1, min(n_seq_max, int(lib.llama_max_parallel_sequences())))
         self.n_batch = n_batch
+        self.flash_attn = flash_attn
         self._n_ctx_request = n_ctx or min(self.n_ctx_train or DEFAULT_N_CTX, DEFAULT_N_CTX)
         is_eog = lib.llama_vocab_is_eog
         self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if is_eog(self._vocab, i))
@@ -153,16 +158,20 @@ class LlamaCppModel:
         params.n_ctx = self._n_ctx_request
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq_max
-        params.n_threads = params.n_threads_batch = self.n_threads
+        params.n_outputs_max = max(self.n_batch, self.n_seq_max)  # llama.cpp reserves at least n_seq_max rows
+        params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True  # sequences coupled in one batch (a tree) need one shared cell buffer
         params.swa_full = True  # sliding-window layers keep every cell, so rolling back never fails
         params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         params.embeddings = False
+        params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
+        _log_lines.clear()
         context = lib.llama_init_from_model(self._model, params)
         if not context:
             raise HastenError(f"llama.cpp could not create a context for {self.path.name}: "
-                              f"{_last_error('out of memory?')}")
+                              f"{_first_error('out of memory?')}")
         return context
 
     def _acquire(self) -> Any:
@@ -186,9 +195,9 @@ class LlamaCppModel:
 
     def _tensor(self, *names: str) -> torch.Tensor:
         """The first of ``names`` present in the GGUF, dequantized to a float32 (rows, cols) tensor, cached."""
-        for name in names:
-            if name in self._embeddings:
-                return self._embeddings[name]
+        key = "|".join(names)
+        if key in self._tensors:
+            return self._tensors[key]
         import gguf
 
         reader = gguf.GGUFReader(str(self.path))
@@ -199,7 +208,7 @@ class LlamaCppModel:
                 values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
                 rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
                 weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(rows, -1))
-                self._embeddings[name] = weight
+                self._tensors[key] = weight
                 return weight
         raise HastenError(f"{self.path.name} has none of the tensors {', '.join(names)}")
 
@@ -276,39 +285,54 @@ class LlamaCppTarget:
         batch.logits = ctypes.cast(self._out.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
         return batch
 
-    def _decode(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the rows whose flag is set."""
+    def _decode(self, n: int, wanted: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the ascending rows ``wanted``.
+
+        With embeddings on, llama.cpp outputs every token (it overrides the flags), so rows are picked here.
+        """
         lib = self._lib
         logits: list[np.ndarray] = []
         hidden: list[np.ndarray] = []
         start = 0
+        first = 0  # index into wanted of the first row at or after start
         while start < n:
             m = min(self._n_batch, n - start)
             batch = self._batch if start == 0 else self._batch_at(start)
             batch.n_tokens = m
+            _log_lines.clear()
             rc = lib.llama_decode(self._ctx, batch)
             if rc != 0:
                 if rc == 1:
                     raise HastenError(f"the llama.cpp KV cache ({self.max_context} cells) has no room for the pass")
-                raise HastenError(f"llama_decode failed ({rc}): {_last_error('see llama.cpp')}")
-            k = int(np.count_nonzero(self._out[start:start + m]))
-            if k:
-                logits.append(self._rows(lib.llama_get_logits(self._ctx), k, self.vocab_size))
+                raise HastenError(f"llama_decode failed ({rc}): {_first_error('see llama.cpp')}")
+            last = first
+            while last < len(wanted) and wanted[last] < start + m:
+                last += 1
+            if last > first:
+                if self.want_hidden:  # every token of the chunk is an output row
+                    local: Any = [row - start for row in wanted[first:last]]
+                    total = m
+                else:  # exactly the flagged rows are outputs, in order
+                    local, total = slice(None), last - first
+                logits.append(self._rows(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
                 if self.want_hidden:
-                    hidden.append(self._rows(lib.llama_get_embeddings(self._ctx), k, self.hidden_size))
+                    hidden.append(self._rows(lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
+            first = last
             start += m
+        out_h = None
         if len(logits) == 1:
             return logits[0], (hidden[0] if self.want_hidden else None)
-        empty_v = np.empty((0, self.vocab_size), np.float32)
-        empty_h = np.empty((0, self.hidden_size), np.float32)
-        out_h = np.concatenate(hidden or [empty_h]) if self.want_hidden else None
-        return np.concatenate(logits or [empty_v]), out_h
+        if self.want_hidden:
+            out_h = np.concatenate(hidden) if hidden else np.empty((0, self.hidden_size), np.float32)
+        out = np.concatenate(logits) if logits else np.empty((0, self.vocab_size), np.float32)
+        return out, out_h
 
     @staticmethod
-    def _rows(pointer: Any, rows: int, width: int) -> np.ndarray:
+    def _rows(pointer: Any, total: int, width: int, local: Any) -> np.ndarray:
         if not pointer:
             raise HastenError("llama.cpp returned no outputs for the pass")
-        return np.ctypeslib.as_array(pointer, shape=(rows, width)).copy()
+        rows = np.ctypeslib.as_array(pointer, shape=(total, width))
+        return rows.copy() if isinstance(local, slice) else rows[local]
 
     # -- the Target protocol
 
@@ -326,7 +350,7 @@ class LlamaCppTarget:
             hidden = torch.empty(0, self.hidden_size) if self.want_hidden else None
             return Scores(torch.empty(0, self.vocab_size), hidden)
         self._fill_chain(context, [n - 1])
-        logits, hidden = self._decode(n)
+        logits, hidden = self._decode(n, [n - 1])
         self.cache_len = self._synced[0] = n
         return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
 
@@ -358,11 +382,12 @@ class LlamaCppTarget:
                 raise HastenError(f"a tree with {n_seqs} leaves exceeds this model's n_seq_max={self._n_seq_max}")
             self._sync(n_seqs)
             self._fill_tree(tokens, depths, seqs, rows)
-        logits, hidden = self._decode(n)
+        ascending = logits_rows is None or all(b > a for a, b in zip(rows, rows[1:], strict=False))
+        wanted = rows if ascending else sorted(set(rows))
+        logits, hidden = self._decode(n, wanted)
         self._pending = (list(parents), seqs)
-        if logits_rows is not None and any(b <= a for a, b in zip(rows, rows[1:], strict=False)):
-            # llama.cpp returns rows in batch order, once each: reorder (and repeat) them as asked
-            rank = {row: j for j, row in enumerate(sorted(set(rows)))}
+        if not ascending:  # llama.cpp returns rows in batch order, once each: reorder (and repeat) them as asked
+            rank = {row: j for j, row in enumerate(wanted)}
             index = [rank[row] for row in rows]
             logits = logits[index]
             hidden = None if hidden is None else hidden[index]
@@ -461,7 +486,7 @@ class LlamaCppTarget:
         self._flag(n, rows)
 
     def _flag(self, n: int, rows: Sequence[int]) -> None:
-        if isinstance(rows, range) and rows == range(n):
+        if self.want_hidden or (isinstance(rows, range) and rows == range(n)):
             self._out[:n] = 1
         else:
             self._out[:n] = 0

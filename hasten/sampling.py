@@ -9,10 +9,15 @@ import torch
 
 from hasten.errors import HastenError
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding (vLLM's rule): logits / T would overflow
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature == 0`` means greedy; otherwise sample from the temperature/top-k/top-p distribution."""
+    """Greedy decoding when ``temperature < MIN_TEMPERATURE`` (1e-5, so 0 included, as vLLM treats them);
+    otherwise sampling from the temperature / top-k / top-p distribution (``top_k == 0`` and ``top_p == 1``
+    disable those filters; they act as transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -31,16 +36,23 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator:
+        """A private generator: seeded with ``seed``, else from fresh OS entropy; the global RNG is never touched."""
         gen = torch.Generator()
-        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if self.seed is not None:
+            gen.manual_seed(self.seed)
+        else:
+            gen.seed()
         return gen
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Processed probabilities (float32) for a batch of logits rows (..., V). Not for greedy."""
-        logits = logits.float() / self.temperature
+        """Processed probabilities (float32) for logits rows (..., V); under greedy, a point mass at the argmax."""
+        logits = logits.float()
+        if self.greedy:
+            return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        logits = logits / self.temperature
         if self.top_k and self.top_k < logits.shape[-1]:
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -20,7 +20,14 @@ class TokenTree:
 
     ``draft_probs`` (one row of vocabulary probabilities per node) says which distribution each node was
     *sampled* from; ``None`` means every node is a deterministic guess (a point mass), as for n-gram,
-    lookahead and beam-search drafts. The verifier's sampling rule depends on this, so it must be honest.
+    lookahead and beam-search drafts. The verifier is lossless only if the rows are honest:
+
+    * a node's row is the distribution its token was actually drawn from, so ``row[token] > 0`` (a zero
+      raises ``ValueError`` in ``verify``); a deterministic node in a sampled tree gets a one-hot row;
+    * siblings (children of one node, tried in index order) are either drawn **i.i.d.** from one ``p``, every
+      row being that ``p`` (SpecInfer), or drawn **without replacement**, each row being that sibling's
+      conditional distribution: ``p`` with the earlier siblings' tokens zeroed and renormalised (recursive
+      rejection sampling). Sampling without replacement but passing plain ``p`` rows biases the output.
     """
 
     tokens: list[int] = field(default_factory=list)

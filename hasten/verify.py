@@ -9,7 +9,9 @@ from the root; at each node try its children in order:
   deterministic guess). On rejection ``q`` becomes ``norm(max(0, q - p))`` and the next sibling is tried
   (SpecInfer's multi-candidate rule); when every child is rejected, the next token is drawn from the
   residual ``q``. Every accepted path ends with one token chosen by the target itself, so a step always
-  yields at least one token and the output distribution is exactly the target's.
+  yields at least one token and the output distribution is exactly the target's, provided siblings keep
+  the contract written in ``TokenTree`` (i.i.d. from ``p``, or without replacement with conditional rows).
+  A drafted token with ``p(x) == 0`` in its own row is a proposer bug and raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ def _verify_sampling(
         chosen = None
         for child in children.get(node, ()):
             token = tree.tokens[child]
-            p = None if tree.draft_probs is None else tree.draft_probs[child].float()
-            if p is None or p[token] <= 0:  # a deterministic guess: its draft distribution is a point mass
+            if tree.draft_probs is None:  # a deterministic guess: its draft distribution is a point mass
                 p = None
                 ratio = q[token]
             else:
+                p = tree.draft_probs[child].float()
+                if not p[token] > 0:
+                    raise ValueError(f"node {child} (token {token}) has probability {float(p[token])} in the row "
+                                     "it was drafted from; the proposer's draft_probs are wrong")
                 ratio = q[token] / p[token]
             if torch.rand((), generator=generator) < ratio:
                 chosen = child

@@ -143,10 +143,27 @@ def test_results_schema(bench_results):
         assert entry["mismatches"] == [] and entry["errors"] == []
         assert set(entry["categories"]) == {"copy", "chat"}
         for part in entry["categories"].values():
-            assert set(part) == {"speedup", "mean_accepted", "tokens_per_s"}
+            assert set(part) == {"speedup", "speedup_own", "mean_accepted", "tokens_per_s", "oracle"}
             assert part["speedup"] > 0 and part["mean_accepted"] >= 1.0 and part["tokens_per_s"] > 0
+            assert part["speedup_own"] == part["speedup"]  # one backend: its ar is the primary ar
+        assert entry["backend"] == "transformers" and entry["baseline"] == "ar"
+        assert entry["speedup_own"] == entry["speedup"]
+        if method.startswith("hf_"):
+            assert entry["draft_ms_per_step"] is None and entry["mean_drafted"] is None, method
+        else:
+            assert entry["draft_ms_per_step"] >= 0 and entry["mean_drafted"] >= 0, method
     assert res["methods"]["ar"]["speedup"] == 1.0
     assert res["methods"]["ar"]["mean_accepted"] == 1.0
+    assert res["methods"]["ar"]["mean_drafted"] == 0.0 and res["methods"]["ar"]["plain_steps"] == 1.0
+    pld = res["methods"]["pld"]
+    assert 0.0 <= pld["plain_steps"] <= 1.0 and pld["mean_drafted"] > 0 and "mean_drafted" in pld["method_stats"]
+    assert pld["oracle"] > 0 and pld["oracle_mean_accepted"] >= 1.0
+    assert all(part["oracle"] > 0 for part in pld["categories"].values())
+    assert res["methods"]["ar"]["oracle"] is None and res["methods"]["hf_pld"]["oracle"] is None
+    cost = res["backends"]["transformers"]["cost"]
+    assert cost["widths"][0] == 1 and len(cost["widths"]) == len(cost["millis"]) == len(cost["millis_start"])
+    assert cost["relative"][0] == 1.0 and all(m > 0 for m in cost["millis"])
+    assert res["backend"] == "transformers" and res["machine"]["backends"] == ["transformers"]
     assert res["methods"]["hf_generate"]["mean_accepted"] == 1.0  # one token per forward call
     tokens = res["methods"]["ar"]["new_tokens"]
     assert all(entry["new_tokens"] == tokens for entry in res["methods"].values())
@@ -175,11 +192,18 @@ def test_report_files(bench_results, tmp_path):
     assert saved["methods"]["pld"]["speedup"] == bench_results["methods"]["pld"]["speedup"]
     assert saved["command"] == "hasten bench --limit 3"
     report = (out / "report.md").read_text()
-    assert "| method | copy | chat | overall | mean accepted | tokens/s | exact |" in report
+    assert ("| method | copy | chat | overall | vs own ar | oracle | tokens/pass | tokens/s | draft ms/step | "
+            "drafted/step | plain steps | exact |") in report
     for method in ALL:
         assert f"| {method} |" in report
     assert "no_such_method" in report
-    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Oracle bound per category" in report and "| pld | " in report.split("## Oracle bound")[1]
+    assert "## Cost curve" in report and "| tokens scored | transformers ms | transformers x one token |" in report
+    for image in ("speedup.png", "cost_curve.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ar_records = [r for r in saved["records"] if r["method"] == "ar"]
+    assert ar_records and all(r["prompt_ids"] for r in ar_records)  # kept for offline replays
+    assert all(r["prompt_ids"] is None for r in saved["records"] if r["method"] != "ar")
 
 
 def test_later_turns_see_the_methods_own_answer():

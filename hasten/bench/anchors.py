@@ -1,17 +1,30 @@
-"""transformers' own decoding as reference rows: plain ``generate``, its prompt lookup and its assisted generation."""
+"""Other libraries' own decoding as reference rows, on the same loaded model file and prompts.
+
+- transformers (on a model loaded on the transformers backend): plain ``generate`` (``hf_generate``), its prompt
+  lookup (``hf_pld``) and its assisted generation (``hf_assisted``).
+- llama-cpp-python (on a model loaded on the llama.cpp backend): the high-level ``Llama.create_completion``
+  greedy (``llamacpp_generate``) and with ``LlamaPromptLookupDecoding`` (``llamacpp_pld``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
+from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
 
 HF_ANCHORS = ("hf_generate", "hf_pld", "hf_assisted")
+LLAMACPP_ANCHORS = ("llamacpp_generate", "llamacpp_pld")
+ANCHORS = (*HF_ANCHORS, *LLAMACPP_ANCHORS)
 HF_PLD_TOKENS = 10
+LLAMACPP_PLD_TOKENS = 10
 
 
 @dataclass
@@ -22,15 +35,33 @@ class AnchorOutput:
     target_passes: int
 
 
-def anchor_available(name: str, draft: LoadedModel | None) -> str | None:
-    """Why the anchor ``name`` cannot run, or None if it can."""
-    if name == "hf_assisted" and draft is None:
-        return "hf_assisted needs a draft model (--draft-model)"
+def anchor_backend(name: str) -> str:
+    """The backend an anchor's model must be loaded on."""
+    return "llamacpp" if name in LLAMACPP_ANCHORS else "transformers"
+
+
+def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel | None) -> str | None:
+    """Why the anchor ``name`` cannot run on ``loaded`` (its backend's model, None if none), or None if it can."""
+    backend = anchor_backend(name)
+    if loaded is None:
+        flag = "--backend transformers or --compare-backend transformers" if backend == "transformers" \
+            else "--backend llamacpp or --compare-backend llamacpp (a .gguf model)"
+        return f"{name} needs the model on the {backend} backend ({flag})"
+    if name == "hf_assisted":
+        if draft is None:
+            return "hf_assisted needs a draft model (--draft-model)"
+        if draft.backend.backend != "transformers":
+            return "hf_assisted needs a draft model on transformers (a model folder)"
+    if backend == "llamacpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return f"{name} needs llama-cpp-python"
     return None
 
 
-def run_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: int, params: SamplingParams,
-               draft: LoadedModel | None = None) -> AnchorOutput:
+def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: int, params: SamplingParams,
+                  draft: LoadedModel | None = None) -> AnchorOutput:
     """Run ``model.generate`` the way the anchor ``name`` says; counts target forward calls with a hook."""
     tokenizer = loaded.tokenizer
     eos = sorted(loaded.eos_token_ids) or None
@@ -41,7 +72,7 @@ def run_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: i
         config.temperature = params.temperature
         config.top_k = params.top_k
         config.top_p = params.top_p
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if name == "hf_pld":
         config.prompt_lookup_num_tokens = HF_PLD_TOKENS
     elif name == "hf_assisted":
@@ -52,7 +83,7 @@ def run_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: i
         raise ValueError(f"unknown anchor {name!r}")
     calls = 0
 
-    def count(module, args, kwargs) -> None:
+    def count(module: Any, args: Any, kwargs: Any) -> None:
         nonlocal calls
         calls += 1
 
@@ -67,3 +98,78 @@ def run_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: i
     finally:
         hook.remove()
     return AnchorOutput(out[0, len(ids):].tolist(), calls)
+
+
+@contextlib.contextmanager
+def _extra_buffers_as_hasten() -> Iterator[None]:
+    """Load with hasten's llama.cpp backend's choice of ``use_extra_bufts`` (off on AMX CPUs, whose batched AMX
+    kernels crash in this build; on elsewhere). The high-level ``Llama`` does not expose the setting."""
+    import llama_cpp.llama_cpp as low
+
+    real = low.llama_model_default_params
+    enabled = b"AMX_INT8 = 1" not in low.llama_print_system_info()
+
+    def params() -> Any:
+        made = real()
+        made.use_extra_bufts = enabled
+        return made
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = real
+
+
+class LlamaCppAnchor:
+    """One ``llama_cpp.Llama`` (built once, on the GGUF file of ``loaded``, with its thread count and context),
+    run through ``create_completion`` on token ids; the tokens it samples and its ``eval`` calls are recorded."""
+
+    def __init__(self, name: str, loaded: LoadedModel) -> None:
+        if name not in LLAMACPP_ANCHORS:
+            raise ValueError(f"unknown anchor {name!r}")
+        if loaded.path is None or not loaded.path.is_file():
+            raise HastenError(f"{name} needs the model's .gguf file")
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        self.name = name
+        self.threads = getattr(loaded.backend, "threads", None) or torch.get_num_threads()
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_PLD_TOKENS) if name == "llamacpp_pld" else None
+        with _extra_buffers_as_hasten():
+            self.llama = llama_cpp.Llama(model_path=str(loaded.path), n_threads=self.threads,
+                                         n_threads_batch=self.threads, n_ctx=loaded.max_context, verbose=False,
+                                         draft_model=draft)
+        self._sampled: list[int] = []
+        self._evals = 0
+        real_generate, real_eval = self.llama.generate, self.llama.eval
+
+        def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
+            for token in real_generate(*args, **kwargs):
+                self._sampled.append(int(token))
+                yield token
+
+        def evaluate(tokens: Any) -> None:
+            self._evals += 1
+            real_eval(tokens)
+
+        self.llama.generate = generate  # create_completion samples through self.generate and self.eval
+        self.llama.eval = evaluate
+
+    def run(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> AnchorOutput:
+        """One completion from a fresh state (no prefix reuse, like hasten): new ids, end token included."""
+        if not ids:
+            raise HastenError("the prompt is empty")
+        self.llama.reset()
+        self._sampled, self._evals = [], 0
+        if params.greedy:
+            sampling: dict[str, Any] = {"temperature": 0.0, "top_k": 1, "top_p": 1.0}
+        else:
+            sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                        "seed": params.seed}
+        self.llama.create_completion(prompt=list(ids), max_tokens=max_new_tokens, min_p=0.0, repeat_penalty=1.0,
+                                     **sampling)
+        return AnchorOutput(self._sampled[:max_new_tokens], self._evals)
+
+    def close(self) -> None:
+        self.llama.close()

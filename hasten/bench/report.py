@@ -1,4 +1,5 @@
-"""Write a benchmark's results: ``results.json``, a Spec-Bench-like ``report.md`` table and ``speedup.png``."""
+"""Write a benchmark's results: ``results.json``, ``report.md`` (tables) and the plots ``speedup.png`` and
+``cost_curve.png``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hasten.adaptive.cost import CALIBRATION_CONTEXT
 from hasten.errors import HastenError
 
 
@@ -13,50 +15,126 @@ def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def _exact(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
 
+def _primary_baseline(results: dict[str, Any]) -> str:
+    backend = results.get("backend", "")
+    return f"{backend} ar" if backend else "ar"
+
+
 def table(results: dict[str, Any]) -> str:
-    """The leaderboard: one row per method, the speedup per category, then overall figures."""
+    """The leaderboard: one row per method, the speedup over the primary ``ar`` per category, then overall figures."""
     categories = results["categories"]
-    header = ["method", *categories, "overall", "mean accepted", "tokens/s", "exact"]
+    header = ["method", *categories, "overall", "vs own ar", "oracle", "tokens/pass", "tokens/s", "draft ms/step",
+              "drafted/step", "plain steps", "exact"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in results["methods"].items():
         cells = [method]
         cells += [_num(entry["categories"][c]["speedup"], suffix="x") for c in categories]
-        cells += [_num(entry["speedup"], suffix="x"), _num(entry["mean_accepted"]), _num(entry["tokens_per_s"], 1),
-                  _exact(entry["exact"])]
+        cells += [_num(entry["speedup"], suffix="x"), _num(entry.get("speedup_own"), suffix="x"),
+                  _num(entry.get("oracle"), suffix="x"), _num(entry["mean_accepted"]),
+                  _num(entry["tokens_per_s"], 1), _num(entry.get("draft_ms_per_step"), 2),
+                  _num(entry.get("mean_drafted")), _share(entry.get("plain_steps")), _exact(entry["exact"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def oracle_table(results: dict[str, Any]) -> str:
+    """Per category, each method's measured speedup over its own backend's ``ar`` beside its oracle bound."""
+    categories = [*results["categories"], "overall"]
+    header = ["method", *categories]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in results["methods"].items():
+        if entry.get("oracle") is None:
+            continue
+        cells = [method]
+        for category in categories:
+            part = entry if category == "overall" else entry["categories"][category]
+            cells.append(f"{_num(part.get('speedup_own'), suffix='x')} / {_num(part.get('oracle'), suffix='x')}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def cost_table(results: dict[str, Any]) -> str:
+    """Each backend's cost curve: milliseconds per pass and cost relative to a one-token pass, by width."""
+    backends = {name: info["cost"] for name, info in results.get("backends", {}).items() if info.get("cost")}
+    if not backends:
+        return ""
+    widths = sorted({w for cost in backends.values() for w in cost["widths"]})
+    header = ["tokens scored"] + [f"{name} {unit}" for name in backends for unit in ("ms", "x one token")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for width in widths:
+        cells = [str(width)]
+        for cost in backends.values():
+            if width in cost["widths"]:
+                i = cost["widths"].index(width)
+                cells += [_num(cost["millis"][i], 1), _num(cost["millis"][i] / cost["millis"][0])]
+            else:
+                cells += ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any], command: str | None = None) -> str:
-    """The whole ``report.md``: settings, the table, mismatches, skipped methods and warnings."""
+    """The whole ``report.md``: settings, the tables, mismatches, skipped methods and warnings."""
     machine = results["machine"]
+    backends = results.get("backends", {})
+    threads = ", ".join(f"{name} {info['threads']} threads" for name, info in backends.items()) \
+        or f"{machine['threads']} threads"
+    baseline = _primary_baseline(results)
     parts = [
         "# hasten bench",
         "",
         f"- model: `{results['model']}`" + (f", draft: `{results['draft_model']}`" if results["draft_model"] else ""),
+        f"- backends: {', '.join(backends) or machine['backend']} "
+        f"(primary: {results.get('backend', machine['backend'])})",
         f"- {results['prompts']} prompts, max_new_tokens={results['max_new_tokens']}, "
         f"temperature={results['temperature']}, warm-up questions: {results['warmup']}",
-        f"- machine: {machine['platform']}, torch {machine['torch']}, {machine['threads']} threads, "
-        f"backend {machine['backend']}",
+        f"- machine: {machine['platform']}, {machine.get('cpus')} CPUs, torch {machine['torch']}, {threads}",
     ]
     if command:
         parts.append(f"- command: `{command}`")
     parts += [
         "",
-        "Speedup = median over prompts of wall(ar) / wall(method) on the same prompt; mean accepted = tokens per "
-        "target forward pass; tokens/s = all new tokens / all wall time.",
+        f"Speedup = median over prompts of wall({baseline}) / wall(method) on the same prompt (prefill included); "
+        "`vs own ar` = the same against the method's own backend's ar; `oracle` = the bound an oracle draft length "
+        "over the method's own candidates reaches under its backend's cost curve (replayed on ar's greedy output, "
+        "prefill and drafting not counted); tokens/pass = tokens per target forward pass; tokens/s = all new tokens "
+        "/ all wall time; draft ms/step = time in the proposer per pass; drafted/step = drafted tokens per pass; "
+        "plain steps = share of steps that drafted nothing; exact = every greedy output equals its own backend's ar "
+        "token for token. A method `m@b` runs on backend `b`; anchors run on their library's backend.",
         "",
         table(results),
         "",
     ]
-    mismatched = {m: e["mismatches"] for m, e in results["methods"].items() if e["mismatches"]}
+    oracle = oracle_table(results)
+    if oracle:
+        parts += ["## Oracle bound per category", "",
+                  "Measured speedup over the method's own backend's ar / what an oracle draft length over the same "
+                  "candidates would reach under the measured cost curve.", "", oracle, ""]
+    costs = cost_table(results)
+    if costs:
+        parts += ["## Cost curve", "",
+                  f"Milliseconds for one target pass scoring n tokens after {CALIBRATION_CONTEXT} cached ones "
+                  "(calibrated, then refined from the benchmark's own passes).", "", costs, ""]
+    same = {m: e["same_as_primary_ar"] for m, e in results["methods"].items()
+            if e.get("method") == "ar" and e.get("same_as_primary_ar") is not None}
+    if same:
+        parts.append("## Across backends")
+        parts += [f"- {m} gives the same tokens as {baseline} on {100 * share:.0f}% of the questions"
+                  for m, share in same.items()]
+        parts.append("")
+    mismatched = {m: e for m, e in results["methods"].items() if e["mismatches"]}
     if mismatched:
-        parts.append("## Outputs that differ from ar")
-        parts += [f"- {m}: {', '.join(map(str, ids))}" for m, ids in mismatched.items()]
+        parts.append("## Outputs that differ from their backend's ar")
+        parts += [f"- {m} (vs {e.get('baseline', 'ar')}): {', '.join(map(str, e['mismatches']))}"
+                  for m, e in mismatched.items()]
         parts.append("")
     if results["warnings"]:
         parts.append("## Notes")
@@ -65,13 +143,18 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars: for each method, its speedup per category and overall; a dashed line at 1.0 (= ar)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: for each method, its speedup per category and overall; a dashed line at 1.0 (= ar)."""
+    plt = _pyplot()
     methods = list(results["methods"])
     groups = [*results["categories"], "overall"]
     width = 0.8 / len(groups)
@@ -88,8 +171,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(xs, values, width, label=group, edgecolor="black" if group == "overall" else None)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_ylim(0, highest * 1.35)  # room for the legend above the bars
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("speedup over ar (median)")
+    ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 6 else 0, ha="right"
+                  if len(methods) > 6 else "center")
+    ax.set_ylabel(f"speedup over {_primary_baseline(results)} (median)")
     ax.set_title(f"{results['model']}: {results['prompts']} prompts, {results['max_new_tokens']} new tokens")
     ax.legend(fontsize="small", ncols=min(len(groups), 4))
     fig.tight_layout()
@@ -97,8 +181,35 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_cost(results: dict[str, Any], path: Path) -> bool:
+    """Each backend's cost of a pass relative to one token (left) and in milliseconds (right), by width."""
+    backends = {name: info["cost"] for name, info in results.get("backends", {}).items() if info.get("cost")}
+    if not backends:
+        return False
+    plt = _pyplot()
+    fig, (rel, ms) = plt.subplots(1, 2, figsize=(10, 4))
+    top = max(max(cost["widths"]) for cost in backends.values())
+    rel.plot([1, top], [1, top], color="grey", linestyle=":", linewidth=1, label="n one-token passes")
+    for name, cost in backends.items():
+        rel.plot(cost["widths"], [m / cost["millis"][0] for m in cost["millis"]], marker="o", label=name)
+        ms.plot(cost["widths"], cost["millis"], marker="o", label=name)
+    rel.set_xlabel("tokens scored in one pass")
+    rel.set_ylabel("cost relative to one token")
+    rel.set_ylim(0, None)
+    rel.legend(fontsize="small")
+    ms.set_xlabel("tokens scored in one pass")
+    ms.set_ylabel("milliseconds per pass")
+    ms.set_ylim(0, None)
+    ms.legend(fontsize="small")
+    fig.suptitle(f"{results['model']}: cost of a target pass")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict[str, Any], out: str | Path, command: str | None = None) -> Path:
-    """Write ``results.json``, ``report.md`` and ``speedup.png`` into ``out`` (created if needed)."""
+    """Write ``results.json``, ``report.md``, ``speedup.png`` and ``cost_curve.png`` into ``out`` (created)."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,4 +220,5 @@ def write_report(results: dict[str, Any], out: str | Path, command: str | None =
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(results, command), encoding="utf-8")
     plot(results, out / "speedup.png")
+    plot_cost(results, out / "cost_curve.png")
     return out

@@ -1,4 +1,4 @@
-"""``hasten bench``: every method against plain decoding on a prompt set, with a report, a table and a plot."""
+"""``hasten bench``: every method against plain decoding on a prompt set, with a report, tables and plots."""
 
 from __future__ import annotations
 
@@ -9,30 +9,40 @@ import sys
 from hasten.bench import balanced_subset, read_prompts, run_bench, write_report
 from hasten.bench.report import table
 from hasten.errors import HastenError
-from hasten.models import DEFAULT_MODEL
+from hasten.models import BACKENDS, DEFAULT_MODEL
 from hasten.sampling import SamplingParams
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="benchmark every method against plain decoding (Spec-Bench style)",
-        description="Run each method on each prompt, interleaved in one process after a warm-up; write "
-                    "results.json, report.md and speedup.png; check greedy outputs equal ar's token for token.",
+        description="Run each method on each prompt (and each backend), interleaved in one process after a warm-up; "
+                    "write results.json, report.md, speedup.png and cost_curve.png; check greedy outputs equal "
+                    "their backend's ar token for token.",
     )
     parser.add_argument("--prompts", default=None,
                         help="JSONL prompts: Spec-Bench format or {\"prompt\", \"category\"} (default: shipped set)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods and anchors (hf_generate, hf_pld, hf_assisted); "
+                        help="comma-separated methods (each runs on every backend; name@backend for one) and "
+                             "anchors (hf_generate, hf_pld, hf_assisted, llamacpp_generate, llamacpp_pld); "
                              "default: all that can run. ar is always added as the baseline")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="'default', a model folder or a .gguf file")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="primary backend: every speedup is against its ar (auto = llama.cpp for a .gguf)")
+    parser.add_argument("--compare-backend", default=None, metavar="B[,B]",
+                        help="also load the model on these backends and run every method there too, "
+                             "labelled method@backend (e.g. transformers)")
     parser.add_argument("--draft-model", default=None, help="draft model for draft and hf_assisted")
+    parser.add_argument("--fixed-sizes", action="store_true",
+                        help="every method drafts its fixed sizes (adaptive=False) instead of what the cost model says")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn")
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts, taken evenly across categories")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exactness is checked)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed questions run by every method first")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: HASTEN_THREADS or up to 8); use 1 on a busy shared machine")
+                        help="CPU threads of torch and llama.cpp (default: llama.cpp 2, torch its own); "
+                             "use 1 on a busy shared machine")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -47,6 +57,23 @@ def parse_methods(text: str | None) -> list[str] | None:
     return names
 
 
+def parse_backends(primary: str, compare: str | None) -> list[str]:
+    """The backends to load, the primary first (``auto`` stays to be resolved against the model file)."""
+    backends = [primary]
+    for name in (compare or "").split(","):
+        name = name.strip()
+        if not name:
+            continue
+        if name not in BACKENDS or name == "auto":
+            raise HastenError(f"--compare-backend: unknown backend {name!r}; choose llamacpp or transformers")
+        if name in backends:
+            raise HastenError(f"--compare-backend {name} is already loaded")
+        backends.append(name)
+    if compare is not None and len(backends) == 1:
+        raise HastenError("--compare-backend is empty")
+    return backends
+
+
 def run(args: argparse.Namespace) -> int:
     # Check everything cheap before the slow model load.
     if args.max_new_tokens < 1:
@@ -59,25 +86,31 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
     SamplingParams(args.temperature, 0, 1.0, args.seed)
     methods = parse_methods(args.methods)
+    backends = parse_backends(args.backend, args.compare_backend)
     prompts = balanced_subset(read_prompts(args.prompts), args.limit)
 
     import torch
 
     from hasten.methods import load_draft
-    from hasten.models import load_model
+    from hasten.models import choose_backend, load_model, resolve
 
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    loaded = load_model(args.model)
-    draft = load_draft(loaded, args.draft_model) if args.draft_model else None
-    results = run_bench(loaded, prompts, methods, draft=draft, max_new_tokens=args.max_new_tokens,
+        torch.set_num_threads(args.threads)  # proposers on torch (draft, ReDrafter head) use it on any backend
+    gguf_file = resolve(args.model)[1]
+    chosen = [choose_backend(name, gguf_file) for name in backends]
+    if len(set(chosen)) < len(chosen):
+        raise HastenError(f"--compare-backend repeats the primary backend ({chosen[0]})")
+    models = {name: load_model(args.model, name, threads=args.threads) for name in chosen}
+    primary = models[chosen[0]]
+    draft = load_draft(primary, args.draft_model) if args.draft_model else None
+    options = {"adaptive": False} if args.fixed_sizes else None
+    results = run_bench(models, prompts, methods, draft=draft, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, warmup=args.warmup, seed=args.seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, options=options)
     command = "hasten " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     out = write_report(results, args.out, command)
     for warning in results["warnings"]:
         print(f"hasten bench: {warning}", file=sys.stderr)
     print(table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speedup.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speedup.png'}, {out / 'cost_curve.png'}")
     return 0

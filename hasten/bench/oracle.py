@@ -1,0 +1,177 @@
+"""The oracle bound: what a perfect draft-length policy over a method's own candidates would reach.
+
+A replay along a greedy ``ar`` output: at each step the method's candidates are taken from the context so far;
+the oracle drafts exactly the accepted prefix ``L`` of the best candidate (0 if none accepts anything), so the
+step emits ``L + 1`` tokens and costs ``cost(L + 1)`` on the target's measured cost curve. The bound is the
+speedup over ``ar`` under that curve: ``tokens * cost(1) / sum of step costs``. Prefill and drafting time are
+not counted, so it is an upper bound on what the method's candidates can earn, not a prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hasten.errors import HastenError
+from hasten.methods import build_proposer
+from hasten.models import LoadedModel
+from hasten.proposers.lookahead import DEFAULT_NGRAM, LookaheadProposer, NgramPool
+from hasten.proposers.prompt_lookup import PromptLookupProposer
+from hasten.sampling import SamplingParams
+
+Cost = Callable[[int], float]
+
+
+class CandidateSource(Protocol):
+    """A method's candidates as a function of the context (and whatever it has seen before)."""
+
+    def start(self, context: list[int]) -> None:
+        """A new sequence: ``context`` is the prompt."""
+        ...
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        """Continuations the method could draft after ``context``, each at most ``depth`` tokens."""
+        ...
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        """``new`` tokens were appended to ``context`` (already extended)."""
+        ...
+
+
+class PldSource:
+    """hasten's ``pld`` candidates: the adaptive defaults (8 tokens, 1- to 4-token matches, 3 branches)."""
+
+    def __init__(self, num_tokens: int = 8, max_ngram: int = 4, min_ngram: int = 1, branches: int = 3) -> None:
+        self.num_tokens = num_tokens
+        self.proposer = PromptLookupProposer(num_tokens=num_tokens, max_ngram=max_ngram, min_ngram=min_ngram,
+                                             branches=branches)
+
+    def start(self, context: list[int]) -> None:
+        pass
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        return self.proposer.matches(context, min(depth, self.num_tokens))[1]
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        pass
+
+
+class LookaheadPoolSource:
+    """Lookahead's n-gram pool filled from the context only (no Jacobi window): guesses start with the root."""
+
+    def __init__(self, ngram: int = DEFAULT_NGRAM, guesses: int = 4) -> None:
+        self.ngram = ngram
+        self.guesses = guesses
+        self.pool = NgramPool(ngram, guesses)
+
+    def start(self, context: list[int]) -> None:
+        self.pool = NgramPool(self.ngram, self.guesses)
+        self.pool.add_sequence(context)
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        return [tail[:depth] for tail in self.pool.lookup(context[-1], self.guesses)]
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        # The n-grams that end in the new tokens, as the proposer pools them after each step.
+        self.pool.add_sequence(context[-(len(new) + self.ngram - 1):])
+
+
+class LlamaCppPldSource:
+    """llama-cpp-python's ``LlamaPromptLookupDecoding`` candidate: one continuation of the first match."""
+
+    def __init__(self, max_ngram: int = 2, num_pred_tokens: int = 10) -> None:
+        self.max_ngram = max_ngram
+        self.num_pred_tokens = num_pred_tokens
+
+    def start(self, context: list[int]) -> None:
+        pass
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        import numpy as np
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        found = LlamaPromptLookupDecoding.find_candidate_pred_tokens(
+            np.asarray(context, dtype=np.intc), self.max_ngram, self.num_pred_tokens)
+        return [found.tolist()[:depth]] if len(found) else []
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        pass
+
+
+def source_for(method: str, loaded: LoadedModel, params: SamplingParams,
+               options: dict[str, Any] | None = None) -> CandidateSource | None:
+    """The candidates of ``method`` as it is configured on ``loaded`` (None for a method without a replay)."""
+    if method == "llamacpp_pld":
+        from hasten.bench.anchors import LLAMACPP_PLD_TOKENS
+
+        return LlamaCppPldSource(num_pred_tokens=LLAMACPP_PLD_TOKENS)
+    if method not in ("pld", "lookahead"):
+        return None
+    try:
+        proposer = build_proposer(method, loaded, params, None, **(options or {}))
+    except HastenError:
+        return None
+    if isinstance(proposer, PromptLookupProposer):
+        return PldSource(proposer.num_tokens, proposer.max_ngram, proposer.min_ngram, proposer.branches)
+    if isinstance(proposer, LookaheadProposer):
+        return LookaheadPoolSource(proposer.ngram, proposer.guesses)
+    return None
+
+
+@dataclass
+class OracleRun:
+    """One replay (or several added up): tokens emitted, steps taken, and their cost against ``ar``'s."""
+
+    tokens: int = 0
+    steps: int = 0
+    oracle_ms: float = 0.0
+    ar_ms: float = 0.0
+
+    def __add__(self, other: OracleRun) -> OracleRun:
+        return OracleRun(self.tokens + other.tokens, self.steps + other.steps, self.oracle_ms + other.oracle_ms,
+                         self.ar_ms + other.ar_ms)
+
+    @property
+    def speedup(self) -> float | None:
+        """The bound: ``ar``'s cost over the oracle's (None for an empty output)."""
+        return self.ar_ms / self.oracle_ms if self.oracle_ms > 0 else None
+
+    @property
+    def mean_accepted(self) -> float | None:
+        """Tokens per pass under the oracle policy."""
+        return self.tokens / self.steps if self.steps else None
+
+
+def accepted_prefix(candidate: Sequence[int], truth: Sequence[int]) -> int:
+    """How many leading tokens of ``candidate`` equal ``truth``'s."""
+    n = 0
+    for drafted, actual in zip(candidate, truth, strict=False):
+        if drafted != actual:
+            break
+        n += 1
+    return n
+
+
+def replay(prompt: Sequence[int], output: Sequence[int], source: CandidateSource, cost: Cost) -> OracleRun:
+    """Walk ``output`` (greedy ``ar`` tokens after ``prompt``) step by step under the oracle draft length.
+
+    As in the engine, a step with ``r`` tokens still to come drafts at most ``r - 1`` (the target adds one).
+    """
+    context = list(prompt)
+    source.start(context)
+    run = OracleRun(tokens=len(output), ar_ms=len(output) * cost(1))
+    produced = 0
+    while produced < len(output):
+        depth = len(output) - produced - 1
+        best = 0
+        if depth > 0:
+            truth = output[produced : produced + depth]
+            best = max((accepted_prefix(c, truth) for c in source.candidates(context, depth)), default=0)
+        new = list(output[produced : produced + best + 1])
+        run.steps += 1
+        run.oracle_ms += cost(best + 1)
+        context.extend(new)
+        source.advance(context, new)
+        produced += len(new)
+    return run

@@ -6,7 +6,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hasten.engine import DecodeStats, decode
+from hasten.batching import BatchDecoder
+from hasten.engine import DecodeStats, Generation, run
 from hasten.errors import HastenError
 from hasten.methods import build_proposer
 from hasten.models import LoadedModel, encode_messages, encode_prompt
@@ -31,6 +32,7 @@ class GenerationResult:
     wall_s: float
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    draft_ms_per_step: float = 0.0  # time in the proposer per target pass
     method_stats: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,74 +66,131 @@ def prompt_ids(loaded: LoadedModel, prompt: Prompt, chat: bool = True) -> list[i
     raise HastenError("a prompt is a string, a list of token ids or a list of chat messages")
 
 
-def stream(
-    loaded: LoadedModel,
-    prompt: Prompt,
-    method: str = "auto",
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    chat: bool = True,
-    **method_options: Any,
-) -> Iterator[StreamEvent]:
-    """Generate with speculative decoding, yielding text as soon as it is final; the last event has the result.
+@dataclass
+class Request:
+    """One generation asked for: everything ``stream`` takes, checked and tokenized."""
+
+    ids: list[int]
+    method: str
+    params: SamplingParams
+    max_new_tokens: int
+    stops: list[str]
+    options: dict[str, Any]
+
+
+def make_request(loaded: LoadedModel, prompt: Prompt, method: str = "auto", *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), chat: bool = True, **method_options: Any) -> Request:
+    """Validate and tokenize one request (every error is a ``HastenError``, raised before any work)."""
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise HastenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return Request(prompt_ids(loaded, prompt, chat), method, params, max_new_tokens, [s for s in stop if s],
+                   method_options)
+
+
+def start_generation(loaded: LoadedModel, request: Request) -> Generation:
+    """The engine's state for a request: its proposer, its own target sequence, its generator."""
+    params = request.params
+    generator = None if params.greedy else params.generator()
+    proposer = build_proposer(request.method, loaded, params, generator, **request.options)
+    target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
+    return Generation(target, proposer, request.ids, request.max_new_tokens, params, loaded.eos_token_ids,
+                      DecodeStats(), generator)
+
+
+class TextOutput:
+    """Turns a generation's token chunks into final text: stop strings, held-back text and the result.
 
     Text that could be the start of a stop string is held back until it is known not to be one, so a
     streamed answer never differs from the non-streamed one.
     """
-    params = SamplingParams(temperature, top_k, top_p, seed)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise HastenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    stops = [s for s in stop if s]
-    cut = -1
-    ids = prompt_ids(loaded, prompt, chat)
-    generator = None if params.greedy else params.generator()
-    proposer = build_proposer(method, loaded, params, generator, **method_options)
-    target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
-    stats = DecodeStats()
-    detok = IncrementalDetokenizer(loaded.tokenizer)
-    sent = 0  # characters of text already streamed
-    sent_tokens = 0
-    finish = "length"
-    longest_stop = max((len(s) for s in stops), default=0)
-    for chunk in decode(target, proposer, ids, max_new_tokens, params, loaded.eos_token_ids, stats, generator):
-        detok.add(chunk)
-        if chunk[-1] in loaded.eos_token_ids:
-            finish = "stop"
-        text = detok.text
+
+    def __init__(self, loaded: LoadedModel, request: Request) -> None:
+        self.loaded, self.request = loaded, request
+        self.detok = IncrementalDetokenizer(loaded.tokenizer)
+        self.longest_stop = max((len(s) for s in request.stops), default=0)
+        self.sent = 0  # characters of text already handed out
+        self.sent_tokens = 0
+        self.cut = -1
+        self.finish = "length"
+
+    def add(self, chunk: list[int]) -> StreamEvent | None:
+        """Take one step's tokens; the text now final (None if none). ``stopped`` tells if a stop string hit."""
+        self.detok.add(chunk)
+        if chunk and chunk[-1] in self.loaded.eos_token_ids:
+            self.finish = "stop"
+        text = self.detok.text
         # A stop string can only end inside the newest text: search just the tail.
-        tail_from = max(0, sent - longest_stop)
-        cut = min((i for i in (text.find(s, tail_from) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            finish = "stop"
+        tail_from = max(0, self.sent - self.longest_stop)
+        found = (text.find(s, tail_from) for s in self.request.stops)
+        self.cut = min((i for i in found if i >= 0), default=-1)
+        if self.cut >= 0:
+            self.finish = "stop"
+            return None
+        ready = len(text) - max(self.longest_stop - 1, 0) if self.finish == "length" else len(text)
+        if ready <= self.sent:
+            return None
+        event = StreamEvent(text[self.sent : ready], self.detok.tokens[self.sent_tokens :])
+        self.sent, self.sent_tokens = ready, len(self.detok.tokens)
+        return event
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut >= 0
+
+    def close(self, generation: Generation) -> StreamEvent:
+        """The last event, carrying the result."""
+        if self.cut < 0:
+            self.detok.flush()
+            text, tokens = self.detok.text, self.detok.tokens
+        else:
+            text = self.detok.text[: self.cut]
+            tokens = self.detok.tokens[: tokens_before(self.loaded.tokenizer, self.detok.tokens, text)]
+        stats = generation.stats
+        result = GenerationResult(
+            text=text,
+            token_ids=tokens,
+            method=self.request.method,
+            prompt_tokens=len(self.request.ids),
+            finish_reason=self.finish,
+            target_passes=stats.target_passes,
+            mean_accepted=stats.mean_accepted,
+            tokens_per_s=stats.tokens_per_s,
+            wall_s=stats.wall_s,
+            drafted_tokens=stats.drafted_tokens,
+            accepted_drafts=stats.accepted_drafts,
+            draft_ms_per_step=stats.draft_ms_per_step,
+            method_stats=generation.proposer.stats(),
+        )
+        return StreamEvent(text[self.sent :], tokens[self.sent_tokens :], result)
+
+
+def tokens_before(tokenizer, tokens: list[int], text: str) -> int:
+    """How many of ``tokens`` it takes for their text to cover ``text`` (a stop string cut inside them)."""
+    for count in range(len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:count], skip_special_tokens=True)) >= len(text):
+            return count
+    return len(tokens)
+
+
+def stream(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: Any) -> Iterator[StreamEvent]:
+    """Generate with speculative decoding, yielding text as soon as it is final; the last event has the result.
+
+    Keyword arguments: ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``,
+    ``stop`` (strings), ``chat`` (apply the chat template to a string prompt), and the method's own options.
+    """
+    request = make_request(loaded, prompt, method, **kwargs)
+    generation = start_generation(loaded, request)
+    output = TextOutput(loaded, request)
+    generation.prefill()
+    for chunk in run(generation):
+        event = output.add(chunk)
+        if output.stopped:
             break
-        ready = len(text) - max(longest_stop - 1, 0) if finish == "length" else len(text)
-        if ready > sent:
-            yield StreamEvent(text[sent:ready], detok.tokens[sent_tokens:])
-            sent, sent_tokens = ready, len(detok.tokens)
-    if cut < 0:
-        detok.flush()
-    tokens = detok.tokens
-    text = detok.text if cut < 0 else detok.text[:cut]
-    result = GenerationResult(
-        text=text,
-        token_ids=tokens,
-        method=method,
-        prompt_tokens=len(ids),
-        finish_reason=finish,
-        target_passes=stats.target_passes,
-        mean_accepted=stats.mean_accepted,
-        tokens_per_s=stats.tokens_per_s,
-        wall_s=stats.wall_s,
-        drafted_tokens=stats.drafted_tokens,
-        accepted_drafts=stats.accepted_drafts,
-        method_stats=proposer.stats(),
-    )
-    yield StreamEvent(text[sent:], tokens[sent_tokens:], result)
+        if event is not None:
+            yield event
+    yield output.close(generation)
 
 
 def generate(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: Any) -> GenerationResult:
@@ -144,5 +203,21 @@ def generate(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs
 
 def generate_batch(loaded: LoadedModel, prompts: Sequence[Prompt], method: str = "auto",
                    **kwargs: Any) -> list[GenerationResult]:
-    """Generate for several prompts (one after another for now; each keeps its own cache and statistics)."""
-    return [generate(loaded, prompt, method, **kwargs) for prompt in prompts]
+    """Generate for several prompts decoded together: one target pass per step scores every active sequence.
+
+    Each sequence keeps its own proposer, cache and statistics; greedy outputs equal one-at-a-time outputs.
+    """
+    requests = [make_request(loaded, prompt, method, **kwargs) for prompt in prompts]
+    batch = BatchDecoder(getattr(loaded.backend, "score_many", None))
+    outputs: dict[int, tuple[Generation, TextOutput]] = {}
+    for request in requests:
+        generation = start_generation(loaded, request)
+        outputs[id(generation)] = (generation, TextOutput(loaded, request))
+        batch.add(generation)
+    while batch.active:
+        for generation, chunk in batch.step():
+            output = outputs[id(generation)][1]
+            output.add(chunk)
+            if output.stopped:
+                batch.remove(generation)
+    return [output.close(generation).result for generation, output in outputs.values()]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hasten.backends.base import Target
+from hasten.backends.base import Scores, Target
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams
@@ -72,6 +72,96 @@ def pass_layout(proposal: Proposal, root: int) -> PassLayout:
     return PassLayout(tokens, parents, rows)
 
 
+class Generation:
+    """One sequence being decoded: its context, target cache, proposer, statistics and sampling state.
+
+    A step has two halves around the target pass, so that several generations can share one pass:
+    ``begin_step`` asks the proposer for a tree and lays the pass out; ``end_step`` verifies the pass's scores,
+    keeps the accepted path in the cache, tells the proposer, and returns the new tokens. The root, the last
+    context token, is never in the cache before a pass: each pass scores it and the drafted tree, and the
+    accepted path (root included) is what stays.
+    """
+
+    def __init__(self, target: Target, proposer: Proposer, prompt_ids: list[int], max_new_tokens: int,
+                 params: SamplingParams, eos_token_ids: set[int] | frozenset[int] = frozenset(),
+                 stats: DecodeStats | None = None, generator: torch.Generator | None = None) -> None:
+        if not prompt_ids:
+            raise HastenError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise HastenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) >= target.max_context:
+            raise HastenError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_context} tokens"
+            )
+        self.target, self.proposer, self.params = target, proposer, params
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = eos_token_ids
+        self.stats = stats if stats is not None else DecodeStats()
+        self.generator = generator if generator is not None or params.greedy else params.generator()
+        self.context = list(prompt_ids)
+        self.produced = 0
+        self.finished = False
+        self._proposal: Proposal | None = None
+        self._layout: PassLayout | None = None
+
+    def prefill(self) -> None:
+        """Run the prompt (all but the root) into the cache and start the proposer."""
+        began = time.perf_counter()
+        prefill = self.target.start(self.context[:-1])
+        elapsed = time.perf_counter() - began
+        self.stats.prefill_s += elapsed
+        self.stats.wall_s += elapsed
+        self.proposer.start(self.context, prefill.hidden)
+        self.finished = len(self.context) >= self.target.max_context
+
+    def begin_step(self) -> PassLayout:
+        """The proposer's tree for this step, laid out as one target pass."""
+        room = min(self.max_new_tokens - self.produced, self.target.max_context - len(self.context)) - 1
+        began = time.perf_counter()
+        self._proposal = self.proposer.propose(self.context, room)
+        self.stats.draft_s += time.perf_counter() - began
+        self._layout = pass_layout(self._proposal, self.context[-1])
+        return self._layout
+
+    def end_step(self, scores: Scores, pass_ms: float, pass_width: int | None = None) -> list[int]:
+        """Verify the pass, keep the accepted path, update the proposer; the step's new tokens.
+
+        ``pass_width`` is the width of the whole pass when other sequences shared it (default: this one's).
+        """
+        assert self._proposal is not None and self._layout is not None, "begin_step() first"
+        proposal, layout, stats = self._proposal, self._layout, self.stats
+        tree = proposal.tree
+        verdict = verify(tree, scores.logits[: len(tree) + 1], self.params, self.generator)
+        keep = [0, *(node + 1 for node in verdict.accepted)]
+        self.target.commit(keep)
+        accepted = [tree.tokens[node] for node in verdict.accepted]
+        new = [*accepted, verdict.next_token]
+        stats.target_passes += 1
+        stats.drafted_tokens += len(tree)
+        stats.accepted_drafts += len(accepted)
+        stats.scored_tokens += len(layout.tokens)
+        stats.accepted_per_pass.append(len(new))
+        stats.pass_widths.append(len(layout.tokens))
+        stats.pass_ms.append(pass_ms)
+        hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
+        extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
+        began = time.perf_counter()
+        self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, verdict.accepted,
+                                         pass_width or len(layout.tokens), pass_ms))
+        stats.draft_s += time.perf_counter() - began
+        ended = next((i for i, tok in enumerate(new) if tok in self.eos_token_ids), None)
+        if ended is not None:
+            new = new[: ended + 1]
+        new = new[: self.max_new_tokens - self.produced]
+        self.context.extend(new)
+        self.produced += len(new)
+        stats.new_tokens += len(new)
+        self.finished = (ended is not None or self.produced >= self.max_new_tokens
+                         or len(self.context) >= self.target.max_context)
+        self._proposal = self._layout = None
+        return new
+
+
 def decode(
     target: Target,
     proposer: Proposer,
@@ -82,69 +172,21 @@ def decode(
     stats: DecodeStats | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[list[int]]:
-    """Yield the new tokens of each step until ``max_new_tokens``, an end-of-sequence token or the context ends.
+    """Yield the new tokens of each step until ``max_new_tokens``, an end-of-sequence token or the context ends."""
+    generation = Generation(target, proposer, prompt_ids, max_new_tokens, params, eos_token_ids, stats, generator)
+    generation.prefill()
+    return run(generation)
 
-    The root, the last context token, is never in the cache before a pass: each pass scores it and the
-    drafted tree, and the accepted path (root included) is what stays.
-    """
-    if not prompt_ids:
-        raise HastenError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise HastenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt_ids) >= target.max_context:
-        raise HastenError(
-            f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_context} tokens"
-        )
-    stats = stats if stats is not None else DecodeStats()
-    if generator is None and not params.greedy:
-        generator = params.generator()
+
+def run(generation: Generation) -> Iterator[list[int]]:
+    """Step a prefilled generation alone, one target pass per step, yielding each step's new tokens."""
+    target = generation.target
     began = time.perf_counter()
-    prefill = target.start(prompt_ids[:-1])
-    now = time.perf_counter()
-    stats.prefill_s += now - began
-    stats.wall_s += now - began
-    began = now
-    context = list(prompt_ids)
-    proposer.start(context, prefill.hidden)
-    produced = 0
-    while produced < max_new_tokens and len(context) < target.max_context:
-        room = min(max_new_tokens - produced, target.max_context - len(context)) - 1
-        step_began = time.perf_counter()
-        proposal = proposer.propose(context, room)
-        stats.draft_s += time.perf_counter() - step_began
-        tree = proposal.tree
-        layout = pass_layout(proposal, context[-1])
+    while not generation.finished:
+        layout = generation.begin_step()
         pass_began = time.perf_counter()
         scores = target.score(layout.tokens, layout.parents, layout.logits_rows)
-        pass_ms = (time.perf_counter() - pass_began) * 1000
-        verdict = verify(tree, scores.logits[: len(tree) + 1], params, generator)
-        keep = [0, *(node + 1 for node in verdict.accepted)]
-        target.commit(keep)
-        accepted = [tree.tokens[node] for node in verdict.accepted]
-        new = [*accepted, verdict.next_token]
-        stats.target_passes += 1
-        stats.drafted_tokens += len(tree)
-        stats.accepted_drafts += len(accepted)
-        stats.scored_tokens += len(layout.tokens)
-        stats.accepted_per_pass.append(len(new))
-        hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
-        extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
-        update_began = time.perf_counter()
-        proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, verdict.accepted,
-                                    len(layout.tokens), pass_ms))
-        stats.draft_s += time.perf_counter() - update_began
-        stats.pass_widths.append(len(layout.tokens))
-        stats.pass_ms.append(pass_ms)
-        ended = next((i for i, tok in enumerate(new) if tok in eos_token_ids), None)
-        if ended is not None:
-            new = new[: ended + 1]
-        new = new[: max_new_tokens - produced]
-        context.extend(new)
-        produced += len(new)
-        stats.new_tokens += len(new)
-        now = time.perf_counter()
-        stats.wall_s += now - began
-        began = now
+        new = generation.end_step(scores, (time.perf_counter() - pass_began) * 1000)
+        generation.stats.wall_s += time.perf_counter() - began
         yield new
-        if ended is not None:
-            return
+        began = time.perf_counter()  # the consumer's time between steps is not the generation's

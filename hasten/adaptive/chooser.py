@@ -161,15 +161,22 @@ class DraftPolicy:
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     extra_gain: Rate = field(default_factory=lambda: Rate(0.0, 0.0))  # extra-branch tokens gained per step sent
     choices: Counter = field(default_factory=Counter)  # drafted width -> steps, for the statistics
+    batch_width: int = 0  # tokens other sequences put into the same pass (a batch)
+    batch_gain: float = 0.0  # tokens those sequences are expected to emit from it
 
     def choose(self, tree: TokenTree, features: Sequence[Sequence[Feature]], extra: int = 0,
                extra_gain: float = 0.0) -> tuple[TokenTree, list[list[Feature]]]:
         """Prune ``tree`` to the nodes that maximize expected tokens per millisecond; their features."""
         conditional = [max(self.acceptance.estimate(f) for f in node) for node in features]
-        keep, _ = best_size(path_probabilities(tree, conditional), self.cost, extra, extra_gain)
+        keep, _ = best_size(path_probabilities(tree, conditional), self.cost, extra + self.batch_width,
+                            extra_gain + self.batch_gain)
         pruned, kept = subtree(tree, keep)
         self.choices[len(kept)] += 1
         return pruned, [list(features[i]) for i in kept]
+
+    def pass_cost(self, width: int) -> float:
+        """Predicted ms of a pass where this sequence scores ``width`` tokens (a batch's others included)."""
+        return self.cost(width + self.batch_width)
 
     def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: StepOutcome) -> None:
         """Learn from one verified step: acceptance of what was sent, and the pass's real cost."""

@@ -98,10 +98,10 @@ class DraftModelProposer(Proposer):
     def _worth_drafting(self, depth: int, path_prob: float, gained: float, spent: float) -> bool:
         """Whether one more draft token (its acceptance guessed from its depth alone) is expected to pay."""
         assert self.policy is not None
-        cost = self.policy.cost
+        cost, others = self.policy.pass_cost, 1 + gained + self.policy.batch_gain
         chance = path_prob * self.policy.acceptance.estimate(("draft", depth))
-        now = (1 + gained) / (cost(depth) + spent)
-        after = (1 + gained + chance) / (cost(depth + 1) + spent + self.draft_ms)
+        now = others / (cost(depth) + spent)
+        after = (others + chance) / (cost(depth + 1) + spent + self.draft_ms)
         return after > now
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:

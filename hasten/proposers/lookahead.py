@@ -176,10 +176,10 @@ class LookaheadProposer(Proposer):
         gain = self.policy.extra_gain
         if gain.offered < WINDOW_TRIALS:  # too little evidence yet: keep trying it
             return True
-        cost = self.policy.cost
+        cost = self.policy.pass_cost
         width = tree_size + 1
         extra_ms = cost(width + self.window * (self.ngram - 1)) - cost(width)
-        return gain.value * cost(1) > extra_ms
+        return gain.value * self.policy.cost(1) > extra_ms
 
     def _window_fits(self, context_len: int) -> bool:
         # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.

@@ -1,0 +1,68 @@
+"""Many sequences at once: every step, one target pass scores the trees of all active generations.
+
+Each generation keeps its own proposer, cache bookkeeping, statistics and sampling state (ragged acceptance:
+one may accept five tokens while its neighbour accepts none); generations join and leave between steps. A
+backend that can score several sequences in one forward (``score_many``) does so; otherwise their passes run
+one after another inside the step, which keeps the outputs and the bookkeeping the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from hasten.adaptive.chooser import DraftPolicy
+from hasten.backends.base import Scores, Target
+from hasten.engine import Generation, PassLayout
+
+ScoreMany = Callable[[Sequence[tuple[Target, PassLayout]]], list[Scores]]
+
+
+def score_one_by_one(passes: Sequence[tuple[Target, PassLayout]]) -> list[Scores]:
+    """The fallback: each sequence's pass on its own target."""
+    return [target.score(layout.tokens, layout.parents, layout.logits_rows) for target, layout in passes]
+
+
+class BatchDecoder:
+    """Steps a changing set of generations together; ``score_many`` scores all their passes in one go."""
+
+    def __init__(self, score_many: ScoreMany | None = None) -> None:
+        self.score_many = score_many or score_one_by_one
+        self.active: list[Generation] = []
+
+    def add(self, generation: Generation) -> None:
+        """Join at the next step (the prompt is prefilled now)."""
+        generation.prefill()
+        if not generation.finished:
+            self.active.append(generation)
+
+    def remove(self, generation: Generation) -> None:
+        """Leave now (a cancelled request); its cache goes with it."""
+        if generation in self.active:
+            self.active.remove(generation)
+
+    def step(self) -> list[tuple[Generation, list[int]]]:
+        """One shared pass: every active generation's new tokens; finished ones leave the batch."""
+        if not self.active:
+            return []
+        for generation in self.active:  # a wide batch leaves less room for drafts
+            policy = getattr(generation.proposer, "policy", None)
+            if isinstance(policy, DraftPolicy):
+                policy.batch_width = policy.batch_gain = len(self.active) - 1
+        began = time.perf_counter()
+        layouts = [generation.begin_step() for generation in self.active]
+        pass_began = time.perf_counter()
+        scores = self.score_many([(g.target, layout) for g, layout in zip(self.active, layouts, strict=True)])
+        pass_ms = (time.perf_counter() - pass_began) * 1000
+        width = sum(len(layout.tokens) for layout in layouts)
+        out = [(g, g.end_step(s, pass_ms, width)) for g, s in zip(self.active, scores, strict=True)]
+        elapsed = time.perf_counter() - began
+        for generation, _ in out:
+            generation.stats.wall_s += elapsed
+        self.active = [g for g in self.active if not g.finished]
+        return out
+
+    def run(self) -> Iterator[list[tuple[Generation, list[int]]]]:
+        """Step until every generation has finished."""
+        while self.active:
+            yield self.step()

@@ -10,6 +10,8 @@ import torch
 from hasten.errors import HastenError
 
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding (vLLM's rule): logits / T would overflow
+# Top-p alone (``_nucleus``): logit bins 1/8 apart, 256 of them (32 nats; further below, tokens share the last).
+_BIN, _BINS = 0.125, 256
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,65 @@ class SamplingParams:
         if self.greedy:
             return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         logits = logits / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token when the mass *before* it already reaches top_p (the first token always stays).
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= self.top_p
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits.softmax(-1)
+        if logits.dim() == 1:
+            return self._row_probs(logits)
+        rows = logits.reshape(-1, logits.shape[-1])
+        return torch.stack([self._row_probs(row) for row in rows]).reshape(logits.shape)
+
+    def _row_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row, without sorting the vocabulary: top-k through ``topk`` (ties at the k-th value kept, as in
+        ``TopKLogitsWarper``), then top-p on those few; for top-p alone, ``_nucleus`` sorts one bin of logits."""
+        vocab = logits.shape[0]
+        top_k = self.top_k if 0 < self.top_k < vocab else 0
+        if not top_k and self.top_p >= 1.0:
+            return logits.softmax(-1)
+        if not top_k:
+            index = _nucleus(logits, self.top_p)
+            values = logits[index]
+        else:
+            values, index = torch.topk(logits, top_k)
+            kept = int((logits >= values[-1]).sum())
+            if kept > top_k:
+                values, index = torch.topk(logits, kept)
+            if self.top_p < 1.0:  # a token goes when the mass before it already reaches top_p (never the first)
+                keep = _before(values.double().softmax(-1).cumsum(-1)) < self.top_p
+                values, index = values[keep], index[keep]
+        return torch.zeros(vocab, dtype=values.dtype).index_put_((index,), values.softmax(-1))
+
+
+def _before(cumulative: torch.Tensor, start: float = 0.0) -> torch.Tensor:
+    """The mass before each token of a descending list, given the list's cumulative sum."""
+    return torch.cat([cumulative.new_full((1,), 0.0), cumulative[:-1]]) + start
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Indices that ``TopPLogitsWarper`` keeps: a token stays when the mass of the tokens before it is below top_p.
+
+    Tokens are binned by their logit's distance below the top (``_BIN`` apart; the last bin holds the rest)
+    and one ``bincount`` gives each bin's mass: the bins above the one where the mass reaches top_p stay, the
+    bins below go, and only that one bin is sorted. Probabilities are float64, where transformers' ascending
+    float32 cumsum and the exact rule agree (a float32 cumsum from the top of the vocabulary drifts by a token
+    now and then).
+    """
+    probs = logits.double().softmax(-1)
+    bins = ((logits.max() - logits) / _BIN).clamp_(max=_BINS - 1).long()
+    mass = torch.bincount(bins, weights=probs, minlength=_BINS).cumsum(0)
+    edge = min(int(torch.searchsorted(mass, top_p)), _BINS - 1)  # the first bin whose mass reaches top_p
+    above = float(mass[edge - 1]) if edge else 0.0
+    band = (bins == edge).nonzero().squeeze(-1)
+    values, order = probs[band].sort(descending=True)
+    keep = _before(values.cumsum(0), above) < top_p
+    return torch.cat([(bins < edge).nonzero().squeeze(-1), band[order[keep]]])
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a probability vector."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """Draw one token id from a probability vector (inverse CDF: one uniform, a cumsum and a binary search)."""
+    cdf = probs.double().cumsum(-1)
+    total = float(cdf[-1])
+    if not total > 0 or not math.isfinite(total):
+        raise ValueError(f"cannot sample from a distribution of total mass {total}")
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * total
+    token = int(torch.searchsorted(cdf, u, right=True))
+    if token >= probs.shape[-1]:  # u rounded up to the total: the last token with mass
+        token = int(probs.nonzero()[-1])
+    return token

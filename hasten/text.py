@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from transformers import PreTrainedTokenizerBase
 
 
@@ -18,6 +20,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self._prefix = 0  # start of the context window
         self._read = 0  # tokens whose text is already in ``self.text``
+        self._marks = [(0, 0, 0)]  # (_read, len(text), _prefix) after every add that completed text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -32,6 +35,7 @@ class IncrementalDetokenizer:
         delta = full[len(shown) :]
         self._prefix, self._read = self._read, len(self.tokens)
         self.text += delta
+        self._marks.append((self._read, len(self.text), self._prefix))
         return delta
 
     def flush(self) -> str:
@@ -41,4 +45,23 @@ class IncrementalDetokenizer:
         delta = full[len(shown) :] if len(full) > len(shown) else ""
         self._prefix = self._read = len(self.tokens)
         self.text += delta
+        self._marks.append((self._read, len(self.text), self._prefix))
         return delta
+
+    def tokens_before(self, cut: int) -> int:
+        """How many leading tokens have all their text in ``text[:cut]`` (where a stop string starts).
+
+        A token that straddles the cut, or whose bytes only complete a character after it, is not counted.
+        Only the tokens after the last step that ended before the cut are decoded again, one at a time.
+        """
+        read, length, prefix = self._marks[bisect_right(self._marks, cut, key=lambda mark: mark[1]) - 1]
+        replay = IncrementalDetokenizer(self.tokenizer)
+        replay.tokens, replay.text, replay._prefix, replay._read = self.tokens[:read], self.text[:length], prefix, read
+        count = read
+        for token in self.tokens[read:]:
+            replay.add([token])
+            if len(replay.text) > cut:
+                break
+            if replay._read == len(replay.tokens):  # nothing held back: every token so far is in the text
+                count = replay._read
+        return count

@@ -80,3 +80,26 @@ def test_the_installed_command_exits_non_zero_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("hasten: error: model")
     assert "Traceback" not in proc.stderr
+
+
+def test_prompts_file_is_decoded_as_one_batch(capsys, model_dirs, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('w5 w6 w7 w5 w6\n\n{"prompt": "w9 w8 w9 w8"}\n')
+    code, out, _ = run_cli(capsys, "--prompts", str(prompts), "--model", model_dirs["target"], "--no-chat", "--json",
+                           "--max-new-tokens", "6", "--method", "pld")
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in records] == ["w5 w6 w7 w5 w6", "w9 w8 w9 w8"]
+    for record in records:  # the same tokens as the prompt alone
+        code, single, _ = run_cli(capsys, record["prompt"], "--model", model_dirs["target"], "--no-chat", "--json",
+                                  "--max-new-tokens", "6", "--method", "pld")
+        assert json.loads(single)["token_ids"] == record["token_ids"]
+
+
+@pytest.mark.parametrize("content, message", [("", "holds no prompts"), ('{"prompt": 3}\n', "non-empty string"),
+                                              ("{oops\n", "not a JSON object")])
+def test_bad_prompts_file_is_one_line_error(capsys, model_dirs, tmp_path, content, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(content)
+    code, _, err = run_cli(capsys, "--prompts", str(prompts), "--model", model_dirs["target"])
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 
 import pytest
-from conftest import greedy_reference, tiny_loaded
+from conftest import greedy_reference, tiny_loaded, tiny_tokenizer
 
 import hasten.bench.runner as runner
+from hasten.adaptive.cost import CostModel
 from hasten.bench import BenchPrompt, balanced_subset, read_prompts, run_bench, shipped_prompts_path, write_report
+from hasten.bench.oracle import LlamaCppPldSource, LookaheadPoolSource, OracleRun, PldSource, accepted_prefix, replay
 from hasten.bench.runner import conversation_ids, rotated, run_question
 from hasten.cli import main
 from hasten.errors import HastenError
+from hasten.models import LoadedModel, load_model
 from hasten.sampling import SamplingParams
 
 # ---------------------------------------------------------------- prompt reader
@@ -253,6 +258,166 @@ def test_bad_arguments():
         run_bench(tiny_loaded(), [], ["ar"], progress=False)
 
 
+# ---------------------------------------------------------------- oracle replay
+
+# A synthetic cost curve: 10 ms for one token, 4 ms per extra token (linear between the measured widths).
+COST = CostModel([1, 2, 4, 8], [10.0, 14.0, 22.0, 38.0])
+
+
+def test_accepted_prefix():
+    assert accepted_prefix([3, 4, 9], [3, 4, 5]) == 2
+    assert accepted_prefix([7], [3]) == 0
+    assert accepted_prefix([3, 4], [3, 4, 5]) == 2
+    assert accepted_prefix([], [1]) == 0
+
+
+def test_oracle_pld_by_hand():
+    # Step 1: the tail [1, 2] matched at 0 proposes [3, 4, 9]; 2 accepted -> emits 3, 4, 5 for cost(3) = 18.
+    # Step 2: one token left, nothing to draft -> emits 6 for cost(1) = 10. ar: 4 tokens x 10 ms.
+    run = replay([1, 2, 3, 4, 9, 1, 2], [3, 4, 5, 6], PldSource(), COST)
+    assert (run.tokens, run.steps, run.oracle_ms, run.ar_ms) == (4, 2, 28.0, 40.0)
+    assert run.speedup == pytest.approx(40 / 28) and run.mean_accepted == 2.0
+
+
+def test_oracle_takes_the_best_branch_and_caps_the_depth():
+    # The tail [5] matched at 3 proposes [7, 7, 5], at 0 [6, 6, 5]: the second is all accepted (3 = the
+    # depth cap: 4 tokens to come, the target adds one) -> one step, cost(4) = 22.
+    prompt, output = [5, 6, 6, 5, 7, 7, 5], [6, 6, 5, 8]
+    run = replay(prompt, output, PldSource(), COST)
+    assert (run.steps, run.oracle_ms) == (1, 22.0)
+    # With one branch only [7, 7, 5] is offered: step 1 emits 6 (cost 10); then the tail [5, 6] matched at 0
+    # proposes [6, 5], both accepted -> 6, 5, 8 for cost(3) = 18.
+    single = replay(prompt, output, PldSource(branches=1), COST)
+    assert (single.steps, single.oracle_ms, single.speedup) == (2, 28.0, pytest.approx(40 / 28))
+
+
+def test_oracle_lookahead_pool_by_hand():
+    # Pool of 3-grams, 2 tails per key, from the context only. Key 1 holds [2, 4], [2, 3] (most recent first).
+    # Step 1: [2, 3] accepted -> emits 2, 3, 9 (cost 18); the pool gains (2, 3, 9), which evicts (2, 3, 1).
+    # Step 2: nothing under 9 -> emits 2 (cost 10). Step 3: under 2, [3, 9] and [4, 1], cut to the 1 token
+    # left to draft: [3] accepted -> emits 3, 9 (cost 14). ar: 6 x 10 ms.
+    run = replay([1, 2, 3, 1, 2, 4, 1], [2, 3, 9, 2, 3, 9], LookaheadPoolSource(ngram=3, guesses=2), COST)
+    assert (run.tokens, run.steps, run.oracle_ms, run.ar_ms) == (6, 3, 42.0, 60.0)
+
+
+def test_oracle_llamacpp_pld_candidate():
+    pytest.importorskip("llama_cpp")
+    assert LlamaCppPldSource().candidates([1, 2, 3, 1, 2], 2) == [[3, 1]]  # the first match of [1, 2]
+    assert LlamaCppPldSource().candidates([1, 2, 3], 4) == []
+
+
+def test_oracle_runs_add_up():
+    total = OracleRun(3, 2, 28.0, 40.0) + OracleRun(1, 1, 10.0, 10.0)
+    assert (total.tokens, total.steps, total.speedup) == (4, 3, 50 / 38)
+    assert OracleRun().speedup is None and OracleRun().mean_accepted is None
+
+
+# ---------------------------------------------------------------- several backends (a tiny GGUF)
+
+GGUF_VOCAB = 96
+
+
+@functools.cache
+def tiny_gguf_models() -> dict[str, LoadedModel]:
+    """One tiny random GGUF on llama.cpp (primary) and on transformers, with a word-level tokenizer."""
+    pytest.importorskip("llama_cpp")
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(f"{tempfile.mkdtemp(prefix='hasten-bench-')}/tiny.gguf", vocab_size=GGUF_VOCAB)
+    models = {}
+    for backend in ("llamacpp", "transformers"):
+        loaded = load_model(str(path), backend, threads=1)
+        models[backend] = LoadedModel("tiny-gguf", loaded.backend, tiny_tokenizer(GGUF_VOCAB), loaded.path)
+    return models
+
+
+GGUF_PROMPTS = [
+    BenchPrompt(1, "copy", ("w5 w6 w7 w8 w9 w5 w6 w7 w8 w9 w5 w6",)),
+    BenchPrompt(2, "chat", ("w10 w11 w12 w13 w10 w11", "w20 w21 w22")),
+]
+BOTH = ["ar", "pld", "lookahead", "llamacpp_generate", "llamacpp_pld", "hf_generate"]
+
+
+@pytest.fixture(scope="module")
+def two_backends():
+    return run_bench(tiny_gguf_models(), GGUF_PROMPTS, BOTH, max_new_tokens=12, warmup=1, progress=False)
+
+
+def test_every_method_runs_on_every_backend(two_backends):
+    res = two_backends
+    assert list(res["methods"]) == ["ar", "pld", "lookahead", "llamacpp_generate", "llamacpp_pld",
+                                    "ar@transformers", "pld@transformers", "lookahead@transformers", "hf_generate"]
+    assert res["backend"] == "llamacpp" and list(res["backends"]) == ["llamacpp", "transformers"]
+    for label, entry in res["methods"].items():
+        own = "transformers" if "@" in label or label.startswith("hf_") else "llamacpp"
+        assert entry["backend"] == own and entry["baseline"] == ("ar" if own == "llamacpp" else "ar@transformers")
+        assert entry["errors"] == [], label
+        if label != "llamacpp_pld":  # another library's drafting may legitimately differ: reported, not asserted
+            assert entry["exact"] is True, (label, entry["mismatches"])
+    assert res["methods"]["ar"]["speedup"] == 1.0 and res["methods"]["ar@transformers"]["speedup_own"] == 1.0
+    assert res["methods"]["ar@transformers"]["same_as_primary_ar"] is not None
+    for backend, info in res["backends"].items():
+        assert info["threads"] == 1, backend
+        assert info["cost"]["widths"][0] == 1 and info["cost"]["millis"][0] > 0
+    assert res["machine"]["llamacpp_threads"] == 1
+    for label in ("pld", "lookahead", "llamacpp_pld", "pld@transformers", "lookahead@transformers"):
+        assert res["methods"][label]["oracle"] > 0, label
+    anchor = res["methods"]["llamacpp_generate"]
+    assert anchor["mean_accepted"] == 1.0 and anchor["draft_ms_per_step"] is None  # one eval per token
+    assert anchor["new_tokens"] == res["methods"]["ar"]["new_tokens"]
+
+
+def test_exactness_is_against_the_own_backend(monkeypatch):
+    real = runner.generate
+
+    def shifted(loaded, ids, method, **kwargs):  # the transformers backend "decodes differently", consistently
+        result = real(loaded, ids, method, **kwargs)
+        if loaded.backend.backend == "transformers":
+            result.token_ids = [(token + 1) % GGUF_VOCAB for token in result.token_ids]
+        return result
+
+    monkeypatch.setattr(runner, "generate", shifted)
+    res = run_bench(tiny_gguf_models(), GGUF_PROMPTS[:1], ["ar", "pld"], max_new_tokens=6, warmup=0,
+                    progress=False)
+    assert res["methods"]["pld@transformers"]["exact"] is True
+    assert res["methods"]["ar@transformers"]["same_as_primary_ar"] == 0.0
+    assert res["methods"]["ar@transformers"]["speedup_own"] == 1.0
+    report = write_report(res, tempfile.mkdtemp()) / "report.md"
+    assert "ar@transformers gives the same tokens as llamacpp ar on 0% of the questions" in report.read_text()
+
+
+def test_one_backend_only_and_anchors_without_their_backend():
+    models = tiny_gguf_models()
+    res = run_bench(models, GGUF_PROMPTS[:1], ["pld@transformers", "pld@nowhere", "hf_pld@llamacpp"],
+                    max_new_tokens=4, warmup=0, progress=False)
+    assert list(res["methods"]) == ["ar", "ar@transformers", "pld@transformers"]
+    assert "not loaded" in res["skipped"]["pld@nowhere"]
+    assert "transformers backend only" in res["skipped"]["hf_pld@llamacpp"]
+    alone = run_bench({"llamacpp": models["llamacpp"]}, GGUF_PROMPTS[:1], ["hf_generate"], max_new_tokens=4,
+                      warmup=0, progress=False)
+    assert "--compare-backend transformers" in alone["skipped"]["hf_generate"]
+    hf = run_bench(tiny_loaded(), PROMPTS[:1], ["llamacpp_generate"], max_new_tokens=4, warmup=0, progress=False)
+    assert "llamacpp backend: a .gguf model" in hf["skipped"]["llamacpp_generate"]
+
+
+def test_llamacpp_anchor_uses_the_backends_threads_and_stops_at_the_end_token():
+    from hasten.bench.anchors import LlamaCppAnchor
+
+    loaded = tiny_gguf_models()["llamacpp"]
+    anchor = LlamaCppAnchor("llamacpp_generate", loaded)
+    try:
+        assert anchor.threads == loaded.backend.threads == 1 and anchor.llama.n_threads == 1
+        assert anchor.llama.n_ctx() == loaded.max_context
+        ids = conversation_ids(loaded, [{"role": "user", "content": "w5 w6 w7 w8 w9 w5 w6"}])
+        reference = runner.generate(loaded, ids, "ar", max_new_tokens=40).token_ids
+        assert reference[-1] in loaded.eos_token_ids and len(reference) < 40
+        out = anchor.run(ids, 40, SamplingParams())
+        assert out.token_ids == reference and out.target_passes == len(reference)
+        assert anchor.run(ids, 2, SamplingParams()).token_ids == reference[:2]  # the same object, a fresh state
+    finally:
+        anchor.close()
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -272,14 +437,47 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys):
     assert "--methods is empty" in capsys.readouterr().err
     assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--compare-backend", "auto", "--out", str(tmp_path)]) == 2
+    assert "unknown backend 'auto'" in capsys.readouterr().err
+    assert main(["bench", "--backend", "transformers", "--compare-backend", "transformers", "--out",
+                 str(tmp_path)]) == 2
+    assert "already loaded" in capsys.readouterr().err
+
+
+def test_cli_refuses_the_primary_backend_as_a_comparison(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert main(["bench", "--model", str(path), "--compare-backend", "llamacpp", "--out", str(tmp_path)]) == 2
+    assert "repeats the primary backend (llamacpp)" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tmp_path), "--backend", "llamacpp", "--out", str(tmp_path / "o")]) == 2
+    assert "hasten: error:" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_default_model_end_to_end(default_model, tmp_path):
+def test_default_model_end_to_end(default_model, default_model_hf, tmp_path):
     prompts = [p for p in read_prompts() if p.category == "code" and len(p.turns) == 1][:1]
-    res = run_bench(default_model, prompts, ["ar", "pld", "hf_generate"], max_new_tokens=16, warmup=0,
-                    progress=False)
-    assert all(entry["exact"] is True for entry in res["methods"].values()), res["methods"]
+    res = run_bench({"llamacpp": default_model, "transformers": default_model_hf}, prompts,
+                    ["ar", "pld", "llamacpp_generate", "hf_generate"], max_new_tokens=16, warmup=0, progress=False)
+    assert list(res["methods"]) == ["ar", "pld", "llamacpp_generate", "ar@transformers", "pld@transformers",
+                                    "hf_generate"]
+    for label in ("pld", "pld@transformers", "hf_generate"):
+        assert res["methods"][label]["exact"] is True, (label, res["methods"][label]["mismatches"])
+    assert isinstance(res["methods"]["llamacpp_generate"]["exact"], bool)  # reported either way
     assert res["methods"]["ar"]["new_tokens"] > 0
+    assert set(res["backends"]) == {"llamacpp", "transformers"}
     write_report(res, tmp_path)
-    assert (tmp_path / "report.md").is_file()
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "cost_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_compare_backend_on_the_default_model(tmp_path, capsys):
+    code = main(["bench", "--methods", "ar,pld,llamacpp_pld", "--compare-backend", "transformers", "--limit", "1",
+                 "--max-new-tokens", "8", "--warmup", "0", "--threads", "2", "--no-progress", "--out",
+                 str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["methods"]) == ["ar", "pld", "llamacpp_pld", "ar@transformers", "pld@transformers"]
+    assert saved["backends"]["llamacpp"]["threads"] == 2 and saved["machine"]["threads"] == 2
+    assert "| pld@transformers |" in capsys.readouterr().out

@@ -44,9 +44,9 @@ def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel |
     """Why the anchor ``name`` cannot run on ``loaded`` (its backend's model, None if none), or None if it can."""
     backend = anchor_backend(name)
     if loaded is None:
-        flag = "--backend transformers or --compare-backend transformers" if backend == "transformers" \
-            else "--backend llamacpp or --compare-backend llamacpp (a .gguf model)"
-        return f"{name} needs the model on the {backend} backend ({flag})"
+        how = "--backend transformers or --compare-backend transformers" if backend == "transformers" \
+            else "a .gguf model with --backend llamacpp or --compare-backend llamacpp"
+        return f"{name} needs the model on the {backend} backend: {how}"
     if name == "hf_assisted":
         if draft is None:
             return "hf_assisted needs a draft model (--draft-model)"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, Rate
+from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, SourceGain
 from hasten.adaptive.cost import CostModel, cost_model_for
 from hasten.models import LoadedModel
 
@@ -24,7 +24,7 @@ class AdaptiveState:
     name: str
     cost: CostModel | None = None
     acceptance: dict[tuple[str, bool], AcceptanceModel] = field(default_factory=dict)
-    extra_gain: dict[tuple[str, bool], Rate] = field(default_factory=dict)
+    gains: dict[tuple[str, bool], dict[str, SourceGain]] = field(default_factory=dict)
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -47,7 +47,7 @@ def draft_policy(loaded: LoadedModel, source: str, greedy: bool) -> DraftPolicy:
     assert state.cost is not None
     key = (source, greedy)
     return DraftPolicy(state.cost, state.acceptance.setdefault(key, AcceptanceModel()),
-                       state.extra_gain.setdefault(key, Rate(0.0, 0.0)))
+                       state.gains.setdefault(key, {}))
 
 
 __all__ = ["AcceptanceModel", "AdaptiveState", "CostModel", "DraftPolicy", "adaptive_state", "draft_policy"]

@@ -46,6 +46,32 @@ class Rate:
         return min(1.0, value + EXPLORE * (value * (1 - value) / self.offered) ** 0.5)
 
 
+TRIALS = 48  # steps an optional source is used before its measured gain decides
+
+
+@dataclass
+class SourceGain:
+    """What an optional, costly source earned: accepted tokens only it proposed, per step it ran, and its cost.
+
+    ``cost_ms`` is its own time per step (a beam search) or the extra pass time it caused (a window).
+    """
+
+    tokens: float = 0.0
+    steps: int = 0
+    cost_ms: float = 0.0
+
+    def record(self, tokens: int, cost_ms: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.cost_ms += (cost_ms - self.cost_ms) / min(self.steps, 20)
+
+    def pays(self, token_ms: float, cost_ms: float | None = None) -> bool:
+        """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time)."""
+        if self.steps < TRIALS:  # too little evidence yet: keep trying it
+            return True
+        return self.tokens / self.steps * token_ms > (self.cost_ms if cost_ms is None else cost_ms)
+
+
 def coarser(feature: Feature) -> Feature | None:
     """A tuple feature without its last field, down to (source, depth); None below that."""
     return feature[:-1] if isinstance(feature, tuple) and len(feature) > 2 else None
@@ -159,7 +185,7 @@ class DraftPolicy:
 
     cost: CostModel
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
-    extra_gain: Rate = field(default_factory=lambda: Rate(0.0, 0.0))  # extra-branch tokens gained per step sent
+    gains: dict[str, SourceGain] = field(default_factory=dict)  # optional sources (a window, a head), by name
     choices: Counter = field(default_factory=Counter)  # drafted width -> steps, for the statistics
     batch_width: int = 0  # tokens other sequences put into the same pass (a batch)
     batch_gain: float = 0.0  # tokens those sequences are expected to emit from it
@@ -173,6 +199,10 @@ class DraftPolicy:
         pruned, kept = subtree(tree, keep)
         self.choices[len(kept)] += 1
         return pruned, [list(features[i]) for i in kept]
+
+    def gain(self, name: str) -> SourceGain:
+        """The shared record of the optional source ``name``."""
+        return self.gains.setdefault(name, SourceGain())
 
     def pass_cost(self, width: int) -> float:
         """Predicted ms of a pass where this sequence scores ``width`` tokens (a batch's others included)."""

@@ -1,7 +1,8 @@
 """``auto``: every available drafter offers candidates each step; one tree keeps those that pay.
 
 Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
-(lookahead's pool, filled from the context), and, where a ReDrafter head is available, its beams. Their
+(lookahead's pool, filled from the context), and, where a ReDrafter head is available, its beams (run only
+while the tokens only they find are worth the beam search's time). Their
 candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
 policy estimates each node's acceptance from what was learned about those features and keeps the subtree
 with the most expected tokens per millisecond of the target's pass (often nothing: then the step is plain
@@ -10,6 +11,7 @@ decoding). Which sources the kept nodes came from is reported in the statistics.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import torch
@@ -46,6 +48,7 @@ class AutoProposer(Proposer):
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
         self._last: int | None = None
         self._tail: list[int] = []
+        self._head_ms: float | None = None  # the beam search's time this step, if it ran
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
@@ -71,8 +74,11 @@ class AutoProposer(Proposer):
         for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
             paths.append(tail[:depth])
             features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
-        if self.head is not None and self._hidden is not None:
+        self._head_ms = None
+        if self.head is not None and self._hidden is not None and self.policy.gain("head").pays(self.policy.cost(1)):
+            began = time.perf_counter()
             beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], HEAD_BEAMS, min(HEAD_LENGTH, depth))
+            self._head_ms = (time.perf_counter() - began) * 1000
             tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
             for tokens, row in zip(beams.tokens.tolist(), tenths, strict=True):
                 paths.append(tokens)
@@ -88,6 +94,9 @@ class AutoProposer(Proposer):
         if self._sent is not None:
             tree, features = self._sent
             self.policy.learn(tree, features, outcome)
+            if self._head_ms is not None:  # credit the head with the accepted tokens only it proposed
+                alone = sum(all(f[0] == "head" for f in features[node]) for node in outcome.accepted_nodes)
+                self.policy.gain("head").record(alone, self._head_ms)
             self._last = len(outcome.accepted) if len(tree) else None
         new = [*outcome.accepted, outcome.next_token]
         self.pool.add_sequence(self._tail + new)

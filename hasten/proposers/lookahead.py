@@ -29,7 +29,6 @@ from hasten.tree import TokenTree
 DEFAULT_WINDOW = 2
 DEFAULT_NGRAM = 5
 DEFAULT_GUESSES = 2
-WINDOW_TRIALS = 48  # window steps (over the model's lifetime) before its measured gain decides
 
 
 class NgramPool:
@@ -135,6 +134,7 @@ class LookaheadProposer(Proposer):
         self._sent_window = False
         self._guessed = False
         self._sent: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None
+        self._window_ms = 0.0
         self._last: int | None = None
         self.steps = self.guess_steps = self.hit_steps = self.accepted = self.window_steps = 0
 
@@ -173,13 +173,9 @@ class LookaheadProposer(Proposer):
     def _window_pays(self, tree_size: int) -> bool:
         """Whether the window's expected future tokens are worth its width in this pass."""
         assert self.policy is not None
-        gain = self.policy.extra_gain
-        if gain.offered < WINDOW_TRIALS:  # too little evidence yet: keep trying it
-            return True
-        cost = self.policy.pass_cost
-        width = tree_size + 1
-        extra_ms = cost(width + self.window * (self.ngram - 1)) - cost(width)
-        return gain.value * self.policy.cost(1) > extra_ms
+        cost, width = self.policy.pass_cost, tree_size + 1
+        self._window_ms = cost(width + self.window * (self.ngram - 1)) - cost(width)
+        return self.policy.gain("window").pays(self.policy.cost(1), self._window_ms)
 
     def _window_fits(self, context_len: int) -> bool:
         # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.
@@ -196,8 +192,9 @@ class LookaheadProposer(Proposer):
         if self.policy is not None and self._sent is not None:
             tree, features, origins = self._sent
             self.policy.learn(tree, features, outcome)
-            self.policy.extra_gain.accepted += sum(origins[node] for node in outcome.accepted_nodes)
-            self.policy.extra_gain.offered += self._sent_window
+            if self._sent_window:
+                gained = sum(origins[node] for node in outcome.accepted_nodes)
+                self.policy.gain("window").record(gained, self._window_ms)
             self._last = len(outcome.accepted) if len(tree) else None
         new = [*outcome.accepted, outcome.next_token]
         self.steps += 1

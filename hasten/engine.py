@@ -154,6 +154,8 @@ class Generation:
             new = new[: ended + 1]
         new = new[: self.max_new_tokens - self.produced]
         self.context.extend(new)
+        if self.target.cache_len > len(self.context) - 1:  # tokens after an end or the length cut: not kept
+            self.target.truncate(len(self.context) - 1)
         self.produced += len(new)
         stats.new_tokens += len(new)
         self.finished = (ended is not None or self.produced >= self.max_new_tokens

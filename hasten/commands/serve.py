@@ -7,6 +7,7 @@ import argparse
 from hasten.commands.common import add_model_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
+from hasten.server.limits import KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=int, default=8,
                         help="requests that may wait while one generates; more get 503 at once")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="the most max_tokens a request may ask for (default and ceiling: the context minus 1)")
+    parser.add_argument("--max-generations", type=int, default=MAX_GENERATIONS,
+                        help=f"the most prompts x n in one request (default {MAX_GENERATIONS})")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"the largest request body; larger ones get 413 (default {MAX_BODY_BYTES})")
+    parser.add_argument("--keepalive", type=float, default=KEEPALIVE_S,
+                        help=f"seconds between SSE keep-alive comments to a waiting stream (default {KEEPALIVE_S:g})")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: the --model value)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -26,12 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise HastenError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_queue < 1:
-        raise HastenError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.max_tokens < 1:
-        raise HastenError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.method == "draft" and not args.draft_model:
-        raise HastenError("--method draft needs a draft model (--draft-model PATH)")
+    for option in ("max_queue", "max_tokens", "max_tokens_limit", "max_generations", "max_body_bytes", "threads"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise HastenError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if not args.keepalive > 0:
+        raise HastenError(f"--keepalive must be > 0 seconds, got {args.keepalive}")
     import uvicorn
 
     from hasten.server import create_app
@@ -40,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     options = method_options(args, loaded)
     draft = options.pop("draft", None)
     app = create_app(loaded, args.method, draft, args.max_queue, default_max_tokens=args.max_tokens,
-                     model_name=args.served_model_name, method_options=options)
+                     model_name=args.served_model_name, method_options=options,
+                     max_generations=args.max_generations, max_tokens_limit=args.max_tokens_limit,
+                     max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -15,12 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hasten.api import GenerationResult, Prompt
+from hasten.api import GenerationResult, Prompt, prompt_ids
 from hasten.errors import HastenError
-from hasten.methods import METHODS
+from hasten.methods import METHODS, build_proposer, options_for
 from hasten.models import LoadedModel
+from hasten.sampling import SamplingParams
 from hasten.server.errors import APIError, queue_full
-from hasten.server.formats import Reply, sse, statistics
+from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
+from hasten.server.limits import KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 from hasten.server.metrics import Metrics
 from hasten.server.schemas import ChatRequest, CompletionRequest, GenerationRequest
 from hasten.server.worker import Closed, Delta, Failed, Finished, Job, Message, Started, Worker
@@ -57,6 +59,49 @@ class RequestCounter:
             self.metrics.count_request(path if path in ENDPOINTS else "other", status)
 
 
+class BodyLimit:
+    """ASGI middleware answering 413 to a request body over ``limit`` bytes, declared or streamed, before any work."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # disconnect notices
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        error = APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 class Inbox:
     """Reads a job's messages; while waiting, notices a client that went away and cancels the job."""
 
@@ -65,15 +110,24 @@ class Inbox:
         self.request = request
         self._getter: asyncio.Future[Message] | None = None
 
-    async def next(self, watch: bool = True) -> Message:
+    async def next(self, watch: bool = True, timeout: float | None = None) -> Message | None:
+        """The next message, or None after ``timeout`` seconds without one (the wait then resumes on the next
+        call). With ``watch``, a client that went away cancels the job and raises ``ClientGone``."""
         if self._getter is None:
             self._getter = asyncio.ensure_future(self.job.out.get())
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
-            done, _ = await asyncio.wait({self._getter}, timeout=POLL_S if watch else None)
+            waits = [POLL_S] if watch else []
+            if deadline is not None:
+                waits.append(max(0.0, deadline - loop.time()))
+            done, _ = await asyncio.wait({self._getter}, timeout=min(waits, default=None))
             if done:
                 message, self._getter = self._getter.result(), None
                 return message
-            if await self.request.is_disconnected():
+            if deadline is not None and loop.time() >= deadline:
+                return None
+            if watch and await self.request.is_disconnected():
                 self.close()
                 raise ClientGone
 
@@ -104,25 +158,40 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 
 def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedModel | None = None,
                max_queue: int = 8, *, default_max_tokens: int = 256, model_name: str | None = None,
-               method_options: dict[str, Any] | None = None) -> FastAPI:
+               method_options: dict[str, Any] | None = None, max_generations: int = MAX_GENERATIONS,
+               max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               keepalive_s: float = KEEPALIVE_S) -> FastAPI:
     """An OpenAI-compatible app serving ``loaded`` (already loaded) through one worker thread.
 
-    ``max_queue`` requests may wait while one generates; more are refused with 503 at once.
-    ``method_options`` go to every proposer (e.g. ``num_tokens``); ``draft`` enables ``method="draft"``.
+    ``max_queue`` requests may wait while one generates; more are refused with 503 at once. One request may ask
+    for at most ``max_generations`` generations (prompts x n) of at most ``max_tokens_limit`` tokens each (default
+    and ceiling: the context minus 1; a request without max_tokens gets ``default_max_tokens`` within it), in a
+    body of at most ``max_body_bytes`` (413 beyond). A stream waiting in the queue gets an SSE comment every
+    ``keepalive_s`` seconds. ``method_options`` is one pool for all methods, each taking its own (e.g.
+    ``num_tokens``); ``draft`` is the draft model of ``method="draft"``. Every method's proposer is built once
+    here: the default one must build (a bad configuration fails now), another that cannot is refused per request.
     """
     if default_method not in METHODS:
         raise HastenError(f"unknown method {default_method!r}; choose one of {', '.join(METHODS)}")
-    if default_method == "draft" and draft is None:
-        raise HastenError("--method draft needs a draft model (--draft-model PATH)")
-    if default_max_tokens < 1:
-        raise HastenError(f"the default max_tokens must be >= 1, got {default_max_tokens}")
+    context = loaded.max_context
+    for name, value in (("the default max_tokens", default_max_tokens), ("max_generations", max_generations),
+                        ("max_tokens_limit", max_tokens_limit), ("max_body_bytes", max_body_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HastenError(f"{name} must be an integer >= 1, got {value!r}")
+    if not keepalive_s > 0:
+        raise HastenError(f"the keep-alive interval must be > 0 seconds, got {keepalive_s!r}")
+    token_cap = min(max_tokens_limit or context, context - 1)
+    if token_cap < 1:
+        raise HastenError(f"this model's context ({context} tokens) leaves no room to generate")
+    default_max_tokens = min(default_max_tokens, token_cap)
     metrics = Metrics()
     worker = Worker(loaded, metrics, max_queue)
     metrics.queue_depth, metrics.running = worker.depth, worker.running
     served = model_name or loaded.name
-    options = {key: value for key, value in (method_options or {}).items() if value is not None}
+    pool = {key: value for key, value in (method_options or {}).items() if value is not None}
     if draft is not None:
-        options["draft"] = draft
+        pool["draft"] = draft
+    unavailable = _probe_methods(loaded, default_method, pool)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -133,7 +202,8 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
 
     app = FastAPI(title="hasten", lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics
-    app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: it counts the 413s too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -158,7 +228,8 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
         log.exception("unhandled error")
         return APIError(500, f"internal error: {type(error).__name__}", type="server_error").response()
 
-    def make_job(body: GenerationRequest, prompts: list[Prompt], chat: bool) -> Job:
+    async def make_job(body: GenerationRequest, prompts: list[Prompt], chat: bool) -> Job:
+        """Check everything a request asks for, then tokenize: a queued stream must not fail for its input."""
         if body.model is not None and body.model not in (served, loaded.name):
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
                            param="model", code="model_not_found")
@@ -166,10 +237,28 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
         if method not in METHODS:
             raise APIError(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}",
                            param="method", code="unknown_method")
-        if method == "draft" and draft is None:
-            raise APIError(400, "method 'draft' needs the server started with --draft-model", param="method")
-        return Job(prompts=prompts, chat=chat, n=body.n, method=method,
-                   sampling=body.sampling(default_max_tokens), seed=body.seed, options=options)
+        if method in unavailable:
+            raise APIError(400, f"method {method!r} is not available on this server: {unavailable[method]}",
+                           param="method")
+        param = "messages" if chat else "prompt"
+        if len(prompts) * body.n > max_generations:
+            raise APIError(400, f"the request asks for {len(prompts)} prompt(s) x n={body.n} generations; this server "
+                                f"allows at most {max_generations} per request", param="n" if body.n > 1 else param)
+        sampling = body.sampling(default_max_tokens)
+        if sampling["max_new_tokens"] > token_cap:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{field} is {sampling['max_new_tokens']}; this server generates at most {token_cap} "
+                                f"tokens per choice (the model's context is {context} tokens)", param=field)
+        try:
+            ids = await asyncio.to_thread(lambda: [prompt_ids(loaded, prompt, chat) for prompt in prompts])
+        except HastenError as error:  # no chat template, an id outside the vocabulary, ...
+            raise APIError(400, str(error), param=param) from None
+        for tokens in ids:
+            if len(tokens) >= context:
+                raise APIError(400, f"the prompt has {len(tokens)} tokens; this model's context is {context} tokens",
+                               param=param, code="context_length_exceeded")
+        return Job(prompts=ids, chat=chat, n=body.n, method=method, sampling=sampling, seed=body.seed,
+                   options=options_for(method, pool))
 
     async def answer(request: Request, body: GenerationRequest, job: Job) -> Any:
         job.loop = asyncio.get_running_loop()
@@ -179,17 +268,12 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
             raise queue_full(max_queue) from None
         inbox = Inbox(job, request)
         reply = Reply(chat=job.chat, model=served, method=job.method, n=job.n)
-        streaming = False
+        if body.stream:  # headers at once; from here on the SSE body owns the job
+            return StreamingResponse(stream_events(inbox, reply, body.include_usage()),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results: dict[int, GenerationResult] = {}
         try:
-            first = await inbox.next()
-            if isinstance(first, Failed):
-                return first.error.response()
-            if body.stream:
-                streaming = True  # from here on the SSE body owns the job
-                return StreamingResponse(stream_events(inbox, reply, first, body.include_usage()),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            results: dict[int, GenerationResult] = {}
-            message = first
+            message = await inbox.next()
             while not isinstance(message, Closed):
                 if isinstance(message, Failed):
                     return message.error.response()
@@ -199,19 +283,22 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it; /metrics counts it
         finally:
-            if not streaming:
-                inbox.close()  # a no-op when the job is over; cancels it if this handler was interrupted
+            inbox.close()  # a no-op when the job is over; cancels it if this handler was interrupted
         if len(results) != len(job.prompts) * job.n:
             raise APIError(503, "the generation was interrupted", type="server_error")
         return reply.response(results)
 
-    async def stream_events(inbox: Inbox, reply: Reply, first: Message, include_usage: bool) -> AsyncIterator[str]:
+    async def stream_events(inbox: Inbox, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         """The SSE body; if the client disconnects, this generator is cancelled and the job with it."""
         results: dict[int, GenerationResult] = {}
-        message = first
         try:
-            while not isinstance(message, Closed):
-                if isinstance(message, Started) and reply.chat:
+            while True:
+                message = await inbox.next(watch=False, timeout=keepalive_s)
+                if message is None:  # still queued (or a long step): keep the connection alive
+                    yield KEEPALIVE
+                elif isinstance(message, Closed):
+                    break
+                elif isinstance(message, Started) and reply.chat:
                     for index in range(len(inbox.job.prompts) * inbox.job.n):
                         yield sse(reply.chunk(index, role=True))
                 elif isinstance(message, Delta):
@@ -222,7 +309,6 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
                     yield sse({**chunk, "hasten": statistics({message.index: message.result}, reply.method)})
                 elif isinstance(message, Failed):
                     yield sse(message.error.body())
-                message = await inbox.next(watch=False)
             if include_usage and results:
                 yield sse(reply.usage_chunk(results))
             yield sse("[DONE]")
@@ -232,7 +318,7 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         messages = [message.as_template_input() for message in body.messages]
-        return await answer(request, body, make_job(body, [messages], chat=True))
+        return await answer(request, body, await make_job(body, [messages], chat=True))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -243,7 +329,7 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
             prompts = list(prompt)
         if any(isinstance(p, str) and not p.strip() for p in prompts):
             raise APIError(400, "the prompt is empty", param="prompt")
-        return await answer(request, body, make_job(body, prompts, chat=False))
+        return await answer(request, body, await make_job(body, prompts, chat=False))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -252,7 +338,8 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served, "default_method": default_method, "methods": list(METHODS),
+        return {"status": "ok", "model": served, "default_method": default_method,
+                "methods": [method for method in METHODS if method not in unavailable],
                 "queue_depth": worker.depth(), "max_queue": max_queue, "running": worker.running()}
 
     @app.get("/metrics")
@@ -260,3 +347,22 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _probe_methods(loaded: LoadedModel, default_method: str, pool: dict[str, Any]) -> dict[str, str]:
+    """Build every method's proposer once with the server's options: the default must build (else HastenError);
+    the others that cannot are returned with the reason, to be refused per request."""
+    unavailable: dict[str, str] = {}
+    for method in METHODS:
+        try:
+            build_proposer(method, loaded, SamplingParams(), None, **options_for(method, pool))
+        except HastenError as error:
+            if method == default_method:
+                raise HastenError(f"method {method!r} cannot run on {loaded.name!r}: {error}") from error
+            unavailable[method] = str(error)
+        except Exception as error:  # a bug in a method nobody asked for must not stop the server
+            if method == default_method:
+                raise
+            log.warning("method %r is unavailable: %s: %s", method, type(error).__name__, error)
+            unavailable[method] = f"it failed to build ({type(error).__name__})"
+    return unavailable

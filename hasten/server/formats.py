@@ -10,6 +10,8 @@ from typing import Any
 
 from hasten.api import GenerationResult
 
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, connections and proxies stay open
+
 
 def sse(payload: dict[str, Any] | str) -> str:
     """One server-sent event line (``data: ...`` and a blank line)."""

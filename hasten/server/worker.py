@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from hasten.api import GenerationResult, Prompt, prompt_ids, stream
+from hasten.api import GenerationResult, stream
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.server.errors import APIError
@@ -50,9 +50,12 @@ Message = Started | Delta | Finished | Failed | Closed
 
 @dataclass
 class Job:
-    """One request: ``n`` generations for each prompt, choice ``i * n + j`` using seed ``seed + j``."""
+    """One request: ``n`` generations for each prompt (token ids, checked), choice ``i * n + j`` with seed ``seed + j``.
 
-    prompts: list[Prompt]
+    ``options`` are the method's own.
+    """
+
+    prompts: list[list[int]]
     chat: bool
     n: int
     method: str
@@ -89,8 +92,6 @@ class Worker:
         self.max_queue = max_queue
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.current: Job | None = None
-        self.max_context = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
-        self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -153,17 +154,7 @@ class Worker:
                 job.post(Closed())
 
     def _execute(self, job: Job) -> None:
-        ids = [prompt_ids(self.loaded, prompt, job.chat) for prompt in job.prompts]
-        for tokens in ids:
-            if len(tokens) >= self.max_context:
-                param = "messages" if job.chat else "prompt"
-                raise APIError(
-                    400, f"the prompt has {len(tokens)} tokens; this model's context is {self.max_context} tokens",
-                    param=param, code="context_length_exceeded")
-            if any(t >= self.vocab_size for t in tokens):
-                raise APIError(400, f"the prompt has a token id outside the vocabulary (0..{self.vocab_size - 1})",
-                               param="prompt")
-        for p, tokens in enumerate(ids):
+        for p, tokens in enumerate(job.prompts):
             for j in range(job.n):
                 if not self._generate(job, p * job.n + j, tokens, self._seed(job.seed, j)):
                     self.metrics.count_cancelled()

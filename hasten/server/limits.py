@@ -1,0 +1,5 @@
+"""The server's default bounds on one request (a light module: the command line reads it without FastAPI)."""
+
+MAX_GENERATIONS = 64  # prompts x n of one request
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
+KEEPALIVE_S = 15.0  # a waiting stream gets an SSE comment this often

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 from transformers import PreTrainedTokenizerBase
 
@@ -48,20 +48,29 @@ class IncrementalDetokenizer:
         self._marks.append((self._read, len(self.text), self._prefix))
         return delta
 
-    def tokens_before(self, cut: int) -> int:
-        """How many leading tokens have all their text in ``text[:cut]`` (where a stop string starts).
+    def tokens_until(self, cut: int, straddling: bool = True) -> int:
+        """How many leading tokens make up ``text[:cut]`` (where a stop string starts).
 
-        A token that straddles the cut, or whose bytes only complete a character after it, is not counted.
-        Only the tokens after the last step that ended before the cut are decoded again, one at a time.
+        With ``straddling``, the fewest whose text covers it, so a token straddling the cut counts; without,
+        only those whose text lies wholly before it. A token whose bytes complete a character only after the cut
+        never counts, and one that completes a character before it always does. Only the tokens after the last
+        step that ended before the cut are decoded again, one at a time.
         """
-        read, length, prefix = self._marks[bisect_right(self._marks, cut, key=lambda mark: mark[1]) - 1]
+        if cut <= 0:
+            return 0
+        find = bisect_left if straddling else bisect_right
+        read, length, prefix = self._marks[find(self._marks, cut, key=lambda mark: mark[1]) - 1]
         replay = IncrementalDetokenizer(self.tokenizer)
         replay.tokens, replay.text, replay._prefix, replay._read = self.tokens[:read], self.text[:length], prefix, read
         count = read
         for token in self.tokens[read:]:
             replay.add([token])
-            if len(replay.text) > cut:
-                break
-            if replay._read == len(replay.tokens):  # nothing held back: every token so far is in the text
-                count = replay._read
-        return count
+            clean = replay._read == len(replay.tokens)  # nothing held back: every token so far is in the text
+            if straddling and clean and len(replay.text) >= cut:
+                return replay._read
+            if not straddling:
+                if len(replay.text) > cut:
+                    break
+                if clean:
+                    count = replay._read
+        return len(self.tokens) if straddling else count

@@ -1,4 +1,4 @@
-"""Issue 12, item 7: mapping a stop string's character cut to the tokens whose text lies before it."""
+"""Issue 12, item 7: mapping a stop string's character cut to the tokens that make up the text before it."""
 
 from __future__ import annotations
 
@@ -25,51 +25,58 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
-def reference(tokenizer, ids: list[int], cut: int) -> int:
-    """The most leading tokens that decode to complete characters within ``text[:cut]``."""
-    best = 0
+def reference(tokenizer, ids: list[int], cut: int, straddling: bool) -> int:
+    """Brute force: the fewest leading tokens whose complete text reaches the cut (``straddling``), or the most
+    whose complete text stays within it."""
+    counts = []
     for n in range(len(ids) + 1):
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        if "\ufffd" not in text and len(text) <= cut:
-            best = n
-    return best
+        if "\ufffd" not in text and (len(text) >= cut if straddling else len(text) <= cut):
+            counts.append(n)
+    return min(counts, default=len(ids)) if straddling else max(counts)
 
 
 def check_every_cut(tokenizer, text: str) -> None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
-    expected = [reference(tokenizer, ids, cut) for cut in range(len(text) + 1)]
-    for step in (1, 2, 3, 7):  # the chunks one decoding step hands over
-        detok = IncrementalDetokenizer(tokenizer)
-        for i in range(0, len(ids), step):
-            detok.add(ids[i : i + step])
-        assert [detok.tokens_before(cut) for cut in range(len(text) + 1)] == expected, step
+    cuts = range(len(text) + 1)
+    for straddling in (True, False):
+        expected = [reference(tokenizer, ids, cut, straddling) for cut in cuts]
+        for step in (1, 2, 3, 7):  # the chunks one decoding step hands over
+            detok = IncrementalDetokenizer(tokenizer)
+            for i in range(0, len(ids), step):
+                detok.add(ids[i : i + step])
+            assert [detok.tokens_until(cut, straddling) for cut in cuts] == expected, (straddling, step)
 
 
-def test_tokens_before_a_cut_with_multibyte_and_straddling_tokens():
+def test_tokens_until_a_cut_with_multibyte_and_straddling_tokens():
     tokenizer = byte_tokenizer()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert any(len(tokenizer.convert_ids_to_tokens(i)) > 1 for i in ids)  # merged tokens are there
     check_every_cut(tokenizer, TEXT)
 
 
-def test_tokens_before_a_cut_on_word_tokens():
+def test_tokens_until_a_cut_on_word_tokens():
     tokenizer = tiny_tokenizer()
     detok = IncrementalDetokenizer(tokenizer)
     detok.add([3, 4])
     detok.add([5])  # text "w3 w4 w5"
-    assert [detok.tokens_before(cut) for cut in (0, 1, 2, 3, 4, 5, 6, 8)] == [0, 0, 1, 1, 1, 2, 2, 3]
+    cuts = (0, 1, 2, 3, 4, 5, 6, 8)
+    assert [detok.tokens_until(cut) for cut in cuts] == [0, 1, 1, 2, 2, 2, 3, 3]
+    assert [detok.tokens_until(cut, straddling=False) for cut in cuts] == [0, 0, 1, 1, 1, 2, 2, 3]
 
 
-def test_a_token_completing_a_character_after_the_cut_is_not_counted():
+def test_a_character_split_over_tokens_counts_all_or_none_of_them():
     tokenizer = byte_tokenizer()
-    ids = tokenizer("ab🚀", add_special_tokens=False)["input_ids"]  # a, b, then four bytes of the rocket
+    ids = tokenizer("ab🚀X", add_special_tokens=False)["input_ids"]  # a, b, four bytes of the rocket, X
     detok = IncrementalDetokenizer(tokenizer)
     detok.add(ids)
-    assert detok.tokens_before(2) == 2 and detok.tokens_before(3) == len(ids)
+    for straddling in (True, False):
+        assert detok.tokens_until(2, straddling) == 2  # the rocket starts at the cut: none of its bytes
+        assert detok.tokens_until(3, straddling) == 6  # the rocket ends at the cut: all four
 
 
 @pytest.mark.slow
-def test_tokens_before_every_cut_with_the_real_tokenizer(default_model):
+def test_tokens_until_every_cut_with_the_real_tokenizer(default_model):
     text = "Héllo wörld! 你好，世界。\n    def f(x):\n        return x ** 2  # 🚀 done"
     check_every_cut(default_model.tokenizer, text)

@@ -190,3 +190,15 @@ def test_method_draft_and_redrafter_on_the_default_model(default_model):
             assert reply.model_extra["hasten"]["method"] == method
             assert reply.choices[0].message.content == generate(default_model, messages, method,
                                                                 max_new_tokens=10).text
+
+
+def test_completion_tokens_stop_at_a_stop_string(base, tiny):
+    """Item 7 through the server: usage counts the tokens of the text returned, not those after the cut."""
+    body = {"prompt": LONG_PROMPT, "max_tokens": 10, "temperature": 0}
+    full = post(base, body).json()["choices"][0]["text"]
+    words = full.split()
+    stop = f" {words[4]} "
+    head = full[: full.index(stop)]
+    cut = post(base, {**body, "stop": stop}).json()
+    assert cut["choices"][0]["text"] == head and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] == len(head.split()) < 10

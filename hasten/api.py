@@ -146,7 +146,7 @@ class TextOutput:
             text, tokens = self.detok.text, self.detok.tokens
         else:
             text = self.detok.text[: self.cut]
-            tokens = self.detok.tokens[: tokens_before(self.loaded.tokenizer, self.detok.tokens, text)]
+            tokens = self.detok.tokens[: self.detok.tokens_until(self.cut)]
         stats = generation.stats
         result = GenerationResult(
             text=text,
@@ -164,14 +164,6 @@ class TextOutput:
             method_stats=generation.proposer.stats(),
         )
         return StreamEvent(text[self.sent :], tokens[self.sent_tokens :], result)
-
-
-def tokens_before(tokenizer, tokens: list[int], text: str) -> int:
-    """How many of ``tokens`` it takes for their text to cover ``text`` (a stop string cut inside them)."""
-    for count in range(len(tokens) + 1):
-        if len(tokenizer.decode(tokens[:count], skip_special_tokens=True)) >= len(text):
-            return count
-    return len(tokens)
 
 
 def stream(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: Any) -> Iterator[StreamEvent]:

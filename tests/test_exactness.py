@@ -106,6 +106,10 @@ def test_stop_string_cuts_the_text():
     cut = generate(loaded, prompt, "pld", max_new_tokens=12, stop=[stop])
     assert cut.finish_reason == "stop"
     assert stop not in cut.text and full.text.startswith(cut.text)
+    # Token ids stop where the text does: the tokens after the cut are not reported.
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+    assert loaded.tokenizer.decode(cut.token_ids, skip_special_tokens=True).startswith(cut.text)
+    assert len(loaded.tokenizer.decode(cut.token_ids[:-1], skip_special_tokens=True)) < len(cut.text)  # none extra
 
 
 @pytest.mark.slow

@@ -1,16 +1,15 @@
 """The llama.cpp backend: sequence-id layout, tree logits, batch invariance, KV bookkeeping, hidden states, errors.
 
-What holds numerically (llama.cpp through llama-cpp-python 0.3.36, CPU, flash attention off):
-- Quantized weights (Q8_0, Q4_0; Q4_1 on the real model) are batch-invariant below 64 tokens per batch: a chain
-  scored in one pass or one token at a time gives bit-identical logits (integer dot products, and the cache
-  cells lie in the same order). From 64 tokens on another matmul kernel takes over (~0.25 apart). F32 and
-  F16 weights differ across batch sizes by ~1e-3, with the same argmax here.
-- A tree pass puts a path's cells in other slots of the cache than a plain chain does, so attention sums over
-  the cells in another order. With quantized weights the activation quantization absorbs that float noise
-  almost always: on the tiny model 4829 of 4830 tree rows were bit-identical to their path decoded as a chain
-  (one rounding flip, 0.04); after long runs with truncations about 96% of rows are (flips up to 0.2). The
-  argmax never differed. F32: about half the rows are bit-identical, the rest within ~2e-3.
-- llama.cpp's CPU flash attention (off by default here) is far noisier: mismatches after two tree passes.
+What holds numerically (llama.cpp through llama-cpp-python 0.3.36, CPU, flash attention on as llama.cpp picks):
+- Quantized weights (Q8_0, Q4_0; Q4_1 on the real model) are batch-invariant from 1 to 63 tokens per pass:
+  a chain scored in one pass or one token at a time gives bit-identical logits (integer dot products, and
+  flash attention handles each query row on its own). From 64 tokens on, tiled kernels take over (~0.3
+  apart). F32 and F16 weights differ between a 1-token pass and a batch (1e-6 to 1e-2).
+- A tree row is bit-identical to its path decoded as a chain (masked cells add exact zeros), and because
+  ``commit`` moves kept cells into plain decoding's slots, the cache layout, and so every later score, stays
+  bit-identical to decoding the committed tokens as chains. Two exceptions, both llama.cpp's: passes of 64+
+  tokens (prefill), and, with more than one thread, a 1-token pass once the cache holds more than 256 cells
+  (flash attention then splits the cells across threads). The tiny models here run on one thread.
 """
 
 from __future__ import annotations
@@ -135,7 +134,7 @@ def test_tree_sequences_rejects_bad_parents():
 # -- scoring on a tiny llama
 
 
-@pytest.mark.parametrize(("weights", "exact", "atol"), [("q8_0", 0.99, 0.3), ("q4_0", 0.99, 0.3), ("f32", 0.0, 5e-3)])
+@pytest.mark.parametrize(("weights", "exact", "atol"), [("q8_0", 1.0, 0.0), ("q4_0", 1.0, 0.0), ("f32", 0.0, 5e-3)])
 def test_tree_logits_equal_each_path_as_a_chain(weights, exact, atol):
     model = tiny(weights)
     rng = random.Random(1)
@@ -187,8 +186,8 @@ def test_float_weights_are_close_across_batch_sizes(weights):
 
 def test_kv_bookkeeping_over_long_random_generations():
     """Random trees, random accepted paths and the odd truncation: after every commit the real cache is exactly
-    the committed positions, each once, and the kept path's logits equal those of a reference that decodes the
-    same committed tokens as plain chains (up to the rare quantization flip, see the module docstring)."""
+    the committed positions, each once, in plain decoding's order, and the kept path's logits are bit-identical
+    to those of a reference that decodes the same committed tokens as plain chains."""
     model = tiny("q8_0")
     rng = random.Random(3)
     target, reference = model.new_target(), model.new_target()
@@ -229,7 +228,7 @@ def test_kv_bookkeeping_over_long_random_generations():
         fresh.start(committed[:-1])
         assert_same_scores(last, fresh.score([committed[-1]], [-1]).logits, 0.0, 0.5)
     assert len(got) > 500
-    assert_same_scores(torch.stack(got), torch.stack(want), 0.9, 0.5)
+    assert_same_scores(torch.stack(got), torch.stack(want), 1.0, 0.0)
 
 
 def test_logits_rows_any_order_and_repeats():
@@ -377,9 +376,9 @@ def test_context_limits_are_clear_errors():
     narrow = tiny("q8_0", n_seq_max=4).new_target()
     narrow.start([5])
     with pytest.raises(HastenError, match="n_seq_max"):
-        narrow.score([6] * 6, [-1, 0, 0, 0, 0, 0])
-    narrow.score([6] * 5, [-1, 0, 0, 0, 0])  # 4 leaves fit
-    narrow.commit([0, 4])
+        narrow.score([6] * 5, [-1, 0, 0, 0, 0])  # 4 leaves: the last sequence id is the commit's scratch
+    narrow.score([6] * 4, [-1, 0, 0, 0])  # 3 leaves fit
+    narrow.commit([0, 3])
     assert narrow.cache_problems() == []
 
 
@@ -458,7 +457,7 @@ def test_real_model_hidden_states_match_transformers_after_the_norm(real_model):
     cosine = torch.nn.functional.cosine_similarity
     post = cosine(scores.hidden, captured["post"][-6:])
     pre = cosine(scores.hidden, captured["pre"][-6:])
-    assert post.min() > 0.97 and pre.max() < post.min() - 0.1, (post, pre)
+    assert post.min() > 0.99 and (post > pre).all() and pre.mean() < 0.8, (post, pre)
     assert cosine(scores.logits, hf_logits[-6:]).min() > 0.97
     embed = real_model.input_embeddings()
     assert torch.allclose(embed, hf.model.embed_tokens.weight.detach(), atol=1e-6)

@@ -97,17 +97,17 @@ class LlamaCppModel:
     """A GGUF model loaded by llama.cpp; makes targets (each with its own llama context) on it.
 
     ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: repacked / AMX weight layouts) defaults to off on CPUs
-    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere. ``flash_attn`` is off by
-    default: llama.cpp's CPU flash attention gives results that depend on how the cache was filled (logits
-    ~0.1 apart after tree passes), while without it a pass is bit-identical to plain decoding (quantized
-    weights, passes under 64 tokens).
+    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere. ``flash_attn`` (None:
+    llama.cpp decides, which is on for the CPU) should stay on: its CPU kernel treats every query row on its
+    own, so passes are batch-invariant, while without it the real default model's logits move by ~0.5 with
+    the number of tokens in a pass.
     """
 
     backend = "llamacpp"
 
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
-                 extra_buffers: bool | None = None, flash_attn: bool = False) -> None:
+                 extra_buffers: bool | None = None, flash_attn: bool | None = None) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None
         self._pool: list[Any] = []
@@ -164,8 +164,8 @@ class LlamaCppModel:
         params.swa_full = True  # sliding-window layers keep every cell, so rolling back never fails
         params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         params.embeddings = False
-        params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
-                                  else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.flash_attn_type = {None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[self.flash_attn]
         params.no_perf = True
         _log_lines.clear()
         context = lib.llama_init_from_model(self._model, params)
@@ -254,6 +254,7 @@ class LlamaCppTarget:
         self._pending: tuple[list[int], list[list[int]] | None] | None = None  # (parents, seq ids or None)
         self._capacity = 0
         self._grow(max(64, self._n_batch))
+        self._state = (ctypes.c_uint8 * 0)()  # scratch for moving kept cells
 
     # -- the batch: numpy arrays that a llama_batch points into, filled with vector operations
 
@@ -378,8 +379,9 @@ class LlamaCppTarget:
         if chain:
             self._fill_chain(tokens, rows)
         else:
-            if n_seqs > self._n_seq_max:
-                raise HastenError(f"a tree with {n_seqs} leaves exceeds this model's n_seq_max={self._n_seq_max}")
+            if n_seqs >= self._n_seq_max:
+                raise HastenError(f"a tree with {n_seqs} leaves needs n_seq_max > {n_seqs}; "
+                                  f"this model has n_seq_max={self._n_seq_max}")
             self._sync(n_seqs)
             self._fill_tree(tokens, depths, seqs, rows)
         ascending = logits_rows is None or all(b > a for a, b in zip(rows, rows[1:], strict=False))
@@ -394,7 +396,14 @@ class LlamaCppTarget:
         return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
 
     def commit(self, keep: list[int]) -> None:
-        """Keep the root-down path ``keep`` of the last pass in sequence 0 and drop everything else it added."""
+        """Keep the root-down path ``keep`` of the last pass in sequence 0 and drop everything else it added.
+
+        When the kept tokens are not the first ones of the pass, their cells are moved (llama.cpp's sequence
+        state copy: K/V rows of just those cells) to the slots right after the context, so the cache is laid
+        out exactly as plain decoding lays it out: attention then sums over the cells in the same order, and
+        later scores are bit-identical to decoding the committed tokens one by one wherever llama.cpp's
+        passes are batch-invariant (flash attention on, quantized weights, passes under 64 tokens).
+        """
         self._check_open()
         if self._pending is None:
             raise RuntimeError("commit() needs a scored pass")
@@ -402,18 +411,33 @@ class LlamaCppTarget:
         _check_keep(parents, keep)
         lib, mem, old, k = self._lib, self._mem, self.cache_len, len(keep)
         new = old + k
+        source = 0  # a sequence other than 0 that holds the whole new context afterwards
         if seqs is None:
             self._rm(0, new)
-        else:
-            n_seqs = seqs[0][-1] + 1  # the root carries every sequence of the pass
+        elif all(node == i for i, node in enumerate(keep)):  # the kept cells are the pass's first: no move
             source = commit_source(seqs, keep)
-            for s in range(n_seqs):
+            for s in range(seqs[0][-1] + 1):  # the root carries every sequence of the pass
                 if s != source:
                     self._rm(s, old)
-                    self._synced[s] = old
             self._rm(source, new)
             if source != 0:
                 lib.llama_memory_seq_cp(mem, source, 0, old, new)
+        else:
+            scratch = self._n_seq_max - 1  # never used by a pass
+            lib.llama_memory_seq_cp(mem, commit_source(seqs, keep), scratch, old, new)
+            size = lib.llama_state_seq_get_size(self._ctx, scratch)
+            if len(self._state) < size:
+                self._state = (ctypes.c_uint8 * max(size, 2 * len(self._state)))()
+            lib.llama_state_seq_get_data(self._ctx, self._state, size, scratch)
+            self._rm(-1, old)  # every cell of the pass, in every sequence
+            if lib.llama_state_seq_set_data(self._ctx, self._state, size, scratch) != size:
+                raise HastenError("llama.cpp could not move the kept cache entries")
+            lib.llama_memory_seq_cp(mem, scratch, 0, -1, -1)
+            self._rm(scratch, 0)
+        for s in range(1, self._n_seq_max):  # the other sequences hold the context up to at most old
+            if self._synced[s] > old:
+                self._synced[s] = old
+        if source:
             self._synced[source] = new
         self._synced[0] = new
         self.cache_len = new
@@ -520,8 +544,8 @@ class LlamaCppTarget:
         return cells
 
     def cache_problems(self) -> list[str]:
-        """Every way the real cache differs from "exactly positions 0..cache_len-1, each once, in sequence 0"
-        (empty when all is well). Checks, never asserts."""
+        """Every way the real cache differs from "exactly positions 0..cache_len-1, each once, in this order,
+        in sequence 0" (empty when all is well). Checks, never asserts."""
         problems: list[str] = []
         if self._pending is not None:
             problems.append("a pass is pending (not committed)")
@@ -534,6 +558,8 @@ class LlamaCppTarget:
             missing = collections.Counter(range(self.cache_len)) - collections.Counter(positions)
             problems.append(f"cells: {len(cells)} used; extra positions {sorted(extra.elements())[:10]}, "
                             f"missing {sorted(missing.elements())[:10]}")
+        elif [pos for pos, _ in cells] != positions:
+            problems.append("cells are out of position order (not the layout plain decoding gives)")
         outside = [pos for pos, ids in cells if 0 not in ids]
         if outside:
             problems.append(f"cells outside sequence 0 at positions {outside[:10]}")

@@ -286,14 +286,14 @@ class LlamaCppTarget:
         batch.logits = ctypes.cast(self._out.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
         return batch
 
-    def _decode(self, n: int, wanted: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _decode(self, n: int, wanted: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the ascending rows ``wanted``.
 
         With embeddings on, llama.cpp outputs every token (it overrides the flags), so rows are picked here.
         """
         lib = self._lib
-        logits: list[np.ndarray] = []
-        hidden: list[np.ndarray] = []
+        logits: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
         start = 0
         first = 0  # index into wanted of the first row at or after start
         while start < n:
@@ -324,16 +324,20 @@ class LlamaCppTarget:
         if len(logits) == 1:
             return logits[0], (hidden[0] if self.want_hidden else None)
         if self.want_hidden:
-            out_h = np.concatenate(hidden) if hidden else np.empty((0, self.hidden_size), np.float32)
-        out = np.concatenate(logits) if logits else np.empty((0, self.vocab_size), np.float32)
+            out_h = torch.cat(hidden) if hidden else torch.empty(0, self.hidden_size)
+        out = torch.cat(logits) if logits else torch.empty(0, self.vocab_size)
         return out, out_h
 
     @staticmethod
-    def _rows(pointer: Any, total: int, width: int, local: Any) -> np.ndarray:
+    def _rows(pointer: Any, total: int, width: int, local: Any) -> torch.Tensor:
+        """Copy output rows out of llama.cpp's buffer: all ``total`` of them (a slice) or those listed."""
         if not pointer:
             raise HastenError("llama.cpp returned no outputs for the pass")
-        rows = np.ctypeslib.as_array(pointer, shape=(total, width))
-        return rows.copy() if isinstance(local, slice) else rows[local]
+        if isinstance(local, slice):  # one memmove: right after a forward pass every Python step is slow
+            out = torch.empty(total, width)
+            ctypes.memmove(out.data_ptr(), pointer, 4 * total * width)
+            return out
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[local])
 
     # -- the Target protocol
 
@@ -353,7 +357,7 @@ class LlamaCppTarget:
         self._fill_chain(context, [n - 1])
         logits, hidden = self._decode(n, [n - 1])
         self.cache_len = self._synced[0] = n
-        return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
+        return Scores(logits, hidden)
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""
@@ -393,7 +397,7 @@ class LlamaCppTarget:
             index = [rank[row] for row in rows]
             logits = logits[index]
             hidden = None if hidden is None else hidden[index]
-        return Scores(torch.from_numpy(logits), None if hidden is None else torch.from_numpy(hidden))
+        return Scores(logits, hidden)
 
     def commit(self, keep: list[int]) -> None:
         """Keep the root-down path ``keep`` of the last pass in sequence 0 and drop everything else it added.

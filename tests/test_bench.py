@@ -166,7 +166,7 @@ def test_results_schema(bench_results):
     assert all(part["oracle"] > 0 for part in pld["categories"].values())
     assert res["methods"]["ar"]["oracle"] is None and res["methods"]["hf_pld"]["oracle"] is None
     cost = res["backends"]["transformers"]["cost"]
-    assert cost["widths"][0] == 1 and len(cost["widths"]) == len(cost["millis"]) == len(cost["millis_start"])
+    assert cost["widths"][0] == 1 and len(cost["widths"]) == len(cost["millis"]) == len(cost["millis_end"])
     assert cost["relative"][0] == 1.0 and all(m > 0 for m in cost["millis"])
     assert res["backend"] == "transformers" and res["machine"]["backends"] == ["transformers"]
     assert res["methods"]["hf_generate"]["mean_accepted"] == 1.0  # one token per forward call
@@ -203,7 +203,8 @@ def test_report_files(bench_results, tmp_path):
         assert f"| {method} |" in report
     assert "no_such_method" in report
     assert "## Oracle bound per category" in report and "| pld | " in report.split("## Oracle bound")[1]
-    assert "## Cost curve" in report and "| tokens scored | transformers ms | transformers x one token |" in report
+    assert "## Cost curve" in report
+    assert "| tokens scored | transformers ms | transformers x one token | transformers ms at the end |" in report
     for image in ("speedup.png", "cost_curve.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ar_records = [r for r in saved["records"] if r["method"] == "ar"]

@@ -67,16 +67,19 @@ def cost_table(results: dict[str, Any]) -> str:
     if not backends:
         return ""
     widths = sorted({w for cost in backends.values() for w in cost["widths"]})
-    header = ["tokens scored"] + [f"{name} {unit}" for name in backends for unit in ("ms", "x one token")]
+    units = ("ms", "x one token", "ms at the end")
+    header = ["tokens scored"] + [f"{name} {unit}" for name in backends for unit in units]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for width in widths:
         cells = [str(width)]
         for cost in backends.values():
             if width in cost["widths"]:
                 i = cost["widths"].index(width)
-                cells += [_num(cost["millis"][i], 1), _num(cost["millis"][i] / cost["millis"][0])]
+                end = cost.get("millis_end")
+                cells += [_num(cost["millis"][i], 1), _num(cost["millis"][i] / cost["millis"][0]),
+                          _num(end[i], 1) if end else "n/a"]
             else:
-                cells += ["", ""]
+                cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -121,8 +124,9 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
     costs = cost_table(results)
     if costs:
         parts += ["## Cost curve", "",
-                  f"Milliseconds for one target pass scoring n tokens after {CALIBRATION_CONTEXT} cached ones "
-                  "(calibrated, then refined from the benchmark's own passes).", "", costs, ""]
+                  f"Milliseconds for one target pass scoring n tokens after {CALIBRATION_CONTEXT} cached ones, as "
+                  "calibrated before the run (the oracle uses these), and the curve the adaptive drafters had "
+                  "refined from the real passes by the end of the run.", "", costs, ""]
     same = {m: e["same_as_primary_ar"] for m, e in results["methods"].items()
             if e.get("method") == "ar" and e.get("same_as_primary_ar") is not None}
     if same:
@@ -192,7 +196,10 @@ def plot_cost(results: dict[str, Any], path: Path) -> bool:
     rel.plot([1, top], [1, top], color="grey", linestyle=":", linewidth=1, label="n one-token passes")
     for name, cost in backends.items():
         rel.plot(cost["widths"], [m / cost["millis"][0] for m in cost["millis"]], marker="o", label=name)
-        ms.plot(cost["widths"], cost["millis"], marker="o", label=name)
+        line = ms.plot(cost["widths"], cost["millis"], marker="o", label=f"{name} (calibrated)")[0]
+        if cost.get("millis_end"):
+            ms.plot(cost["widths"], cost["millis_end"], linestyle="--", color=line.get_color(),
+                    label=f"{name} (end of run)")
     rel.set_xlabel("tokens scored in one pass")
     rel.set_ylabel("cost relative to one token")
     rel.set_ylim(0, None)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import hasten.api as api
 from hasten.adaptive import adaptive_state
+from hasten.adaptive.cost import CostModel
 from hasten.api import generate, prompt_ids
 from hasten.bench.anchors import (
     ANCHORS,
@@ -291,7 +292,7 @@ def _oracle(runs: Mapping[str | int, OracleRun], question_ids: Sequence[str | in
             "oracle_mean_accepted": total.mean_accepted}
 
 
-def oracle_runs(source: CandidateSource, baseline: list[RunRecord], cost: Any) -> dict[str | int, OracleRun]:
+def oracle_runs(source: CandidateSource, baseline: list[RunRecord], cost: CostModel) -> dict[str | int, OracleRun]:
     """Replay ``source``'s oracle along every greedy ``ar`` answer (all turns of each question added up)."""
     runs: dict[str | int, OracleRun] = {}
     for r in baseline:
@@ -301,7 +302,7 @@ def oracle_runs(source: CandidateSource, baseline: list[RunRecord], cost: Any) -
     return runs
 
 
-def _cost_curve(loaded: LoadedModel) -> Any:
+def _cost_curve(loaded: LoadedModel) -> CostModel:
     cost = adaptive_state(loaded).cost
     if cost is None:
         raise HastenError("no cost curve")
@@ -347,6 +348,10 @@ def run_bench(
         warnings.append(f"temperature {temperature} > 0: outputs are samples, so exactness against ar is not checked")
     costs = {backend: _cost_curve(model) for backend, model in models.items()}  # calibrated now, not in a run
     costs_start = {backend: list(cost.millis) for backend, cost in costs.items()}
+    # The oracle prices steps with the calibrated curve: the online refinement follows whatever else the
+    # machine was doing during the run.
+    calibrated = {backend: CostModel(list(cost.widths), costs_start[backend], cost.key)
+                  for backend, cost in costs.items()}
     by_label = {run.label: run for run in runs}
     llamacpp = {run.label: LlamaCppAnchor(run.method, models[run.backend]) for run in runs
                 if run.method in LLAMACPP_ANCHORS}
@@ -421,7 +426,7 @@ def run_bench(
         entry["plain_steps"] = stats.get("plain_steps", 1.0 if spec.method == BASELINE else None)
         source = source_for(spec.method, models[spec.backend], params, options_for(spec.method, options)) \
             if exact_checked else None
-        oracle = oracle_runs(source, records[entry["baseline"]], costs[spec.backend]) if source else {}
+        oracle = oracle_runs(source, records[entry["baseline"]], calibrated[spec.backend]) if source else {}
         entry |= _oracle(oracle, [r.question_id for r in method_records]) if source else \
             {"oracle": None, "oracle_mean_accepted": None}
         parts: dict[str, Any] = {}
@@ -441,8 +446,8 @@ def run_bench(
         backends[backend] = {
             "model": model.name, "threads": getattr(model.backend, "threads", None) or torch.get_num_threads(),
             "baseline": label_for(BASELINE, backend, primary),
-            "cost": {"widths": list(cost.widths), "millis": list(cost.millis), "millis_start": costs_start[backend],
-                     "relative": [m / cost.millis[0] for m in cost.millis], "key": cost.key},
+            "cost": {"widths": list(cost.widths), "millis": costs_start[backend], "millis_end": list(cost.millis),
+                     "relative": [m / costs_start[backend][0] for m in costs_start[backend]], "key": cost.key},
         }
     baseline_labels = {entry["baseline"] for entry in summary.values()}
     return {

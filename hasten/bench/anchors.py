@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig
@@ -87,14 +87,15 @@ def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens
         nonlocal calls
         calls += 1
 
-    hook = loaded.model.register_forward_pre_hook(count, with_kwargs=True)
+    model = loaded.model
+    hook = torch.nn.Module.register_forward_pre_hook(model, count, with_kwargs=True)
     try:
-        inputs = torch.tensor([ids], device=loaded.model.device)
+        inputs = torch.tensor([ids], device=model.device)
         if not params.greedy and params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
-            out = loaded.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
-                                        **extra)
+            out = cast(Any, model).generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
+                                            **extra)
     finally:
         hook.remove()
     return AnchorOutput(out[0, len(ids):].tolist(), calls)
@@ -153,8 +154,9 @@ class LlamaCppAnchor:
             self._evals += 1
             real_eval(tokens)
 
-        self.llama.generate = generate  # create_completion samples through self.generate and self.eval
-        self.llama.eval = evaluate
+        # create_completion samples through self.generate and self.eval: shadow them on this object
+        setattr(self.llama, "generate", generate)  # noqa: B010
+        setattr(self.llama, "eval", evaluate)  # noqa: B010
 
     def run(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> AnchorOutput:
         """One completion from a fresh state (no prefix reuse, like hasten): new ids, end token included."""

@@ -171,12 +171,11 @@ def _add_stats(record: RunRecord, stats: dict[str, float], passes: int, passes_b
     total = passes_before + passes
     if not total:
         return
-    for key in set(record.method_stats) | set(stats):
-        old, new = record.method_stats.get(key), stats.get(key)
-        if old is None or new is None:  # a key only some turns have: keep what there is
-            record.method_stats[key] = old if new is None else new
-        else:
-            record.method_stats[key] = (old * passes_before + new * passes) / total
+    merged = dict(record.method_stats)
+    for key, new in stats.items():
+        old = merged.get(key)  # a key only some turns have: keep what there is
+        merged[key] = new if old is None else (old * passes_before + new * passes) / total
+    record.method_stats = merged
 
 
 def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_tokens: int,
@@ -188,8 +187,8 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     """
     record = RunRecord(prompt.question_id, prompt.category, label or method, loaded.backend.backend)
     anchor = method in ANCHORS
-    if anchor:
-        record.drafted_tokens = record.accepted_drafts = record.draft_s = record.prefill_s = None
+    passes_total = drafted = accepted = 0
+    draft_total = prefill_total = 0.0
     messages: list[dict[str, str]] = []
     for turn_index, turn in enumerate(prompt.turns):
         messages.append({"role": "user", "content": turn})
@@ -216,16 +215,23 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             stats = made[-1] if made else None
             draft_s = getattr(result, "draft_s", None)
             prefill_s = getattr(result, "prefill_s", None)
-            record.draft_s += draft_s if draft_s is not None else (stats.draft_s if stats else 0.0)
-            record.prefill_s += prefill_s if prefill_s is not None else (stats.prefill_s if stats else 0.0)
-            record.drafted_tokens += result.drafted_tokens
-            record.accepted_drafts += result.accepted_drafts
-            _add_stats(record, result.method_stats, passes, record.target_passes)
+            draft_total += draft_s if draft_s is not None else (stats.draft_s if stats else 0.0)
+            prefill_total += prefill_s if prefill_s is not None else (stats.prefill_s if stats else 0.0)
+            drafted += result.drafted_tokens
+            accepted += result.accepted_drafts
+            _add_stats(record, result.method_stats, passes, passes_total)
         record.prompt_ids.append(ids)
         record.token_ids.append(tokens)
         record.new_tokens += len(tokens)
-        record.target_passes += passes
-        messages.append({"role": "assistant", "content": loaded.tokenizer.decode(tokens, skip_special_tokens=True)})
+        passes_total += passes
+        answer = str(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": answer})
+    record.target_passes = passes_total
+    if anchor:
+        record.drafted_tokens = record.accepted_drafts = record.draft_s = record.prefill_s = None
+    else:
+        record.drafted_tokens, record.accepted_drafts = drafted, accepted
+        record.draft_s, record.prefill_s = draft_total, prefill_total
     return record
 
 

@@ -47,6 +47,19 @@ def test_cost_curve_interpolates_extrapolates_and_learns():
     assert curve(4) == 30.0
 
 
+def test_online_refinement_keeps_the_curve_monotone_and_rejects_outliers():
+    curve = CostModel([1, 2, 4], [10.0, 16.0, 30.0])
+    curve.observe(1, 964.0)  # a preempted pass: far off the prediction, ignored
+    assert curve.millis == [10.0, 16.0, 30.0]
+    for _ in range(200):  # one-token passes slow down for real: wider ones cannot be cheaper
+        curve.observe(1, 20.0)
+    assert curve(1) == pytest.approx(20.0, abs=0.01)
+    assert curve(1) <= curve(2) <= curve(4) <= 4 * curve(1)
+    for _ in range(200):  # and a pass over 4 tokens never costs more than four one-token passes
+        curve.observe(4, 59.0)
+    assert curve(4) <= 4 * curve(1) + 1e-9
+
+
 class FakeTarget:
     """A target whose pass over n tokens takes ``5 + 3n`` ms on a fake clock (and, noisily, more)."""
 

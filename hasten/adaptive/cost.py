@@ -22,6 +22,7 @@ CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
 ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of its width
+OUTLIER = 3.0  # a pass this many times off its prediction (preempted, or a cold cache) teaches nothing
 
 
 def _cpu_name() -> str:
@@ -59,9 +60,10 @@ class CostModel:
     def observe(self, width: int, millis: float) -> None:
         """Refine the estimate at ``width`` (the nearest measured width) from one real pass."""
         i = min(range(len(self.widths)), key=lambda j: abs(self.widths[j] - width))
-        if self.widths[i] != width:
+        if self.widths[i] != width or not self.millis[i] / OUTLIER <= millis <= self.millis[i] * OUTLIER:
             return
         self.millis[i] += ONLINE_WEIGHT * (millis - self.millis[i])
+        self.millis = shaped(self.widths, self.millis)
 
     def relative(self) -> dict[int, float]:
         """Cost of each measured width relative to a one-token pass."""
@@ -114,9 +116,16 @@ def measure(target: Target, widths: tuple[int, ...] = CALIBRATION_WIDTHS, contex
             times.append((clock() - began) * 1000)
             target.commit([])
         millis.append(min(times[1:]))
-    for i in range(1, len(millis)):
-        millis[i] = min(max(millis[i], millis[i - 1]), millis[0] * widths[i] / widths[0])
-    return CostModel(list(widths), millis)
+    return CostModel(list(widths), shaped(list(widths), millis))
+
+
+def shaped(widths: list[int], millis: list[float]) -> list[float]:
+    """The curve made monotone and at most linear: n tokens never cost less than fewer, nor more than n
+    one-token passes."""
+    out = list(millis)
+    for i in range(1, len(out)):
+        out[i] = min(max(out[i], out[i - 1]), out[0] * widths[i] / widths[0])
+    return out
 
 
 def cost_model_for(backend: ModelBackend, model_name: str, threads: int | None = None,

@@ -38,7 +38,8 @@ def base(tiny) -> Iterator[str]:
 def slow_base(tiny) -> Iterator[str]:
     METHODS["slow12"] = Method(lambda target, params, generator, options: SlowLookup(num_tokens=4))
     try:
-        with serving(create_app(tiny, "slow12", max_queue=3, keepalive_s=KEEPALIVE_S)) as url:
+        # One generation at a time: a second request waits in the queue (batching: test_issue11_server).
+        with serving(create_app(tiny, "slow12", max_queue=3, keepalive_s=KEEPALIVE_S, max_batch=1)) as url:
             yield url
     finally:
         del METHODS["slow12"]

@@ -7,7 +7,7 @@ import argparse
 from hasten.commands.common import add_model_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
-from hasten.server.limits import KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=8,
-                        help="requests that may wait while one generates; more get 503 at once")
+                        help="requests that may wait for room in the batch; more get 503 at once")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"generations decoded together, one shared pass per step (default {DEFAULT_MAX_BATCH}; "
+                             "1 = one at a time)")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most max_tokens a request may ask for (default and ceiling: the context minus 1)")
@@ -35,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise HastenError(f"--port must be in 0..65535, got {args.port}")
-    for option in ("max_queue", "max_tokens", "max_tokens_limit", "max_generations", "max_body_bytes", "threads"):
+    for option in ("max_queue", "max_batch", "max_tokens", "max_tokens_limit", "max_generations", "max_body_bytes",
+                   "threads"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise HastenError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(loaded, args.method, draft, args.max_queue, default_max_tokens=args.max_tokens,
                      model_name=args.served_model_name, method_options=options,
                      max_generations=args.max_generations, max_tokens_limit=args.max_tokens_limit,
-                     max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive)
+                     max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
+                     max_batch=args.max_batch)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -25,7 +25,7 @@ from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
 from hasten.server.limits import KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 from hasten.server.metrics import Metrics
 from hasten.server.schemas import ChatRequest, CompletionRequest, GenerationRequest
-from hasten.server.worker import Closed, Delta, Failed, Finished, Job, Message, Started, Worker
+from hasten.server.worker import DEFAULT_MAX_BATCH, Closed, Delta, Failed, Finished, Job, Message, Started, Worker
 
 log = logging.getLogger("hasten.server")
 
@@ -160,10 +160,12 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
                max_queue: int = 8, *, default_max_tokens: int = 256, model_name: str | None = None,
                method_options: dict[str, Any] | None = None, max_generations: int = MAX_GENERATIONS,
                max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               keepalive_s: float = KEEPALIVE_S) -> FastAPI:
+               keepalive_s: float = KEEPALIVE_S, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     """An OpenAI-compatible app serving ``loaded`` (already loaded) through one worker thread.
 
-    ``max_queue`` requests may wait while one generates; more are refused with 503 at once. One request may ask
+    The worker batches continuously: up to ``max_batch`` generations (choices of the running requests) advance
+    together, one shared target pass per step; new requests join at the next step while there is room.
+    ``max_queue`` requests may wait for room; more are refused with 503 at once. One request may ask
     for at most ``max_generations`` generations (prompts x n) of at most ``max_tokens_limit`` tokens each (default
     and ceiling: the context minus 1; a request without max_tokens gets ``default_max_tokens`` within it), in a
     body of at most ``max_body_bytes`` (413 beyond). A stream waiting in the queue gets an SSE comment every
@@ -185,8 +187,8 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
         raise HastenError(f"this model's context ({context} tokens) leaves no room to generate")
     default_max_tokens = min(default_max_tokens, token_cap)
     metrics = Metrics()
-    worker = Worker(loaded, metrics, max_queue)
-    metrics.queue_depth, metrics.running = worker.depth, worker.running
+    worker = Worker(loaded, metrics, max_queue, max_batch)
+    metrics.queue_depth, metrics.running, metrics.batch_size = worker.depth, worker.running, worker.batch_size
     served = model_name or loaded.name
     pool = {key: value for key, value in (method_options or {}).items() if value is not None}
     if draft is not None:
@@ -340,7 +342,8 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": served, "default_method": default_method,
                 "methods": [method for method in METHODS if method not in unavailable],
-                "queue_depth": worker.depth(), "max_queue": max_queue, "running": worker.running()}
+                "queue_depth": worker.depth(), "max_queue": max_queue, "running": worker.running(),
+                "batch_size": worker.batch_size(), "max_batch": max_batch}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:

@@ -3,3 +3,4 @@
 MAX_GENERATIONS = 64  # prompts x n of one request
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
 KEEPALIVE_S = 15.0  # a waiting stream gets an SSE comment this often
+DEFAULT_MAX_BATCH = 8  # generations decoded together by the worker

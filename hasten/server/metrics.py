@@ -1,10 +1,12 @@
-"""Server counters, rendered in the Prometheus text exposition format for ``GET /metrics``."""
+"""Server counters and histograms, rendered in the Prometheus text exposition format for ``GET /metrics``."""
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from hasten.api import GenerationResult
 
@@ -18,13 +20,50 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class Metrics:
-    """Thread-safe counters: the event loop counts requests, the worker counts generations."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)
 
-    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, running: Callable[[], int] = lambda: 0) -> None:
+
+class Histogram:
+    """Cumulative buckets (upper bounds ``le``), a sum and a count; not locked (``Metrics`` holds the lock)."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.bounds = sorted(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        if math.isnan(value):
+            return
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, name: str) -> list[tuple[str, float]]:
+        """``name_bucket{le=...}`` (cumulative, ending with +Inf), ``name_sum`` and ``name_count``."""
+        out, running = [], 0
+        for bound, count in zip([*self.bounds, math.inf], self.counts, strict=True):
+            running += count
+            out.append((f"{name}_bucket" + _labels(le="+Inf" if bound == math.inf else f"{bound:g}"), running))
+        return [*out, (f"{name}_sum", self.sum), (f"{name}_count", self.count)]
+
+
+class Metrics:
+    """Thread-safe counters and histograms: the event loop counts requests, the worker its steps and generations."""
+
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, running: Callable[[], int] = lambda: 0,
+                 batch_size: Callable[[], int] = lambda: 0) -> None:
         self._lock = threading.Lock()
         self.queue_depth = queue_depth
         self.running = running
+        self.batch_size = batch_size
+        self.step_batch = Histogram(BATCH_BUCKETS)
+        self.step_queue = Histogram(QUEUE_BUCKETS)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.rate = Histogram(RATE_BUCKETS)
         self.requests: Counter[tuple[str, int]] = Counter()
         self.generations: Counter[str] = Counter()
         self.tokens: Counter[str] = Counter()
@@ -42,6 +81,19 @@ class Metrics:
             self.tokens[result.method] += len(result.token_ids)
             self.prompt_tokens[result.method] += result.prompt_tokens
             self.passes[result.method] += result.target_passes
+            if result.token_ids and result.wall_s > 0:
+                self.rate.observe(result.tokens_per_s)
+
+    def observe_step(self, batch_size: int, queue_depth: int) -> None:
+        """One batched step: the generations it advanced and the requests waiting behind it."""
+        with self._lock:
+            self.step_batch.observe(batch_size)
+            self.step_queue.observe(queue_depth)
+
+    def observe_first_token(self, seconds: float) -> None:
+        """A generation's first token, ``seconds`` after its request was queued."""
+        with self._lock:
+            self.ttft.observe(seconds)
 
     def count_cancelled(self) -> None:
         with self._lock:
@@ -55,6 +107,10 @@ class Metrics:
             def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
                 lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
                 lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+            def histogram(name: str, help: str, values: Histogram) -> None:
+                lines.extend([f"# HELP {name} {help}", f"# TYPE {name} histogram"])
+                lines.extend(f"{sample} {value:.10g}" for sample, value in values.samples(name))
 
             family("hasten_requests_total", "counter", "HTTP requests by endpoint and status code.",
                    [(_labels(endpoint=e, status=str(s)), v) for (e, s), v in sorted(self.requests.items())])
@@ -71,6 +127,14 @@ class Metrics:
             family("hasten_requests_cancelled_total", "counter",
                    "Requests whose client went away before their generation finished.", [("", self.cancelled)])
             family("hasten_queue_depth", "gauge", "Requests waiting for the worker.", [("", self.queue_depth())])
-            family("hasten_requests_running", "gauge", "Requests the worker is generating now.",
+            family("hasten_requests_running", "gauge", "Requests with a generation in the batch now.",
                    [("", self.running())])
+            family("hasten_batch_size", "gauge", "Generations in the batch now.", [("", self.batch_size())])
+            histogram("hasten_step_batch_size", "Generations advanced by each batched step.", self.step_batch)
+            histogram("hasten_step_queue_depth", "Requests waiting for room in the batch, seen at each step.",
+                      self.step_queue)
+            histogram("hasten_time_to_first_token_seconds",
+                      "From a request's arrival in the queue to each of its generations' first token.", self.ttft)
+            histogram("hasten_generation_tokens_per_second",
+                      "Tokens per second of each finished generation (its own steps, prefill included).", self.rate)
             return "\n".join(lines) + "\n"

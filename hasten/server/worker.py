@@ -1,4 +1,9 @@
-"""One generation thread fed by a bounded queue; results flow back to the event loop as messages."""
+"""Continuous batching on one generation thread fed by a bounded queue; results flow back to the event loop.
+
+The thread drives a ``BatchDecoder``: every step, one shared target pass advances all active generations (the
+choices of every running request). Queued requests join at the next step while the batch has room (``max_batch``
+generations), finished ones leave, and a request whose client went away leaves at the next step.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,28 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hasten.api import GenerationResult, stream
+from hasten.api import GenerationResult, Request, TextOutput, make_request, start_generation
+from hasten.batching import BatchDecoder
+from hasten.engine import Generation
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.server.errors import APIError
+from hasten.server.limits import DEFAULT_MAX_BATCH
 from hasten.server.metrics import Metrics
 
 log = logging.getLogger("hasten.server")
 
+__all__ = ["DEFAULT_MAX_BATCH", "Closed", "Delta", "Failed", "Finished", "Job", "Message", "Started", "Worker"]
+
 
 @dataclass
 class Started:
-    """The first generation produced its first piece: the request is valid and under way."""
+    """The request's first piece is ready: it is valid and under way."""
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Job:
     out: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
     def post(self, message: Message) -> None:
         """Hand a message to the request's coroutine (called from the worker thread)."""
@@ -80,31 +93,68 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass
+class Slot:
+    """One choice of a job in the batch: its engine state and its text output."""
+
+    job: Job
+    index: int
+    generation: Generation
+    output: TextOutput
+    first_token: bool = False
+
+
+@dataclass
+class Admitted:
+    """A job taken from the queue: the choices still waiting for a slot and those in the batch."""
+
+    job: Job
+    waiting: deque[tuple[int, Request]]
+    live: int = 0  # its slots in the batch
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.live
+
 
 class Worker:
-    """Runs jobs one at a time on a single thread (the model is not thread-safe)."""
+    """Runs every request on a single thread (the model is not thread-safe), up to ``max_batch`` choices at once."""
 
-    def __init__(self, loaded: LoadedModel, metrics: Metrics, max_queue: int) -> None:
+    def __init__(self, loaded: LoadedModel, metrics: Metrics, max_queue: int,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
         if max_queue < 1:
             raise HastenError(f"the queue must hold at least one request, got {max_queue}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise HastenError(f"the batch must hold at least one generation, got {max_batch!r}")
         self.loaded = loaded
         self.metrics = metrics
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.current: Job | None = None
+        self.batch = BatchDecoder(getattr(loaded.backend, "score_many", None))
+        self.slots: dict[int, Slot] = {}  # id(generation) -> slot
+        self.admitted: list[Admitted] = []  # in arrival order
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._stopping.clear()
                 self._thread = threading.Thread(target=self._run, name="hasten-worker", daemon=True)
                 self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel the running and queued jobs and end the thread."""
-        if self.current is not None:
-            self.current.cancel()
+        self._stopping.set()
+        for admitted in list(self.admitted):
+            admitted.job.cancel()
         while True:
             try:
                 job = self.queue.get_nowait()
@@ -123,63 +173,190 @@ class Worker:
     def submit(self, job: Job) -> None:
         """Queue a job, or raise ``queue.Full`` at once when ``max_queue`` requests are already waiting."""
         self.start()
+        job.submitted = time.perf_counter()
         self.queue.put_nowait(job)
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Requests waiting: in the queue, or taken from it with no choice in the batch yet."""
+        return self.queue.qsize() + sum(1 for a in list(self.admitted) if not a.live)
 
     def running(self) -> int:
-        return int(self.current is not None)
+        """Requests with at least one choice in the batch."""
+        return sum(1 for a in list(self.admitted) if a.live)
+
+    def batch_size(self) -> int:
+        """Generations in the batch now."""
+        return len(self.slots)
+
+    # -- the thread
 
     def _run(self) -> None:
         while True:
-            job = self.queue.get()
-            if job is None:
+            if not self._admit():
                 return
-            self.current = job
+            if not self.slots:
+                continue
+            self._step()
+
+    def _admit(self) -> bool:
+        """Fill free slots from the admitted jobs, then from the queue (waiting for one when idle); False to end."""
+        while True:
+            self._drop_cancelled()
+            for admitted in list(self.admitted):
+                while admitted.waiting and len(self.slots) < self.max_batch and not admitted.job.cancelled.is_set():
+                    self._join(admitted, *admitted.waiting.popleft())
+                if admitted.done:
+                    self._close(admitted)
+            if len(self.slots) >= self.max_batch or any(a.waiting for a in self.admitted):
+                return True
             try:
-                if job.cancelled.is_set():
-                    self.metrics.count_cancelled()
-                else:
-                    self._execute(job)
-            except APIError as error:
-                job.post(Failed(error))
-            except HastenError as error:
-                job.post(Failed(APIError(400, str(error))))
-            except Exception as error:  # a bug must not kill the worker; the client gets a 500
-                log.exception("generation failed")
-                job.post(Failed(APIError(500, f"internal error: {type(error).__name__}: {error}", "server_error")))
-            finally:
-                self.current = None
+                job = self.queue.get(block=not self.slots and not self.admitted)
+            except queue.Empty:
+                return True
+            if job is None or self._stopping.is_set():
+                self._drop_all()
+                if job is not None:
+                    job.post(Closed())
+                return False
+            if job.cancelled.is_set():
+                self.metrics.count_cancelled()
                 job.post(Closed())
+                continue
+            self._take(job)
 
-    def _execute(self, job: Job) -> None:
-        for p, tokens in enumerate(job.prompts):
-            for j in range(job.n):
-                if not self._generate(job, p * job.n + j, tokens, self._seed(job.seed, j)):
-                    self.metrics.count_cancelled()
-                    return
-
-    def _generate(self, job: Job, index: int, tokens: list[int], seed: int | None) -> bool:
-        """One choice, streamed to the job; False if the client went away first."""
-        events = stream(self.loaded, tokens, job.method, seed=seed, **job.sampling, **job.options)
+    def _take(self, job: Job) -> None:
+        """Check a job's choices into requests (a bad one fails the whole job before any runs)."""
         try:
-            for event in events:
-                if job.cancelled.is_set():
-                    return False
-                if not job.started:
-                    job.started = True
-                    job.post(Started())
-                if event.text:
-                    job.post(Delta(index, event.text))
-                if event.result is not None:
-                    self.metrics.count_generation(event.result)
-                    job.post(Finished(index, event.result))
-        finally:
-            events.close()  # frees the per-request cache at once
-        return True
+            waiting = deque(
+                (p * job.n + j, make_request(self.loaded, tokens, job.method, seed=self._seed(job.seed, j),
+                                             **job.sampling, **job.options))
+                for p, tokens in enumerate(job.prompts) for j in range(job.n))
+        except Exception as error:
+            self._fail_job(job, error)
+            job.post(Closed())
+            return
+        self.admitted.append(Admitted(job, waiting))
+
+    def _join(self, admitted: Admitted, index: int, request: Request) -> None:
+        """Prefill one choice and put it in the batch (a choice finished by its prefill ends at once)."""
+        job = admitted.job
+        try:
+            generation = start_generation(self.loaded, request)
+            output = TextOutput(self.loaded, request)
+            self.batch.add(generation)
+        except Exception as error:
+            self._abort(admitted, error)
+            return
+        slot = Slot(job, index, generation, output)
+        self.slots[id(generation)] = slot
+        admitted.live += 1
+        if generation.finished:  # the prompt filled the context
+            self._finish(slot)
+
+    def _step(self) -> None:
+        """One shared pass; each choice's final text goes to its own client."""
+        self.metrics.observe_step(len(self.slots), self.depth())
+        try:
+            out = self.batch.step()
+        except Exception as error:  # the pass of the whole batch failed: every request in it fails
+            for admitted in [a for a in self.admitted if a.live]:
+                self._abort(admitted, error)
+            return
+        now = time.perf_counter()
+        for generation, chunk in out:
+            slot = self.slots.get(id(generation))
+            if slot is None:
+                continue
+            try:
+                if not slot.first_token:
+                    slot.first_token = True
+                    self.metrics.observe_first_token(now - slot.job.submitted)
+                event = slot.output.add(chunk)
+                if slot.output.stopped:
+                    self.batch.remove(generation)
+                elif event is not None and event.text:
+                    self._post(slot.job, Delta(slot.index, event.text))
+                if slot.output.stopped or generation.finished:
+                    self._finish(slot)
+            except Exception as error:
+                admitted = self._admitted(slot.job)
+                if admitted is not None:
+                    self._abort(admitted, error)
+
+    def _finish(self, slot: Slot) -> None:
+        """A choice is over: its last text and its result, then its slot is free."""
+        final = slot.output.close(slot.generation)
+        self._release(slot)
+        assert final.result is not None
+        if final.text:
+            self._post(slot.job, Delta(slot.index, final.text))
+        self.metrics.count_generation(final.result)
+        self._post(slot.job, Finished(slot.index, final.result))
+        admitted = self._admitted(slot.job)
+        if admitted is not None and admitted.done:
+            self._close(admitted)
+
+    def _release(self, slot: Slot) -> None:
+        """Take a choice out of the batch and give its cache back."""
+        self.batch.remove(slot.generation)
+        if self.slots.pop(id(slot.generation), None) is None:
+            return
+        admitted = self._admitted(slot.job)
+        if admitted is not None:
+            admitted.live -= 1
+        close = getattr(slot.generation.target, "close", None)
+        if callable(close):
+            close()
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose client went away leave now, freeing their slots."""
+        for admitted in [a for a in self.admitted if a.job.cancelled.is_set()]:
+            self._drop(admitted)
+            self.metrics.count_cancelled()
+
+    def _drop(self, admitted: Admitted) -> None:
+        for slot in [s for s in self.slots.values() if s.job is admitted.job]:
+            self._release(slot)
+        admitted.waiting.clear()
+        self._close(admitted)
+
+    def _drop_all(self) -> None:
+        for admitted in list(self.admitted):
+            admitted.job.cancel()
+            self._drop(admitted)
+
+    def _abort(self, admitted: Admitted, error: Exception) -> None:
+        """A request failed: its error goes to its client, its choices leave the batch."""
+        for slot in [s for s in self.slots.values() if s.job is admitted.job]:
+            self._release(slot)
+        admitted.waiting.clear()
+        self._fail_job(admitted.job, error)
+        self._close(admitted)
+
+    def _fail_job(self, job: Job, error: Exception) -> None:
+        if isinstance(error, APIError):
+            job.post(Failed(error))
+        elif isinstance(error, HastenError):
+            job.post(Failed(APIError(400, " ".join(str(error).split()))))
+        else:  # a bug must not kill the worker; the client gets a 500
+            log.error("generation failed", exc_info=error)
+            detail = (str(error).splitlines() or [""])[0]
+            job.post(Failed(APIError(500, f"internal error: {type(error).__name__}: {detail}", "server_error")))
+
+    def _close(self, admitted: Admitted) -> None:
+        if admitted in self.admitted:
+            self.admitted.remove(admitted)
+            admitted.job.post(Closed())
+
+    def _admitted(self, job: Job) -> Admitted | None:
+        return next((a for a in self.admitted if a.job is job), None)
+
+    def _post(self, job: Job, message: Message) -> None:
+        if not job.started:
+            job.started = True
+            job.post(Started())
+        job.post(message)
 
     @staticmethod
     def _seed(seed: int | None, j: int) -> int | None:
         return None if seed is None else (seed + j) % 2**63
-

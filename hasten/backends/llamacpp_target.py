@@ -15,13 +15,16 @@ import ctypes
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from hasten.backends.base import Scores, tree_depths
 from hasten.errors import HastenError
+
+if TYPE_CHECKING:
+    from hasten.backends.llamacpp_shared import SharedCache
 
 DEFAULT_THREADS = 2
 DEFAULT_N_CTX = 4096
@@ -93,6 +96,37 @@ def _check_keep(parents: Sequence[int], keep: Sequence[int]) -> None:
         raise ValueError(f"keep {list(keep)} is not a path down from the root of the last pass")
 
 
+class BatchArrays:
+    """Numpy arrays that a llama_batch points into (filled with vector operations), for ``capacity`` tokens."""
+
+    def __init__(self, lib: Any, capacity: int, n_seq_max: int) -> None:
+        self._lib = lib
+        self.capacity = capacity
+        self.tok = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.nseq = np.ones(capacity, np.int32)
+        self.seq = np.zeros((capacity, n_seq_max), np.int32)
+        self.out = np.zeros(capacity, np.int8)
+        self.arange = np.arange(capacity, dtype=np.int32)
+        row, base = self.seq.strides[0], self.seq.ctypes.data
+        self.seq_ptrs = (ctypes.POINTER(lib.llama_seq_id) * capacity)(
+            *[ctypes.cast(base + i * row, ctypes.POINTER(lib.llama_seq_id)) for i in range(capacity)])
+
+    def batch_at(self, start: int) -> Any:
+        """A llama_batch over the tokens from ``start`` on (set its n_tokens before decoding)."""
+        lib = self._lib
+        batch = lib.llama_batch()
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        batch.token = ctypes.cast(self.tok.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_token))
+        batch.embd = None
+        batch.pos = ctypes.cast(self.pos.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_pos))
+        batch.n_seq_id = ctypes.cast(self.nseq.ctypes.data + 4 * start, i32)
+        batch.seq_id = ctypes.cast(ctypes.addressof(self.seq_ptrs) + ctypes.sizeof(ctypes.c_void_p) * start,
+                                   ctypes.POINTER(ctypes.POINTER(lib.llama_seq_id)))
+        batch.logits = ctypes.cast(self.out.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
+        return batch
+
+
 class LlamaCppModel:
     """A GGUF model loaded by llama.cpp; makes targets (each with its own llama context) on it.
 
@@ -107,9 +141,11 @@ class LlamaCppModel:
 
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
-                 extra_buffers: bool | None = None, flash_attn: bool | None = None) -> None:
+                 extra_buffers: bool | None = None, flash_attn: bool | None = None,
+                 shared_cells: int | None = None) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None
+        self._shared: SharedCache | None = None
         self._pool: list[Any] = []
         self._lock = threading.Lock()
         self._tensors: dict[str, torch.Tensor] = {}
@@ -146,19 +182,20 @@ class LlamaCppModel:
         context = self._new_context()
         self.max_context = int(lib.llama_n_ctx(context))
         self._pool.append(context)
+        self.shared_cells = shared_cells or 2 * self.max_context  # cells of the context targets share
 
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else ""
 
-    def _new_context(self) -> Any:
+    def _new_context(self, n_ctx: int | None = None, n_seq_max: int | None = None) -> Any:
         lib = self._lib
         params = lib.llama_context_default_params()
-        params.n_ctx = self._n_ctx_request
+        params.n_ctx = n_ctx or self._n_ctx_request
         params.n_batch = params.n_ubatch = self.n_batch
-        params.n_seq_max = self.n_seq_max
-        params.n_outputs_max = max(self.n_batch, self.n_seq_max)  # llama.cpp reserves at least n_seq_max rows
+        params.n_seq_max = n_seq_max or self.n_seq_max
+        params.n_outputs_max = max(self.n_batch, params.n_seq_max)  # llama.cpp reserves at least n_seq_max rows
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True  # sequences coupled in one batch (a tree) need one shared cell buffer
         params.swa_full = True  # sliding-window layers keep every cell, so rolling back never fails
@@ -192,6 +229,22 @@ class LlamaCppModel:
     def new_target(self, want_hidden: bool = False) -> LlamaCppTarget:
         """A fresh sequence with its own llama context (reused from a small pool)."""
         return LlamaCppTarget(self, self._acquire(), want_hidden)
+
+    def score_many(self, passes: Sequence[tuple[Any, Any]]) -> list[Scores]:
+        """Score the passes (target, layout with tokens, parents, logits_rows) of several targets of this model,
+        as far as exactness allows in shared llama_decode calls; see ``llamacpp_shared``."""
+        from hasten.backends.llamacpp_shared import score_many
+
+        return score_many(self, [(target, layout.tokens, layout.parents, layout.logits_rows)
+                                 for target, layout in passes])
+
+    def shared_cache(self) -> SharedCache:
+        """The one llama context (created on first use) in which targets are scored together."""
+        if self._shared is None:
+            from hasten.backends.llamacpp_shared import SharedCache
+
+            self._shared = SharedCache(self, self.shared_cells)
+        return self._shared
 
     def _tensor(self, *names: str) -> torch.Tensor:
         """The first of ``names`` present in the GGUF, dequantized to a float32 (rows, cols) tensor, cached."""
@@ -255,36 +308,20 @@ class LlamaCppTarget:
         self._capacity = 0
         self._grow(max(64, self._n_batch))
         self._state = (ctypes.c_uint8 * 0)()  # scratch for moving kept cells
+        self._shared: SharedCache | None = None  # set while the cache lives in the model's shared context
+        self._ids: list[int] = []  # there: this target's sequence ids, its home (all committed cells) first
 
     # -- the batch: numpy arrays that a llama_batch points into, filled with vector operations
 
     def _grow(self, capacity: int) -> None:
-        lib = self._lib
+        arrays = self._arrays = BatchArrays(self._lib, capacity, self._n_seq_max)
         self._capacity = capacity
-        self._tok = np.zeros(capacity, np.int32)
-        self._pos = np.zeros(capacity, np.int32)
-        self._nseq = np.ones(capacity, np.int32)
-        self._seq = np.zeros((capacity, self._n_seq_max), np.int32)
-        self._out = np.zeros(capacity, np.int8)
-        self._arange = np.arange(capacity, dtype=np.int32)
-        row = self._seq.strides[0]
-        base = self._seq.ctypes.data
-        self._seq_ptrs = (ctypes.POINTER(lib.llama_seq_id) * capacity)(
-            *[ctypes.cast(base + i * row, ctypes.POINTER(lib.llama_seq_id)) for i in range(capacity)])
-        self._batch = self._batch_at(0)
+        self._tok, self._pos, self._nseq, self._seq = arrays.tok, arrays.pos, arrays.nseq, arrays.seq
+        self._out, self._arange = arrays.out, arrays.arange
+        self._batch = arrays.batch_at(0)
 
     def _batch_at(self, start: int) -> Any:
-        lib = self._lib
-        batch = lib.llama_batch()
-        i32 = ctypes.POINTER(ctypes.c_int32)
-        batch.token = ctypes.cast(self._tok.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_token))
-        batch.embd = None
-        batch.pos = ctypes.cast(self._pos.ctypes.data + 4 * start, ctypes.POINTER(lib.llama_pos))
-        batch.n_seq_id = ctypes.cast(self._nseq.ctypes.data + 4 * start, i32)
-        batch.seq_id = ctypes.cast(ctypes.addressof(self._seq_ptrs) + ctypes.sizeof(ctypes.c_void_p) * start,
-                                   ctypes.POINTER(ctypes.POINTER(lib.llama_seq_id)))
-        batch.logits = ctypes.cast(self._out.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
-        return batch
+        return self._arrays.batch_at(start)
 
     def _decode(self, n: int, wanted: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the ascending rows ``wanted``.
@@ -343,6 +380,8 @@ class LlamaCppTarget:
 
     def start(self, context: list[int]) -> Scores:
         """Clear the cache and prefill ``context``; scores for its last position."""
+        if self._shared is not None:  # a prefill runs in a context of its own, as plain decoding runs it
+            self._shared.leave(self, keep=False)
         self._check_open()
         self._lib.llama_memory_clear(self._mem, True)
         self.cache_len = 0
@@ -361,31 +400,20 @@ class LlamaCppTarget:
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""
+        if self._shared is not None:
+            from hasten.backends.llamacpp_shared import score_many
+
+            return score_many(self.model, [(self, tokens, parents, logits_rows)])[0]
         self._check_open()
-        if self._pending is not None:
-            raise RuntimeError("commit() the previous pass before scoring again")
+        rows, depths, seqs, n_seqs = self._check_pass(tokens, parents, logits_rows)
         n = len(tokens)
-        if n == 0 or len(parents) != n:
-            raise ValueError("a pass needs tokens and one parent per token")
-        rows: Sequence[int] = range(n) if logits_rows is None else [int(row) for row in logits_rows]
-        if rows and (min(rows) < 0 or max(rows) >= n):
-            raise ValueError(f"logits_rows must lie in [0, {n})")
-        chain = all(parent == i - 1 for i, parent in enumerate(parents))
-        if chain:
-            depth = n - 1
-            seqs = None
-        else:
-            depths = tree_depths(parents)
-            depth = max(depths)
-            seqs, n_seqs = tree_sequences(parents)
-        if self.cache_len + depth >= self.max_context:
-            raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
-        if chain:
+        if seqs is None:
             self._fill_chain(tokens, rows)
         else:
             if n_seqs >= self._n_seq_max:
                 raise HastenError(f"a tree with {n_seqs} leaves needs n_seq_max > {n_seqs}; "
                                   f"this model has n_seq_max={self._n_seq_max}")
+            assert depths is not None
             self._sync(n_seqs)
             self._fill_tree(tokens, depths, seqs, rows)
         ascending = logits_rows is None or all(b > a for a, b in zip(rows, rows[1:], strict=False))
@@ -399,6 +427,27 @@ class LlamaCppTarget:
             hidden = None if hidden is None else hidden[index]
         return Scores(logits, hidden)
 
+    def _check_pass(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None
+                    ) -> tuple[Sequence[int], list[int] | None, list[list[int]] | None, int]:
+        """Validate a pass: (rows, depths, sequence ids per token, number of sequences); None, None, 1 for a chain."""
+        if self._pending is not None:
+            raise RuntimeError("commit() the previous pass before scoring again")
+        n = len(tokens)
+        if n == 0 or len(parents) != n:
+            raise ValueError("a pass needs tokens and one parent per token")
+        rows: Sequence[int] = range(n) if logits_rows is None else [int(row) for row in logits_rows]
+        if rows and (min(rows) < 0 or max(rows) >= n):
+            raise ValueError(f"logits_rows must lie in [0, {n})")
+        if all(parent == i - 1 for i, parent in enumerate(parents)):
+            depths, seqs, n_seqs, depth = None, None, 1, n - 1
+        else:
+            depths = tree_depths(parents)
+            seqs, n_seqs = tree_sequences(parents)
+            depth = max(depths)
+        if self.cache_len + depth >= self.max_context:
+            raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
+        return rows, depths, seqs, n_seqs
+
     def commit(self, keep: list[int]) -> None:
         """Keep the root-down path ``keep`` of the last pass in sequence 0 and drop everything else it added.
 
@@ -408,6 +457,9 @@ class LlamaCppTarget:
         later scores are bit-identical to decoding the committed tokens one by one wherever llama.cpp's
         passes are batch-invariant (flash attention on, quantized weights, passes under 64 tokens).
         """
+        if self._shared is not None:
+            self._shared.commit(self, keep)
+            return
         self._check_open()
         if self._pending is None:
             raise RuntimeError("commit() needs a scored pass")
@@ -449,6 +501,9 @@ class LlamaCppTarget:
 
     def truncate(self, length: int) -> None:
         """Drop the cache entries from ``length`` on (in every sequence)."""
+        if self._shared is not None:
+            self._shared.truncate(self, length)
+            return
         self._check_open()
         if self._pending is not None:
             raise RuntimeError("commit() the previous pass before truncating")
@@ -460,6 +515,9 @@ class LlamaCppTarget:
 
     def close(self) -> None:
         """Give the llama context back to the model's pool; the target cannot be used afterwards."""
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            shared.leave(self, keep=False, reopen=False)
         context, self._ctx = getattr(self, "_ctx", None), None
         if context:
             self.model._release(context)
@@ -473,7 +531,7 @@ class LlamaCppTarget:
     # -- helpers
 
     def _check_open(self) -> None:
-        if not self._ctx:
+        if not self._ctx and self._shared is None:
             raise RuntimeError("this target was closed")
 
     def _rm(self, seq: int, start: int) -> None:
@@ -523,50 +581,35 @@ class LlamaCppTarget:
     # -- inspection (tests, debugging): read llama.cpp's real cache state
 
     def real_cache_len(self) -> int:
-        """One past the last position llama.cpp holds in sequence 0."""
+        """One past the last position llama.cpp holds in sequence 0 (in the shared context: in its home)."""
+        if self._shared is not None:
+            return int(self._lib.llama_memory_seq_pos_max(self._shared.mem, self._ids[0])) + 1
         return int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1
 
     def kv_cells(self, seq: int = -1) -> list[tuple[int, tuple[int, ...]]]:
         """(position, sequence ids) of every used cell (or of sequence ``seq``'s cells), from llama.cpp's state
         serialisation; copies the cells' K/V data, so it is for tests and debugging only."""
         lib = self._lib
-        size = lib.llama_state_seq_get_size(self._ctx, seq)
-        data = (ctypes.c_uint8 * size)()
-        lib.llama_state_seq_get_data(self._ctx, data, size, seq)
-        raw = np.frombuffer(data, dtype=np.uint8)
-        _magic, _seq, n_stream, count = raw[:16].view(np.int32)  # a header, then the KV cache's own state
-        cells: list[tuple[int, tuple[int, ...]]] = []
-        if n_stream != 1:
-            raise RuntimeError(f"expected a unified cache (1 stream), found {n_stream}")
-        offset = 16
-        for _ in range(int(count)):
-            pos, n_ids = raw[offset:offset + 8].view(np.int32)
-            offset += 8
-            ids = tuple(int(s) for s in raw[offset:offset + 4 * int(n_ids)].view(np.int32))
-            offset += 4 * int(n_ids)
-            cells.append((int(pos), ids))
-        return cells
+        ctx = self._ctx
+        if self._shared is not None:  # this target's sequences there (-1: all of its cells, its home's)
+            ctx, seq = self._shared.ctx, self._ids[0] if seq == -1 else self._ids[seq]
+        return kv_cells(lib, ctx, seq)
 
     def cache_problems(self) -> list[str]:
         """Every way the real cache differs from "exactly positions 0..cache_len-1, each once, in this order,
-        in sequence 0" (empty when all is well). Checks, never asserts."""
+        in sequence 0" (in the shared context: in its home sequence) (empty when all is well). Checks, never
+        asserts."""
+        if self._shared is not None:
+            return self._shared.problems(self)
+        return self._private_problems()
+
+    def _private_problems(self) -> list[str]:
         problems: list[str] = []
         if self._pending is not None:
             problems.append("a pass is pending (not committed)")
         if self.real_cache_len() != self.cache_len:
             problems.append(f"sequence 0 ends at {self.real_cache_len()}, cache_len is {self.cache_len}")
-        cells = self.kv_cells()
-        positions = sorted(pos for pos, _ in cells)
-        if positions != list(range(self.cache_len)):
-            extra = collections.Counter(positions) - collections.Counter(range(self.cache_len))
-            missing = collections.Counter(range(self.cache_len)) - collections.Counter(positions)
-            problems.append(f"cells: {len(cells)} used; extra positions {sorted(extra.elements())[:10]}, "
-                            f"missing {sorted(missing.elements())[:10]}")
-        elif [pos for pos, _ in cells] != positions:
-            problems.append("cells are out of position order (not the layout plain decoding gives)")
-        outside = [pos for pos, ids in cells if 0 not in ids]
-        if outside:
-            problems.append(f"cells outside sequence 0 at positions {outside[:10]}")
+        problems += layout_problems(self.kv_cells(), self.cache_len, 0)
         for s in range(1, self._n_seq_max):
             end = int(self._lib.llama_memory_seq_pos_max(self._mem, s)) + 1
             if end != self._synced[s]:
@@ -574,4 +617,44 @@ class LlamaCppTarget:
         return problems
 
 
-__all__ = ["LlamaCppModel", "LlamaCppTarget", "commit_source", "tree_sequences"]
+def kv_cells(lib: Any, ctx: Any, seq: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(position, sequence ids) of every used cell of a context (or of sequence ``seq``'s cells), in cell order,
+    from llama.cpp's state serialisation; copies the cells' K/V data, so it is for tests and debugging only."""
+    size = lib.llama_state_seq_get_size(ctx, seq)
+    data = (ctypes.c_uint8 * size)()
+    lib.llama_state_seq_get_data(ctx, data, size, seq)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    _magic, _seq, n_stream, count = raw[:16].view(np.int32)  # a header, then the KV cache's own state
+    cells: list[tuple[int, tuple[int, ...]]] = []
+    if n_stream != 1:
+        raise RuntimeError(f"expected a unified cache (1 stream), found {n_stream}")
+    offset = 16
+    for _ in range(int(count)):
+        pos, n_ids = raw[offset:offset + 8].view(np.int32)
+        offset += 8
+        ids = tuple(int(s) for s in raw[offset:offset + 4 * int(n_ids)].view(np.int32))
+        offset += 4 * int(n_ids)
+        cells.append((int(pos), ids))
+    return cells
+
+
+def layout_problems(cells: Sequence[tuple[int, tuple[int, ...]]], length: int, home: int) -> list[str]:
+    """How a sequence's cells (in cell order) differ from "positions 0..length-1, each once, in this order,
+    all in sequence ``home``"."""
+    problems: list[str] = []
+    positions = sorted(pos for pos, _ in cells)
+    if positions != list(range(length)):
+        extra = collections.Counter(positions) - collections.Counter(range(length))
+        missing = collections.Counter(range(length)) - collections.Counter(positions)
+        problems.append(f"cells: {len(cells)} used; extra positions {sorted(extra.elements())[:10]}, "
+                        f"missing {sorted(missing.elements())[:10]}")
+    elif [pos for pos, _ in cells] != positions:
+        problems.append("cells are out of position order (not the layout plain decoding gives)")
+    outside = [pos for pos, ids in cells if home not in ids]
+    if outside:
+        problems.append(f"cells outside sequence {home} at positions {outside[:10]}")
+    return problems
+
+
+__all__ = ["BatchArrays", "LlamaCppModel", "LlamaCppTarget", "commit_source", "kv_cells", "layout_problems",
+           "tree_sequences"]

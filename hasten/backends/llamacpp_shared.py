@@ -1,0 +1,410 @@
+"""Several llama.cpp targets scored in one ``llama_decode``: a shared context, each target its own sequence ids.
+
+Layout. A model has one shared context (created on first use) whose unified KV cache holds the committed
+context of every member target under the target's *home* sequence id; a tree pass borrows more ids (one per
+leaf, lazily caught up from the home, as in a target's own context) from the context's pool of
+``llama_max_parallel_sequences()`` ids. Id 0 is the garbage sequence, which no token ever attends to.
+
+Exactness. ggml's CPU flash attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``) treats
+every query row on its own and walks the KV cells in cell order, skipping masked ones outright; with quantized
+weights the matmuls are batch-invariant under 64 tokens. So a row's logits are bit-identical to scoring its
+sequence alone as long as its own cells appear in the same order, whatever other targets' cells lie between
+them. Each target's cells must therefore stay in position order across the cell array, which llama.cpp's cell
+placement does not promise: a new token goes to the first free cell after the cache's head, and freeing a cell
+moves the head back to it, so a hole between two targets' cells would later take a token of a target whose own
+cells lie after it. Hence the cache here never gets a hole: cells a target no longer needs (rejected drafts, a
+truncation, a target leaving) move to the garbage sequence instead of being freed, so every new cell goes at the
+end; when the garbage outweighs the live cells or the end comes near, the cache is compacted (every member's
+cells copied out and back, each target contiguous and in order; K/V bytes, nothing recomputed).
+
+Three things cannot be bit-identical in a shared context; they run in the target's own context, where its cells
+sit exactly as in plain decoding (the cache migrates by a K/V copy of its cells, nothing evaluated twice):
+- a decode of 64+ tokens (a long prefill, a huge tree): flash attention tiles its queries (``GGML_FA_TILE_Q``)
+  and then its cells by cell index. Shared decodes are therefore cut to at most ``MAX_TOKENS``.
+- with more than one thread, a one-token pass once the target alone would see 512+ cells (llama.cpp pads
+  ``n_kv`` to 256, so once its cache holds 256 cells): ggml splits a lone query's cells across threads by cell
+  index (its split-KV path). A shared decode of two or more tokens never takes that path and so cannot
+  reproduce it. Likewise a shared decode of one token while the shared cache is 256+ cells long.
+- ``start`` (the prefill).
+Without flash attention (``flash_attn=False``) attention reduces over every cell, masked ones too, in blocks, so
+nothing is shared. F32/F16 weights are not batch-invariant in llama.cpp at all (trees and chains differ by
+~1e-3 there too); the standard stays "as exact as a tree pass is".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hasten.backends.base import Scores
+from hasten.backends.llamacpp_target import BatchArrays, _check_keep, commit_source, kv_cells, layout_problems
+from hasten.errors import HastenError
+
+if TYPE_CHECKING:
+    from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
+
+GARBAGE = 0  # the sequence of cells no target needs any more (never attended to; freeing them would leave holes)
+MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
+KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multiple of this
+SPLIT_KV_CELLS = 512  # from this n_kv on, a one-token pass splits its cells across threads (split-KV path)
+MIN_GARBAGE = 256  # compact once the garbage exceeds this and the live cells
+
+Pass = tuple["LlamaCppTarget", list[int], list[int], Sequence[int] | None]  # target, tokens, parents, rows
+
+
+def n_kv(cells: int) -> int:
+    """The number of cells llama.cpp's attention spans when ``cells`` cells are in use."""
+    return max(KV_PAD, -(-cells // KV_PAD) * KV_PAD)
+
+
+def shareable(target: LlamaCppTarget, n: int) -> bool:
+    """Whether an ``n``-token pass of ``target`` scores bit-identically in a shared decode."""
+    model = target.model
+    if model.flash_attn is False or n > MAX_TOKENS:
+        return False
+    return not (n == 1 and model.threads > 1 and n_kv(target.cache_len + 1) >= SPLIT_KV_CELLS)
+
+
+def score_many(model: LlamaCppModel, passes: Sequence[Pass]) -> list[Scores]:
+    """Score the passes of distinct targets of ``model``: those that can be exact there in shared decodes (two
+    or more of them), the rest each in its own context; results in the order given."""
+    from hasten.backends.llamacpp_target import LlamaCppTarget
+
+    targets = [target for target, *_ in passes]
+    if len({id(target) for target in targets}) != len(targets):
+        raise ValueError("score_many takes each target at most once")
+    for target in targets:
+        if not isinstance(target, LlamaCppTarget) or target.model is not model:
+            raise ValueError("score_many takes targets of this model only")
+        target._check_open()
+    plans = [target._check_pass(tokens, parents, rows) for target, tokens, parents, rows in passes]
+    share = [i for i, (target, tokens, *_) in enumerate(passes) if shareable(target, len(tokens))]
+    if len(share) == 1 and passes[share[0]][0]._shared is None:
+        share = []  # alone it runs as fast in its own context, without the copy in
+    cache = model.shared_cache() if share else model._shared
+    results: list[Scores | None] = [None] * len(passes)
+    if cache is not None:
+        share = [i for i in share if passes[i][0]._shared is cache or cache.join(passes[i][0])]
+        results = cache.decode(passes, plans, share, results)
+    for i, (target, tokens, parents, rows) in enumerate(passes):
+        if results[i] is None:
+            if target._shared is not None:
+                target._shared.leave(target)
+            results[i] = target.score(tokens, parents, rows)
+    return [scores for scores in results if scores is not None]
+
+
+class SharedCache:
+    """The llama context of one model in which member targets keep their caches and are scored together."""
+
+    def __init__(self, model: LlamaCppModel, cells: int) -> None:
+        self.model = model
+        self._lib = lib = model._lib
+        self.n_seq = int(lib.llama_max_parallel_sequences())
+        self.ctx = model._new_context(n_ctx=cells, n_seq_max=self.n_seq)
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.size = int(lib.llama_n_ctx(self.ctx))
+        self.free_ids = list(range(self.n_seq - 1, GARBAGE, -1))  # popped from the end: 1 first
+        self.members: weakref.WeakValueDictionary[int, LlamaCppTarget] = weakref.WeakValueDictionary()
+        self.end = 0  # cells in use; there are no holes, so llama.cpp places the next cell at index ``end``
+        self.garbage = 0  # of those, cells only in the garbage sequence
+        self.embeddings = False
+        lib.llama_set_embeddings(self.ctx, False)
+        self.arrays = BatchArrays(lib, MAX_TOKENS, self.n_seq)
+        self._batch = self.arrays.batch_at(0)
+        self._buffer = (ctypes.c_uint8 * 0)()
+
+    def __del__(self) -> None:
+        try:
+            self._lib.llama_free(self.ctx)
+        except Exception:  # interpreter shutdown
+            pass
+
+    # -- members coming and going
+
+    def join(self, target: LlamaCppTarget) -> bool:
+        """Move a target's cache (from its own context) in; False when there is no room or no id for it."""
+        length = target.cache_len
+        if self.end + length > self.size:
+            self.compact()
+        if not self.free_ids:
+            self._reclaim(set())
+        if self.end + length > self.size or not self.free_ids:
+            return False
+        home = self.free_ids.pop()
+        self._copy(target._ctx, 0, self.ctx, home)
+        self.end += length
+        self.model._release(target._ctx)
+        target._ctx = target._mem = None
+        target._shared, target._ids, target._synced = self, [home], [length]
+        self.members[home] = target
+        return True
+
+    def leave(self, target: LlamaCppTarget, keep: bool = True, reopen: bool = True) -> None:
+        """Move a target back to a context of its own, its cache copied there (``keep``) or dropped; its cells
+        here become garbage and its ids go back to the pool. ``reopen=False``: the target is closing."""
+        ids = target._ids
+        context = None
+        if keep:
+            if target._pending is not None:
+                raise RuntimeError("commit() the previous pass before the target leaves the shared context")
+            context = self.model._acquire()
+            self._copy(self.ctx, ids[0], context, 0)
+        self.garbage += target.cache_len + (len(target._pending[0]) if target._pending else 0)
+        for s in ids:
+            self._lib.llama_memory_seq_cp(self.mem, s, GARBAGE, -1, -1)
+        for s in ids:
+            self._rm(s, -1)
+        self.members.pop(ids[0], None)
+        self.free_ids += ids[::-1]
+        target._shared, target._ids = None, []
+        if reopen:
+            if context is None:
+                context = self.model._acquire()
+                target.cache_len = 0
+                target._pending = None
+            target._ctx, target._mem = context, self._lib.llama_get_memory(context)
+            self._lib.llama_set_embeddings(context, target.want_hidden)
+            target._synced = [0] * target._n_seq_max
+            target._synced[0] = target.cache_len
+        if not self.members:  # nothing live: start over, for free
+            self._lib.llama_memory_clear(self.mem, True)
+            self.end = self.garbage = 0
+
+    def compact(self) -> None:
+        """Drop the garbage: every member's cells copied out and back in, each member contiguous, in order
+        (not while a member's pass is pending: its pass cells are in borrowed ids)."""
+        members = list(self.members.values())
+        if any(target._pending is not None for target in members):
+            return
+        lib = self._lib
+        saved = []
+        for target in members:
+            size = lib.llama_state_seq_get_size(self.ctx, target._ids[0])
+            data = (ctypes.c_uint8 * size)()
+            lib.llama_state_seq_get_data(self.ctx, data, size, target._ids[0])
+            saved.append(data)
+        lib.llama_memory_clear(self.mem, True)
+        self.end = self.garbage = 0
+        for target, data in zip(members, saved, strict=True):
+            if lib.llama_state_seq_set_data(self.ctx, data, len(data), target._ids[0]) != len(data):
+                raise HastenError("llama.cpp could not move cache entries in the shared context")
+            self.end += target.cache_len
+            self.free_ids += target._ids[:0:-1]
+            target._ids, target._synced = target._ids[:1], [target.cache_len]
+
+    def _reclaim(self, busy: set[int]) -> None:
+        """Give the borrowed ids of members that are neither ``busy`` nor mid-pass back to the pool (their cells
+        are all in the member's home, so this frees none)."""
+        for target in list(self.members.values()):
+            if id(target) not in busy and target._pending is None and len(target._ids) > 1:
+                for s in target._ids[1:]:
+                    self._rm(s, -1)
+                self.free_ids += target._ids[:0:-1]
+                target._ids, target._synced = target._ids[:1], target._synced[:1]
+
+    # -- scoring
+
+    def decode(self, passes: Sequence[Pass], plans: Sequence[Any], share: Sequence[int],
+               results: list[Scores | None]) -> list[Scores | None]:
+        """Score the passes ``share`` (of members) in decodes of at most MAX_TOKENS tokens; fills ``results``."""
+        if not share:
+            return results
+        need = sum(len(passes[i][1]) for i in share)
+        if self.end + need > self.size or self.garbage > max(MIN_GARBAGE, self.end - self.garbage):
+            self.compact()
+        if self.end + need > self.size:  # no room for all: the overflow runs in the targets' own contexts
+            room, fits = self.size - self.end, []
+            for i in share:
+                if len(passes[i][1]) <= room:
+                    fits.append(i)
+                    room -= len(passes[i][1])
+            share = fits
+        chunk: list[int] = []
+        busy: set[int] = set()
+        width = 0
+        for i in share:
+            target, tokens = passes[i][0], passes[i][1]
+            n_seqs = plans[i][3]
+            if chunk and (width + len(tokens) > MAX_TOKENS or not self._ids_for(target, n_seqs, busy, False)):
+                self._decode_chunk(passes, plans, chunk, results)
+                chunk, busy, width = [], set(), 0
+            busy.add(id(target))
+            if self._ids_for(target, n_seqs, busy, True):
+                chunk.append(i)
+                width += len(tokens)
+        if chunk:
+            self._decode_chunk(passes, plans, chunk, results)
+        return results
+
+    def _ids_for(self, target: LlamaCppTarget, n_seqs: int, busy: set[int], take: bool) -> bool:
+        """Whether ``target`` has (``take``: gets) an id for each of ``n_seqs`` sequences, reclaiming borrowed
+        ids from members not ``busy`` when the pool runs short."""
+        missing = n_seqs - len(target._ids)
+        if missing > len(self.free_ids):
+            self._reclaim(busy | {id(target)})
+        if missing > len(self.free_ids):
+            return False
+        if take:
+            for _ in range(max(0, missing)):
+                target._ids.append(self.free_ids.pop())
+                target._synced.append(0)
+        return True
+
+    def _decode_chunk(self, passes: Sequence[Pass], plans: Sequence[Any], chunk: list[int],
+                      results: list[Scores | None]) -> None:
+        lib, model, a = self._lib, self.model, self.arrays
+        width = sum(len(passes[i][1]) for i in chunk)
+        if width == 1 and model.threads > 1 and n_kv(self.end + 1) >= SPLIT_KV_CELLS:
+            return  # a lone token here would take the split-KV path over shared cells: its own context scores it
+        embeddings = any(passes[i][0].want_hidden for i in chunk)
+        if embeddings != self.embeddings:
+            lib.llama_set_embeddings(self.ctx, embeddings)
+            self.embeddings = embeddings
+        offset = 0
+        a.out[:width] = 1 if embeddings else 0
+        for i in chunk:
+            target, tokens, _parents, _ = passes[i]
+            rows, depths, seqs, n_seqs = plans[i]
+            n, ids = len(tokens), target._ids
+            end = offset + n
+            a.tok[offset:end] = tokens
+            if seqs is None:
+                a.pos[offset:end] = a.arange[:n] + target.cache_len
+                a.nseq[offset:end] = 1
+                a.seq[offset:end, 0] = ids[0]
+            else:
+                for j in range(1, n_seqs):  # borrowed ids catch up with the committed context (tags only)
+                    if target._synced[j] < target.cache_len:
+                        lib.llama_memory_seq_cp(self.mem, ids[0], ids[j], target._synced[j], -1)
+                        target._synced[j] = target.cache_len
+                a.pos[offset:end] = depths
+                a.pos[offset:end] += target.cache_len
+                id_array = np.asarray(ids, dtype=np.int32)
+                for t, leaves in enumerate(seqs):
+                    a.nseq[offset + t] = len(leaves)
+                    a.seq[offset + t, : len(leaves)] = id_array[leaves]
+            if not embeddings:
+                a.out[np.asarray(rows, dtype=np.int64) + offset] = 1
+            offset = end
+        self._batch.n_tokens = width
+        rc = lib.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise HastenError(f"llama_decode failed ({rc}) in the shared context")
+        self.end += width
+        index = np.arange(width) if embeddings else np.cumsum(a.out[:width], dtype=np.int64) - 1
+        n_out = width if embeddings else int(index[-1]) + 1
+        empty = np.zeros((0, model.vocab_size), np.float32)
+        logits = self._view(lib.llama_get_logits(self.ctx), n_out, model.vocab_size) if n_out else empty
+        hidden = self._view(lib.llama_get_embeddings(self.ctx), n_out, model.hidden_size) if embeddings else None
+        offset = 0
+        for i in chunk:
+            target, tokens, parents, _ = passes[i]
+            rows, _, seqs, _ = plans[i]
+            picked = index[np.asarray(rows, dtype=np.int64) + offset]
+            results[i] = Scores(torch.from_numpy(logits[picked]),
+                                torch.from_numpy(hidden[picked]) if hidden is not None and target.want_hidden
+                                else None)
+            target._pending = (list(parents), seqs)
+            offset += len(tokens)
+
+    @staticmethod
+    def _view(pointer: Any, rows: int, width: int) -> np.ndarray:
+        if not pointer:
+            raise HastenError("llama.cpp returned no outputs for the pass")
+        return np.ctypeslib.as_array(pointer, shape=(rows, width))
+
+    # -- a member's cache
+
+    def commit(self, target: LlamaCppTarget, keep: list[int]) -> None:
+        """Keep the path ``keep`` of the member's last pass in its home; every other cell of the pass becomes
+        garbage (tagged first, so untagging frees nothing)."""
+        if target._pending is None:
+            raise RuntimeError("commit() needs a scored pass")
+        parents, seqs = target._pending
+        _check_keep(parents, keep)
+        lib, mem, ids = self._lib, self.mem, target._ids
+        old = target.cache_len
+        new = old + len(keep)
+        if seqs is None:
+            lib.llama_memory_seq_cp(mem, ids[0], GARBAGE, new, -1)
+            self._rm(ids[0], new)
+        else:
+            n_seqs = seqs[0][-1] + 1  # the root carries every sequence of the pass
+            source = commit_source(seqs, keep)
+            on_path = [0] * n_seqs  # how many kept tokens each sequence holds
+            for node in keep:
+                for j in seqs[node]:
+                    on_path[j] += 1
+            cuts = [new if j == source else old + on_path[j] for j in range(n_seqs)]
+            for j in range(n_seqs):  # from its cut on, a sequence holds only tokens that were not kept
+                lib.llama_memory_seq_cp(mem, ids[j], GARBAGE, cuts[j], -1)
+            for j in range(n_seqs):
+                self._rm(ids[j], cuts[j])
+            if source != 0:
+                lib.llama_memory_seq_cp(mem, ids[source], ids[0], cuts[0], new)
+            for j in range(1, n_seqs):
+                target._synced[j] = cuts[j]
+        self.garbage += len(parents) - len(keep)
+        target.cache_len = target._synced[0] = new
+        target._pending = None
+
+    def truncate(self, target: LlamaCppTarget, length: int) -> None:
+        """Drop a member's cache entries from ``length`` on (they become garbage)."""
+        if target._pending is not None:
+            raise RuntimeError("commit() the previous pass before truncating")
+        if not 0 <= length <= target.cache_len:
+            raise ValueError(f"cannot truncate a cache of {target.cache_len} tokens to {length}")
+        self._lib.llama_memory_seq_cp(self.mem, target._ids[0], GARBAGE, length, -1)
+        for s in target._ids:
+            self._rm(s, length)
+        self.garbage += target.cache_len - length
+        target.cache_len = length
+        target._synced = [min(synced, length) for synced in target._synced]
+
+    def problems(self, target: LlamaCppTarget) -> list[str]:
+        """``cache_problems`` for a member: its home holds exactly its committed positions, in order; its borrowed
+        ids are caught up as recorded; the whole cache holds ``end`` cells, ``garbage`` of them garbage only."""
+        lib, problems = self._lib, []
+        if target._pending is not None:
+            problems.append("a pass is pending (not committed)")
+        home = target._ids[0]
+        if target.real_cache_len() != target.cache_len:
+            problems.append(f"sequence {home} ends at {target.real_cache_len()}, cache_len is {target.cache_len}")
+        problems += layout_problems(kv_cells(lib, self.ctx, home), target.cache_len, home)
+        for s, synced in zip(target._ids[1:], target._synced[1:], strict=True):
+            end = int(lib.llama_memory_seq_pos_max(self.mem, s)) + 1
+            if end != synced:
+                problems.append(f"sequence {s} ends at {end}, expected {synced}")
+        cells = kv_cells(lib, self.ctx, -1)
+        garbage = sum(ids == (GARBAGE,) for _, ids in cells)
+        if len(cells) != self.end or garbage != self.garbage:
+            problems.append(f"the shared cache holds {len(cells)} cells ({garbage} garbage), "
+                            f"expected {self.end} ({self.garbage})")
+        if any(GARBAGE in ids and len(ids) > 1 for _, ids in cells):
+            problems.append("live cells are tagged as garbage")
+        return problems
+
+    # -- helpers
+
+    def _rm(self, seq: int, start: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self.mem, seq, start, -1):
+            raise HastenError(f"llama.cpp could not drop cache entries from position {start}")
+
+    def _copy(self, source: Any, source_seq: int, dest: Any, dest_seq: int) -> None:
+        """Copy one sequence's cells (positions and K/V) from one context into another's sequence."""
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(source, source_seq)
+        if len(self._buffer) < size:
+            self._buffer = (ctypes.c_uint8 * max(size, 2 * len(self._buffer)))()
+        lib.llama_state_seq_get_data(source, self._buffer, size, source_seq)
+        if lib.llama_state_seq_set_data(dest, self._buffer, size, dest_seq) != size:
+            raise HastenError("llama.cpp could not move a cache between contexts")
+
+
+__all__ = ["MAX_TOKENS", "SharedCache", "n_kv", "score_many", "shareable"]

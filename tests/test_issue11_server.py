@@ -306,3 +306,55 @@ def test_sse_payloads_of_a_batched_chat_stream_with_n(base, tiny):
         texts[choice["index"]] += choice["delta"].get("content", "")
     expected = generate(tiny, messages, "pld", max_new_tokens=12, temperature=0, **OPTIONS).text
     assert texts == {0: expected, 1: expected}
+
+
+def load_script():
+    """scripts/loadtest.py as a module (registered, as its dataclasses need)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "hasten_loadtest" in sys.modules:
+        return sys.modules["hasten_loadtest"]
+    path = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
+    spec = importlib.util.spec_from_file_location("hasten_loadtest", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hasten_loadtest"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_load_test_against_a_batching_server(tiny):
+    """The load test's clients, bad requests, cancels and exactness check, on the tiny model in-process."""
+    import asyncio
+
+    loadtest = load_script()
+    prompts = [words(ids) for ids in random_prompts(5, seed=38)]
+    specs = loadtest.plan(40, prompts, tiny.max_context, tiny.vocab_size, malformed=0.2, cancel=0.15, overlong=0.1,
+                          seed=1)
+    kinds = {spec.kind for spec in specs}
+    assert kinds == {"good", "malformed", "cancel", "overlong"}
+    references = {}
+    for prompt in prompts:
+        result = generate(tiny, [{"role": "user", "content": prompt}], "pld", max_new_tokens=12, temperature=0,
+                          **OPTIONS)
+        references[prompt] = (result.text, len(result.token_ids))
+    with serving(create_app(tiny, "pld", max_queue=16, max_batch=4, method_options=OPTIONS)) as url:
+        outcomes, wall = asyncio.run(loadtest.drive(url, specs, 8, None, 12, None, progress=False))
+        run = loadtest.summarize(outcomes, wall, references)
+        run["healthy_after"] = health(url)["status"] == "ok"
+        assert metrics_of(url)["hasten_step_batch_size_sum"] > metrics_of(url)["hasten_step_batch_size_count"]
+    good = sum(spec.kind == "good" for spec in specs)
+    assert run["good_ok"] == run["exact"] == good and run["completion_tokens"] > 0
+    assert run["bad_requests"] == run["bad_requests_4xx"] == sum(s.kind in ("malformed", "overlong") for s in specs)
+    assert run["lost_or_mixed"] == 0 and run["errors"] == {} and run["ttft_ms"]["p95"] is not None
+    assert loadtest.passed(run)
+    wrong = {prompt: (text + "!", tokens) for prompt, (text, tokens) in references.items()}
+    assert not loadtest.passed({**run, **loadtest.summarize(outcomes, wall, wrong)})  # the check can fail
+
+
+def test_load_test_percentiles():
+    loadtest = load_script()
+    assert loadtest.percentile([], 50) is None
+    assert loadtest.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert loadtest.percentile([float(i) for i in range(101)], 95) == 95.0

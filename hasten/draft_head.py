@@ -28,6 +28,7 @@ from hasten.sampling import SamplingParams
 SHIPPED_DRAFT = Path(__file__).parent / "artifacts" / "draft"
 WEIGHTS = "draft.safetensors"
 CONFIG = "config.json"
+GGUF_WEIGHTS = "f16"  # the exported draft's layer weights on llama.cpp (f16: the stored precision)
 
 
 DRAFT_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -136,17 +137,45 @@ def load_draft_dir(target: PreTrainedModel, directory: str | Path) -> tuple[Llam
     return draft.eval(), vocab_ids, config
 
 
+def _llama_config(target: ModelBackend) -> PretrainedConfig:
+    """The target's transformers config; for a GGUF backend without one, read from its metadata."""
+    config = getattr(target, "transformers_config", None)
+    if config is not None:
+        return config()
+    from hasten.backends.gguf_config import llama_config, read_gguf
+
+    return llama_config(read_gguf(target.path))  # type: ignore[attr-defined]
+
+
 def load_draft_on(target: ModelBackend, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
-    """Rebuild a saved draft on any backend from its config and borrowed embedding tables."""
+    """Rebuild a saved draft in torch on any backend from its config and borrowed embedding tables."""
     if isinstance(target, TransformersModel):
         return load_draft_dir(target.model, directory)
     tensors, vocab_ids, config = read_draft_dir(directory)
     _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
     head_rows = target.output_embeddings()[vocab_ids].contiguous()
-    draft = assemble_draft(target.transformers_config(), target.input_embeddings(), head_rows,
-                           config["num_layers"])
+    draft = assemble_draft(_llama_config(target), target.input_embeddings(), head_rows, config["num_layers"])
     _load_layers(draft, tensors, directory)
     return draft.eval(), vocab_ids, config
+
+
+def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRAFT,
+                       weights: str = GGUF_WEIGHTS) -> tuple[ModelBackend, torch.Tensor, dict]:
+    """A saved draft as a backend the draft proposer runs: (backend, vocab ids, config).
+
+    On a llama.cpp target it is the draft exported to a reduced GGUF (written once to a cache) in its own llama.cpp
+    context, fed the target's token embeddings; on transformers, the torch draft.
+    """
+    if target.backend != "llamacpp":
+        draft, vocab_ids, config = load_draft_on(target, directory)
+        return TransformersModel(draft), vocab_ids, config
+    from hasten.draft_gguf import ReducedDraftModel, cached_export
+
+    tensors, vocab_ids, config = read_draft_dir(directory)
+    _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
+    path = target.path  # type: ignore[attr-defined]
+    exported = cached_export(directory, path, "reduced", weights)
+    return ReducedDraftModel(exported, path, threads=getattr(target, "threads", None)), vocab_ids, config
 
 
 _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -157,8 +186,8 @@ def shipped_draft_proposer(target: LoadedModel, params: SamplingParams, num_toke
                            policy: DraftPolicy | None = None) -> ReducedVocabDraftProposer:
     """``--method draft`` on the default model without ``--draft-model``: the shipped draft (loaded once)."""
     if target.backend not in _SHIPPED:
-        _SHIPPED[target.backend] = load_draft_on(target.backend, SHIPPED_DRAFT)
+        _SHIPPED[target.backend] = load_draft_backend(target.backend, SHIPPED_DRAFT)
     draft, vocab_ids, config = _SHIPPED[target.backend]
-    return ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, target.vocab_size, params,
+    return ReducedVocabDraftProposer(draft, vocab_ids, target.vocab_size, params,
                                      num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator,
                                      policy=policy)

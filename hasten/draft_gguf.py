@@ -1,0 +1,215 @@
+"""The distilled draft (``hasten/artifacts/draft``) exported to GGUF, so that it runs as a llama.cpp context.
+
+Two layouts:
+
+- ``reduced`` (the default): a llama GGUF whose "vocabulary" is the draft's ``vocab_ids`` (no tokenizer), with
+  the target's output rows of those ids as its tied embedding/output table. llama.cpp is fed the target's input
+  embedding of each token (``llama_batch.embd``) instead of token ids, so the draft computes exactly what
+  the torch draft computes: the same layers, the same inputs, the same 8192-row head.
+- ``full``: the target's whole 49152-row table (its quantized bytes copied) and tokenizer, so that any
+  llama.cpp program can run it with token ids; the head costs 6x more.
+
+Layers go in ``f32``, ``f16`` (the stored precision: no loss) or ``q8_0``; the target's rows keep their own
+quantized bytes. A file is written once per (artifact, target, layout, weights) into the cache directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from hasten.backends.gguf_config import GGUFFile, read_gguf
+from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
+from hasten.errors import HastenError
+
+CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "drafts"
+LAYOUTS = ("reduced", "full")
+WEIGHTS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+           "q8_0": gguf.GGMLQuantizationType.Q8_0}
+_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+_LAYER_NAMES = {  # transformers name -> GGUF name, inside a layer
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_COPIED_KEYS = ("context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.freq_base",
+                "rope.dimension_count", "attention.layer_norm_rms_epsilon")
+
+
+def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' q/k rows (rotate-half rope) to llama.cpp's order, as llama.cpp's converter does."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def _matrix(writer: gguf.GGUFWriter, name: str, data: np.ndarray, weights: str) -> None:
+    qtype = WEIGHTS[weights]
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32))
+
+
+def _copy_raw(writer: gguf.GGUFWriter, name: str, file: GGUFFile, source: str, rows: np.ndarray | None) -> None:
+    """The target's tensor ``source`` (its rows ``rows``, or all) with its quantized bytes unchanged."""
+    info = file.tensors[source]
+    raw = np.asarray(file.raw(source) if rows is None else file.raw(source)[rows])
+    if info.type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        dtype = np.float32 if info.type == gguf.GGMLQuantizationType.F32 else np.float16
+        writer.add_tensor(name, np.ascontiguousarray(raw).view(dtype))
+    else:
+        writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=info.type)
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, path: Path) -> None:
+    reader = gguf.GGUFReader(str(path))
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+
+def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, target: str | Path, out: str | Path,
+                 layout: str = "reduced", weights: str = "f16") -> Path:
+    """Write the draft (its stored ``tensors``: layers and final norm) on the target GGUF ``target`` to ``out``."""
+    if layout not in LAYOUTS or weights not in WEIGHTS:
+        raise HastenError(f"draft export: layout in {LAYOUTS}, weights in {tuple(WEIGHTS)}")
+    file = read_gguf(target)
+    meta = file.metadata
+    if meta.get("general.architecture") != "llama":
+        raise HastenError("the distilled draft exports only onto a llama target")
+    heads = int(meta["llama.attention.head_count"])
+    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
+    layers = sorted({int(name.split(".")[2]) for name in tensors if name.startswith("model.layers.")})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(f".{os.getpid()}.part")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer.add_name(f"hasten distilled draft ({layout}, {weights})")
+    writer.add_block_count(len(layers))
+    writer.add_file_type(_FILE_TYPE[weights])
+    for key in _COPIED_KEYS:
+        if f"llama.{key}" in meta:
+            value = meta[f"llama.{key}"]
+            kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+            writer.add_key_value(f"llama.{key}", value, kind)
+    head = "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
+    if layout == "reduced":
+        writer.add_vocab_size(len(vocab_ids))
+        writer.add_tokenizer_model("none")  # llama.cpp's no_vocab: ids are rows of the reduced head
+        _copy_raw(writer, "token_embd.weight", file, head, vocab_ids.numpy())  # tied: no output.weight
+    else:
+        writer.add_vocab_size(file.tensors["token_embd.weight"].shape[0])
+        _copy_tokenizer(writer, file.path)
+        _copy_raw(writer, "token_embd.weight", file, "token_embd.weight", None)
+        if head == "output.weight":
+            _copy_raw(writer, "output.weight", file, head, None)
+    for i, layer in enumerate(layers):
+        for hf, name in _LAYER_NAMES.items():
+            data = tensors[f"model.layers.{layer}.{hf}.weight"].float().numpy()
+            if name.endswith("norm"):
+                writer.add_tensor(f"blk.{i}.{name}.weight", data.astype(np.float32))
+                continue
+            if name == "attn_q":
+                data = _permute(data, heads)
+            elif name == "attn_k":
+                data = _permute(data, kv_heads)
+            _matrix(writer, f"blk.{i}.{name}.weight", data, weights)
+    writer.add_tensor("output_norm.weight", tensors["model.norm.weight"].float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out)
+    return out
+
+
+def cached_export(directory: str | Path, target: str | Path, layout: str = "reduced", weights: str = "f16",
+                  cache: Path | None = None) -> Path:
+    """The draft in ``directory`` exported onto ``target``, from the cache when it was written before."""
+    from hasten.draft_head import CONFIG, read_draft_dir
+    from hasten.draft_head import WEIGHTS as STORED
+
+    directory, target = Path(directory), Path(target)
+    digest = hashlib.sha256()
+    for part in (directory / STORED, directory / CONFIG):
+        digest.update(part.read_bytes())
+    stat = target.stat()
+    digest.update(f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{layout}:{weights}:v1".encode())
+    out = (cache or CACHE) / f"draft-{digest.hexdigest()[:20]}.gguf"
+    if not out.is_file():
+        tensors, vocab_ids, _ = read_draft_dir(directory)
+        export_draft(tensors, vocab_ids, target, out, layout, weights)
+    return out
+
+
+class EmbeddingInputTarget(LlamaCppTarget):
+    """A chain-only llama.cpp sequence fed input embeddings (``llama_batch.embd``) instead of token ids: the
+    reduced draft reads the target's embedding of each token, which its own 8192-row table cannot hold."""
+
+    def __init__(self, model: LlamaCppModel, context: Any, embed: Callable[[Sequence[int]], np.ndarray]) -> None:
+        self._embed = embed
+        self._width = model.n_embd
+        super().__init__(model, context)
+
+    def _grow(self, capacity: int) -> None:
+        self._embd = np.zeros((capacity, self._width), np.float32)
+        super()._grow(capacity)
+        self._batch = self._batch_at(0)
+
+    def _batch_at(self, start: int) -> Any:
+        batch = super()._batch_at(start)
+        batch.token = None
+        batch.embd = ctypes.cast(self._embd.ctypes.data + 4 * self._width * start, ctypes.POINTER(ctypes.c_float))
+        return batch
+
+    def _fill_chain(self, tokens: Sequence[int], rows: Sequence[int]) -> None:
+        super()._fill_chain(tokens, rows)
+        self._embd[: len(tokens)] = self._embed(tokens)
+
+    def _fill_tree(self, tokens: Sequence[int], depths: Sequence[int], seqs: list[list[int]],
+                   rows: Sequence[int]) -> None:
+        raise NotImplementedError("the draft scores chains only")
+
+
+class ReducedDraftModel:
+    """The reduced-layout draft GGUF on llama.cpp, its inputs the target GGUF's token embeddings.
+
+    A ``ModelBackend`` for ``DraftModelProposer``: ``vocab_size`` is the draft vocabulary (its logits' rows).
+    """
+
+    backend = "llamacpp"
+
+    def __init__(self, path: str | Path, target: str | Path, threads: int | None = None) -> None:
+        self.model = LlamaCppModel(path, threads=threads, n_seq_max=1)
+        self.vocab_size = self.model.vocab_size
+        self.max_context = self.model.max_context
+        self.hidden_size = self.model.hidden_size
+        self.architecture = self.model.architecture
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self._table = read_gguf(target)
+        if self._table.tensors["token_embd.weight"].shape[-1] != self.model.n_embd:
+            raise HastenError(f"{Path(path).name} does not fit the target's embedding width")
+
+    def embed(self, tokens: Sequence[int]) -> np.ndarray:
+        """The target's input embeddings of ``tokens`` (n, E), float32."""
+        return self._table.rows("token_embd.weight", list(tokens)).numpy()
+
+    def new_target(self, want_hidden: bool = False) -> EmbeddingInputTarget:
+        if want_hidden:
+            raise HastenError("the draft gives no hidden states")
+        return EmbeddingInputTarget(self.model, self.model._acquire(), self.embed)
+
+
+__all__ = ["CACHE", "LAYOUTS", "WEIGHTS", "EmbeddingInputTarget", "ReducedDraftModel", "cached_export",
+           "export_draft"]

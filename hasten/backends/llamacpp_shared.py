@@ -3,7 +3,8 @@
 Layout. A model has one shared context (created on first use) whose unified KV cache holds the committed
 context of every member target under the target's *home* sequence id; a tree pass borrows more ids (one per
 leaf, lazily caught up from the home, as in a target's own context) from the context's pool of
-``llama_max_parallel_sequences()`` ids. Id 0 is the garbage sequence, which no token ever attends to.
+``shared_seq_max`` ids (llama.cpp's most, 256, by default). Id 0 is the garbage sequence, which no token ever
+attends to.
 
 Exactness. ggml's CPU flash attention kernel (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``) treats
 every query row on its own and walks the KV cells in cell order, skipping masked ones outright; with quantized
@@ -105,7 +106,7 @@ class SharedCache:
     def __init__(self, model: LlamaCppModel, cells: int) -> None:
         self.model = model
         self._lib = lib = model._lib
-        self.n_seq = int(lib.llama_max_parallel_sequences())
+        self.n_seq = model.shared_seq_max
         self.ctx = model._new_context(n_ctx=cells, n_seq_max=self.n_seq)
         self.mem = lib.llama_get_memory(self.ctx)
         self.size = int(lib.llama_n_ctx(self.ctx))

@@ -134,7 +134,8 @@ class LlamaCppModel:
     that report AMX, whose batched AMX kernels crash in this build, and on elsewhere. ``flash_attn`` (None:
     llama.cpp decides, which is on for the CPU) should stay on: its CPU kernel treats every query row on its
     own, so passes are batch-invariant, while without it the real default model's logits move by ~0.5 with
-    the number of tokens in a pass.
+    the number of tokens in a pass. ``score_many`` scores several targets' passes in one ``llama_decode`` in a
+    shared context of ``shared_cells`` cells and ``shared_seq_max`` sequence ids (see ``llamacpp_shared``).
     """
 
     backend = "llamacpp"
@@ -142,7 +143,7 @@ class LlamaCppModel:
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
                  extra_buffers: bool | None = None, flash_attn: bool | None = None,
-                 shared_cells: int | None = None) -> None:
+                 shared_cells: int | None = None, shared_seq_max: int | None = None) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None
         self._shared: SharedCache | None = None
@@ -183,6 +184,7 @@ class LlamaCppModel:
         self.max_context = int(lib.llama_n_ctx(context))
         self._pool.append(context)
         self.shared_cells = shared_cells or 2 * self.max_context  # cells of the context targets share
+        self.shared_seq_max = min(shared_seq_max or 256, int(lib.llama_max_parallel_sequences()))  # and its ids
 
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)

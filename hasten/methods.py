@@ -41,7 +41,7 @@ def _pld(target: LoadedModel, params: SamplingParams, generator, options: dict[s
     return PromptLookupProposer(**options, policy=policy)
 
 
-def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> DraftModelProposer:
     draft = options.get("draft")
     if draft is None and target.name != "default":
         raise HastenError("--method draft needs a draft model (--draft-model PATH)")
@@ -73,7 +73,11 @@ def _auto(target: LoadedModel, params: SamplingParams, generator, options: dict[
     head = options.get("head")
     if head is not None or target.name == "default":  # the shipped head, or the one given
         head = load_head(target.name, target.backend, head)
-    return AutoProposer(policy, head, options.get("num_tokens", 8))
+    draft: DraftModelProposer | None = None
+    if options.get("draft") is not None or target.name == "default":  # the shipped draft, or the one given
+        draft = _draft(target, params, generator, {"draft": options.get("draft"), "num_tokens": 8})
+        draft.policy = policy  # its depth follows auto's policy; auto learns from its tokens
+    return AutoProposer(policy, head, options.get("num_tokens", 8), draft)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ METHODS: dict[str, Method] = {
     "draft": Method(_draft, frozenset({"num_tokens", "draft", "adaptive"})),
     "lookahead": Method(_lookahead, frozenset({"window", "ngram", "guesses", "adaptive"})),
     "redrafter": Method(_redrafter, frozenset({"beam_width", "beam_length", "head", "adaptive"})),
-    "auto": Method(_auto, frozenset({"num_tokens", "head"})),
+    "auto": Method(_auto, frozenset({"num_tokens", "head", "draft"})),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from hasten.engine import DecodeStats, decode
 from hasten.models import LoadedModel
 from hasten.proposers.auto import AutoProposer
 from hasten.proposers.base import Proposer
+from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import LookaheadProposer
 from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
@@ -168,18 +171,25 @@ def _decode(target, proposer, prompt, max_new_tokens, params=GREEDY, stats=None,
     return [t for chunk in chunks for t in chunk]
 
 
-def _proposers(curve: CostModel) -> dict[str, callable]:
+def _auto_with_draft(curve: CostModel, draft) -> AutoProposer:
+    policy = DraftPolicy(frozen(curve))
+    return AutoProposer(policy, draft=DraftModelProposer(draft, GREEDY, 8, policy=policy))
+
+
+def _proposers(curve: CostModel, drafts: dict = {}) -> dict[str, callable]:  # noqa: B006 (read only)
     return {
         "pld": lambda: PromptLookupProposer(8, 4, 1, 3, policy=DraftPolicy(frozen(curve))),
         "lookahead": lambda: LookaheadProposer(2, 4, 3, policy=DraftPolicy(frozen(curve))),
         "auto": lambda: AutoProposer(DraftPolicy(frozen(curve))),
+        **{f"auto+{name}": functools.partial(_auto_with_draft, curve, draft) for name, draft in drafts.items()},
     }
 
 
 @pytest.mark.parametrize("curve", [FLAT, CPU], ids=["flat", "cpu"])
 def test_adaptive_methods_match_greedy_generate_on_transformers(curve):
     model = tiny_model("llama", 3, init_std=0.6)
-    for name, make in _proposers(curve).items():
+    drafts = {"self-draft": TransformersModel(model), "other-draft": TransformersModel(tiny_model("llama", 8))}
+    for name, make in _proposers(curve, drafts).items():
         stats = DecodeStats()
         for prompt in random_prompts(6, seed=5):
             prompt = prompt + prompt
@@ -207,16 +217,35 @@ def tiny_gguf_loaded(tmp_path_factory) -> LoadedModel:
 
 
 @pytest.mark.parametrize("curve", [FLAT, CPU], ids=["flat", "cpu"])
-def test_adaptive_methods_match_ar_on_llamacpp(tiny_gguf_loaded, curve):
+def test_adaptive_methods_match_ar_on_llamacpp(tiny_gguf_loaded, curve, tmp_path):
+    from hasten.backends.llamacpp_target import LlamaCppModel
+
     backend = tiny_gguf_loaded.backend
+    other = LlamaCppModel(write_tiny_gguf(tmp_path / "other.gguf", seed=9, vocab_size=64, init_std=0.6), threads=1)
     eos = tuple(backend.eos_token_ids)
-    for name, make in _proposers(curve).items():
+    for name, make in _proposers(curve, {"self-draft": backend, "other-draft": other}).items():
         stats = DecodeStats()
         for prompt in random_prompts(6, seed=5):
             prompt = prompt + prompt
             reference = _decode(backend.new_target(), Proposer(), prompt, 40, eos=eos)
             assert _decode(backend.new_target(), make(), prompt, 40, stats=stats, eos=eos) == reference, name
         assert stats.drafted_tokens > 0, name
+
+
+def test_auto_drafts_with_the_draft_model_and_keeps_its_cache_in_step():
+    model = tiny_model("llama", 3, init_std=0.6)
+    policy = DraftPolicy(frozen(FLAT))
+    draft = DraftModelProposer(TransformersModel(model), GREEDY, 8, policy=policy)
+    auto = AutoProposer(policy, draft=draft)
+    prompt = random_prompts(1, seed=11, repeat=False)[0]
+    out = _decode(TransformersModel(model).new_target(), auto, prompt, 30)
+    assert out == greedy_reference(model, prompt, 30)
+    assert auto.stats()["nodes_from_draft"] > 1  # the draft (the target itself) found most tokens
+    assert draft.draft.cache_len <= len(prompt) + len(out)  # never ahead of the committed tokens
+
+
+def _auto_with_draft_sampling(engine, params: SamplingParams, policy: DraftPolicy) -> AutoProposer:
+    return AutoProposer(policy, num_tokens=3, draft=DraftModelProposer(engine, params, 3, policy=policy))
 
 
 # --- sampling: the same distribution ---------------------------------------------------------------------------
@@ -243,7 +272,7 @@ def _sampled_joint(target, make, params: SamplingParams, draws: int = 2500) -> t
     return counts, stats
 
 
-@pytest.mark.parametrize("method", ["pld", "auto"])
+@pytest.mark.parametrize("method", ["pld", "auto", "auto+draft"])
 @pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
 def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_path):
     params = SamplingParams(temperature=0.9, top_k=8)
@@ -257,7 +286,8 @@ def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_
     shared = AcceptanceModel()  # shared across draws: it keeps learning, as in a server
     flat = frozen(FLAT)
     make = {"pld": lambda: PromptLookupProposer(3, 3, 1, 2, policy=DraftPolicy(flat, shared)),
-            "auto": lambda: AutoProposer(DraftPolicy(flat, shared), num_tokens=3)}[method]
+            "auto": lambda: AutoProposer(DraftPolicy(flat, shared), num_tokens=3),
+            "auto+draft": lambda: _auto_with_draft_sampling(engine, params, DraftPolicy(flat, shared))}[method]
     target = engine.new_target()
     counts, stats = _sampled_joint(target, make, params)
     assert_same_distribution(counts, _exact_joint_on(engine.new_target(), params))

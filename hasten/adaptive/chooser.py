@@ -46,6 +46,7 @@ class Rate:
         return min(1.0, value + EXPLORE * (value * (1 - value) / self.offered) ** 0.5)
 
 
+RETRY_EVERY = 32  # steps a source that does not pay sits out between trials
 TRIALS = 48  # steps an optional source is used before its measured gain decides
 
 
@@ -59,6 +60,7 @@ class SourceGain:
     tokens: float = 0.0
     steps: int = 0
     cost_ms: float = 0.0
+    skipped: int = 0
 
     def record(self, tokens: int, cost_ms: float) -> None:
         self.steps += 1
@@ -69,7 +71,10 @@ class SourceGain:
         """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time)."""
         if self.steps < TRIALS:  # too little evidence yet: keep trying it
             return True
-        return self.tokens / self.steps * token_ms > (self.cost_ms if cost_ms is None else cost_ms)
+        if self.tokens / self.steps * token_ms > (self.cost_ms if cost_ms is None else cost_ms):
+            return True
+        self.skipped += 1  # now and then it runs anyway: what it earns may have changed
+        return self.skipped % RETRY_EVERY == 0
 
 
 def coarser(feature: Feature) -> Feature | None:

@@ -1,8 +1,8 @@
 """``auto``: every available drafter offers candidates each step; one tree keeps those that pay.
 
 Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
-(lookahead's pool, filled from the context), and, where a ReDrafter head is available, its beams (run only
-while the tokens only they find are worth the beam search's time). Their
+(lookahead's pool, filled from the context), and, where available, a draft model's greedy chain and a
+ReDrafter head's beams (each run only while the tokens only it finds are worth its time). Their
 candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
 policy estimates each node's acceptance from what was learned about those features and keeps the subtree
 with the most expected tokens per millisecond of the target's pass (often nothing: then the step is plain
@@ -18,6 +18,7 @@ import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import NgramPool
 from hasten.proposers.prompt_lookup import PromptLookupProposer, streak
 from hasten.proposers.redrafter import HeadDrafter
@@ -32,12 +33,18 @@ HEAD_LENGTH = 4
 
 
 class AutoProposer(Proposer):
-    """Prompt lookup + n-gram pool (+ ReDrafter beams), merged and pruned by a cost-aware policy."""
+    """Prompt lookup + n-gram pool (+ draft chain, + ReDrafter beams), merged and pruned by a cost-aware policy.
+
+    ``draft`` is a draft proposer built on the same policy; it drafts greedily here (its argmax chain is one
+    more deterministic candidate, verified like the others, under sampling too).
+    """
 
     name = "auto"
 
-    def __init__(self, policy: DraftPolicy, head: ReDrafterHead | None = None, num_tokens: int = 8) -> None:
+    def __init__(self, policy: DraftPolicy, head: ReDrafterHead | None = None, num_tokens: int = 8,
+                 draft: DraftModelProposer | None = None) -> None:
         self.policy = policy
+        self.draft = draft
         self.head = head.eval() if head is not None else None
         self.needs_hidden = head is not None
         self.num_tokens = num_tokens
@@ -49,6 +56,7 @@ class AutoProposer(Proposer):
         self._last: int | None = None
         self._tail: list[int] = []
         self._head_ms: float | None = None  # the beam search's time this step, if it ran
+        self._draft_ms: float | None = None  # the draft's time this step, if it ran
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
@@ -57,6 +65,8 @@ class AutoProposer(Proposer):
         self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
         self._sent, self._last = None, None
         self.sources = Counter()
+        if self.draft is not None:
+            self.draft.start(context, None)
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
@@ -74,6 +84,14 @@ class AutoProposer(Proposer):
         for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
             paths.append(tail[:depth])
             features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
+        self._draft_ms = None
+        if self.draft is not None and self.policy.gain("draft").pays(self.policy.cost(1)):
+            began = time.perf_counter()
+            chain, _, chain_features = self.draft.draft_chain(context, depth, greedy=True)
+            self._draft_ms = (time.perf_counter() - began) * 1000
+            if chain:
+                paths.append(chain)
+                features.append([node[0] for node in chain_features])  # one feature per token
         self._head_ms = None
         if self.head is not None and self._hidden is not None and self.policy.gain("head").pays(self.policy.cost(1)):
             began = time.perf_counter()
@@ -94,10 +112,13 @@ class AutoProposer(Proposer):
         if self._sent is not None:
             tree, features = self._sent
             self.policy.learn(tree, features, outcome)
-            if self._head_ms is not None:  # credit the head with the accepted tokens only it proposed
-                alone = sum(all(f[0] == "head" for f in features[node]) for node in outcome.accepted_nodes)
-                self.policy.gain("head").record(alone, self._head_ms)
+            for source, spent in (("head", self._head_ms), ("draft", self._draft_ms)):
+                if spent is not None:  # credit the source with the accepted tokens only it proposed
+                    alone = sum(all(f[0] == source for f in features[node]) for node in outcome.accepted_nodes)
+                    self.policy.gain(source).record(alone, spent)
             self._last = len(outcome.accepted) if len(tree) else None
+        if self.draft is not None:
+            self.draft.rollback(outcome.accepted)
         new = [*outcome.accepted, outcome.next_token]
         self.pool.add_sequence(self._tail + new)
         self._tail = (self._tail + new)[-(POOL_NGRAM - 1) :]

@@ -45,6 +45,7 @@ class DraftModelProposer(Proposer):
         self.policy = policy
         self.draft_ms = 0.0  # running estimate of one draft forward
         self._drafted = 0
+        self._chain: list[int] = []  # the tokens drafted this step
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
@@ -52,11 +53,23 @@ class DraftModelProposer(Proposer):
         self._drafted = 0
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        k = min(self.num_tokens, max_depth, self.draft.max_context - len(context))
-        self._drafted = 0
         self._sent = None
+        tokens, rows, features = self.draft_chain(context, min(self.num_tokens, max_depth), self.params.greedy)
+        tree = TokenTree.chain(tokens, torch.stack(rows) if rows else None)
+        if self.policy is not None:
+            tree, features = self.policy.choose(tree, features)
+            self._sent = (tree, features)
+        return Proposal(tree)
+
+    def draft_chain(self, context: list[int], k: int, greedy: bool
+                    ) -> tuple[list[int], list[torch.Tensor], list[list[Feature]]]:
+        """Up to ``k`` draft tokens after ``context`` (fewer where the policy says one more will not pay):
+        the tokens, their draft distributions (sampling only) and one feature per token for the policy."""
+        k = min(k, self.draft.max_context - len(context))
+        self._drafted = 0
+        self._chain = []
         if k <= 0:  # nothing to draft, or the draft's own context is full: this step is plain decoding
-            return Proposal(TokenTree())
+            return [], [], []
         feed = context[self.draft.cache_len :]
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
@@ -70,7 +83,7 @@ class DraftModelProposer(Proposer):
             chain = list(range(-1, len(feed) - 1))
             logits = self.vocab_logits(self.draft.score(feed, chain, [len(feed) - 1]).logits[-1])
             self.draft.commit(list(range(len(feed))))
-            if self.params.greedy:
+            if greedy:
                 token = int(logits.argmax())
                 confidence = float(torch.softmax(logits.float(), -1)[token]) if self.policy is not None else 0.0
             else:
@@ -89,11 +102,8 @@ class DraftModelProposer(Proposer):
                 gained += path_prob
         if self._drafted:
             self.draft_ms += (spent / self._drafted - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
-        tree = TokenTree.chain(tokens, torch.stack(rows) if rows else None)
-        if self.policy is not None:
-            tree, features = self.policy.choose(tree, features)
-            self._sent = (tree, features)
-        return Proposal(tree)
+        self._chain = tokens
+        return tokens, rows, features
 
     def _worth_drafting(self, depth: int, path_prob: float, gained: float, spent: float) -> bool:
         """Whether one more draft token (its acceptance guessed from its depth alone) is expected to pay."""
@@ -111,7 +121,16 @@ class DraftModelProposer(Proposer):
     def update(self, outcome: StepOutcome) -> None:
         if self.policy is not None and self._sent is not None:
             self.policy.learn(*self._sent, outcome)
-        # The draft cache holds the context plus all drafted tokens but the last; keep the accepted ones.
-        stale = (self._drafted - 1) - min(len(outcome.accepted), self._drafted - 1)
+        self.rollback(outcome.accepted)
+
+    def rollback(self, accepted: list[int]) -> None:
+        """Keep the draft's cache for the drafted tokens the target accepted (a prefix of the chain; another
+        drafter's accepted tokens match it only as far as they agree)."""
+        # The draft cache holds the context plus all drafted tokens but the last.
+        agreed = 0
+        while agreed < min(len(accepted), len(self._chain)) and accepted[agreed] == self._chain[agreed]:
+            agreed += 1
+        stale = (self._drafted - 1) - min(agreed, self._drafted - 1)
         if stale > 0:
             self.draft.truncate(self.draft.cache_len - stale)
+        self._drafted, self._chain = 0, []

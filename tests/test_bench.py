@@ -96,9 +96,9 @@ def test_empty_or_missing_file_is_an_error(tmp_path):
 def test_shipped_prompt_set():
     assert shipped_prompts_path().is_file()
     prompts = read_prompts()
-    assert 30 <= len(prompts) <= 40
+    assert len(prompts) == 42
     categories = {p.category for p in prompts}
-    assert categories == {"chat", "code", "summarization", "math", "translation", "rag"}
+    assert categories == {"chat", "code", "summarization", "math", "translation", "rag", "qa"}
     assert sum(len(p.turns) > 1 for p in prompts) >= 3
 
 

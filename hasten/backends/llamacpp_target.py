@@ -6,6 +6,11 @@ committed context must be visible in every sequence of the pass; with ``kv_unifi
 the tags are kept lazily (a sequence is caught up from sequence 0 when a pass first needs it), so a step costs
 a few scans of the cell array and never work proportional to the context. After ``commit`` exactly the
 committed cells remain, all in sequence 0; nothing is ever evaluated twice.
+
+``LlamaCppModel.score_many`` scores several targets' passes in one ``llama_decode``: their caches then live in
+one shared context, each under its own sequence ids (``llamacpp_shared``, which also says exactly which passes
+can be bit-identical there and which run in the target's own context). A target used on its own never leaves
+its own context.
 """
 
 from __future__ import annotations

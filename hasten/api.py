@@ -33,6 +33,8 @@ class GenerationResult:
     drafted_tokens: int = 0
     accepted_drafts: int = 0
     draft_ms_per_step: float = 0.0  # time in the proposer per target pass
+    draft_s: float = 0.0  # time in the proposer in all (its draft model's passes included)
+    prefill_s: float = 0.0  # time of the prompt's pass
     method_stats: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +163,8 @@ class TextOutput:
             drafted_tokens=stats.drafted_tokens,
             accepted_drafts=stats.accepted_drafts,
             draft_ms_per_step=stats.draft_ms_per_step,
+            draft_s=stats.draft_s,
+            prefill_s=stats.prefill_s,
             method_stats=generation.proposer.stats(),
         )
         return StreamEvent(text[self.sent :], tokens[self.sent_tokens :], result)

@@ -7,20 +7,18 @@ backend; ``speedup`` is against the primary backend's ``ar`` and ``speedup_own``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-import hasten.api as api
 from hasten.adaptive import adaptive_state
 from hasten.adaptive.cost import CostModel
 from hasten.api import generate, prompt_ids
@@ -34,7 +32,6 @@ from hasten.bench.anchors import (
 )
 from hasten.bench.oracle import CandidateSource, OracleRun, replay, source_for
 from hasten.bench.prompts import BenchPrompt
-from hasten.engine import DecodeStats
 from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
 from hasten.models import LoadedModel
@@ -148,24 +145,6 @@ def conversation_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> lis
     return prompt_ids(loaded, "\n\n".join(message["content"] for message in messages), chat=False)
 
 
-@contextlib.contextmanager
-def decode_stats() -> Iterator[list[DecodeStats]]:
-    """Collect the ``DecodeStats`` that ``hasten.api`` makes meanwhile (its result does not carry them all)."""
-    made: list[DecodeStats] = []
-    real = api.DecodeStats
-
-    def make(*args: Any, **kwargs: Any) -> DecodeStats:
-        stats = real(*args, **kwargs)
-        made.append(stats)
-        return stats
-
-    setattr(api, "DecodeStats", make)  # noqa: B010
-    try:
-        yield made
-    finally:
-        setattr(api, "DecodeStats", real)  # noqa: B010
-
-
 def _add_stats(record: RunRecord, stats: dict[str, float], passes: int, passes_before: int) -> None:
     """Fold one turn's proposer statistics into the record's, weighted by target passes."""
     total = passes_before + passes
@@ -206,17 +185,13 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             record.wall_s += time.perf_counter() - began
             tokens, passes = out.token_ids, out.target_passes
         else:
-            with decode_stats() as made:
-                began = time.perf_counter()
-                result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
-                                  top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))
-                record.wall_s += time.perf_counter() - began
+            began = time.perf_counter()
+            result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
+                              top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))
+            record.wall_s += time.perf_counter() - began
             tokens, passes = result.token_ids, result.target_passes
-            stats = made[-1] if made else None
-            draft_s = getattr(result, "draft_s", None)
-            prefill_s = getattr(result, "prefill_s", None)
-            draft_total += draft_s if draft_s is not None else (stats.draft_s if stats else 0.0)
-            prefill_total += prefill_s if prefill_s is not None else (stats.prefill_s if stats else 0.0)
+            draft_total += result.draft_s
+            prefill_total += result.prefill_s
             drafted += result.drafted_tokens
             accepted += result.accepted_drafts
             _add_stats(record, result.method_stats, passes, passes_total)

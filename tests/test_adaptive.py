@@ -144,13 +144,27 @@ def test_acceptance_model_learns_and_backs_off_to_coarser_features():
     assert model.estimate(("pld", 2, 3)) < 0.05
 
 
+def test_acceptance_shrinks_toward_the_current_coarser_rate():
+    model = AcceptanceModel(prior_mean=0.5, prior_weight=4.0)
+    model.record(("pld", 1, 2), True)  # seen once, early
+    assert model.mean(("pld", 1, 2)) == pytest.approx((1 + 4 * 0.6) / 5)  # ("pld", 1) is (1 + 4 * 0.5) / 5
+    for _ in range(96):  # later, (pld, 1) is learned to be rarely accepted through other features
+        model.record(("pld", 1, 3), False)
+    parent = model.mean(("pld", 1))
+    assert parent == pytest.approx((1 + 4 * 0.5) / (97 + 4))
+    assert model.mean(("pld", 1, 2)) == pytest.approx((1 + 4 * parent) / 5)  # it follows its parent now
+    unseen, seen = model.estimate(("pld", 1, 4)), model.estimate(("pld", 1, 3))
+    assert unseen > model.mean(("pld", 1, 4)) == pytest.approx(parent)  # unseen: the parent plus the full bonus
+    assert seen < unseen  # much evidence: little bonus
+
+
 def test_learning_counts_only_nodes_whose_parent_was_accepted():
     tree, features = merge_paths([[1, 2, 3], [1, 4]], [[("a", 1), ("a", 2), ("a", 3)], [("b", 1), ("b", 2)]])
     assert tree.tokens == [1, 2, 3, 4] and tree.parents == [ROOT, 0, 1, 0]
     assert features == [[("a", 1), ("b", 1)], [("a", 2)], [("a", 3)], [("b", 2)]]
     model = AcceptanceModel()
     model.learn(tree, features, accepted_nodes=[0])  # 1 accepted, then 2 and 4 rejected; 3 was never reached
-    assert model.rates[("a", 1)].accepted == 1 + 1 and model.rates[("b", 2)].offered == 2 + 1
+    assert model.rates[("a", 1)].accepted == 1 and model.rates[("b", 2)].offered == 1
     assert ("a", 3) not in model.rates
 
 

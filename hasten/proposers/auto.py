@@ -1,7 +1,8 @@
 """``auto``: every available drafter offers candidates each step; one tree keeps those that pay.
 
 Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
-(lookahead's pool, filled from the context), and, where available, a draft model's greedy chain and a
+(lookahead's pool, filled from the context; asked only where lookup finds nothing, since its candidates
+repeat lookup's and, offered beside them, cost more than they earn in replays), and, where available, a draft model's greedy chain and a
 ReDrafter head's beams (each run only while the tokens only it finds are worth its time). Their
 candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
 policy estimates each node's acceptance from what was learned about those features and keeps the subtree
@@ -81,9 +82,10 @@ class AutoProposer(Proposer):
         for rank, path in enumerate(found):
             paths.append(path)
             features.append([("pld", d, ngram, min(rank, 2), last) for d in range(1, len(path) + 1)])
-        for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
-            paths.append(tail[:depth])
-            features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
+        if not found:  # the pool's n-grams come from the same context: only a fall-back when lookup finds nothing
+            for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
+                paths.append(tail[:depth])
+                features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
         self._draft_ms = None
         if self.draft is not None and self.policy.gain("draft").pays(self.policy.cost(1)):
             began = time.perf_counter()

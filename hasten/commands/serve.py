@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from typing import TYPE_CHECKING
 
 from hasten.commands.common import add_model_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
 from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from hasten.server.worker import Worker
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,5 +66,50 @@ def run(args: argparse.Namespace) -> int:
                      max_generations=args.max_generations, max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
                      max_batch=args.max_batch)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return serve(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+
+
+def serve(app: FastAPI, config: uvicorn.Config) -> int:
+    """uvicorn on a thread, the generation loop on this (the main) thread, where llama.cpp runs fastest.
+
+    Ctrl-C (SIGINT) or SIGTERM stops both: uvicorn shuts down gracefully, which stops the loop.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=_run_http, args=(server,), name="hasten-http", daemon=True)
+    worker: Worker = app.state.worker
+    worker.hold()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())
+    thread.start()
+    watcher = threading.Thread(target=_stop_when_done, args=(thread, worker), name="hasten-watch", daemon=True)
+    watcher.start()
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        worker.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise HastenError(f"the server could not listen on {config.host}:{config.port} (see the log above)")
     return 0
+
+
+def _run_http(server: uvicorn.Server) -> None:
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit on a start-up failure (logged): the main thread reports it
+        pass
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_when_done(thread: threading.Thread, worker: Worker) -> None:
+    """If uvicorn ends on its own (a port in use, say), the loop on the main thread stops too."""
+    thread.join()
+    worker.stop()

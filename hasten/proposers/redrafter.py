@@ -40,6 +40,7 @@ class HeadDrafter:
     def __init__(self, head: ReDrafterHead, hidden: torch.Tensor) -> None:
         self.head = head
         self.hidden = hidden.reshape(1, -1)
+        self.prepared = head.prepare(self.hidden)
 
     @property
     def vocab(self) -> torch.Tensor:
@@ -49,9 +50,7 @@ class HeadDrafter:
         return self.head.init_state(rows)
 
     def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.head.step(state, tokens)
-        logits = self.head.logits(self.hidden.expand(state.shape[0], -1), state)
-        return state, torch.log_softmax(logits.float(), dim=-1)
+        return self.head.advance(self.prepared, state, tokens)
 
 
 class ReDrafterProposer(Proposer):

@@ -46,19 +46,27 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
     if width < 1 or length < 1:
         raise ValueError("beam search needs width >= 1 and length >= 1")
     vocab = drafter.vocab
-    tokens = torch.empty(1, 0, dtype=torch.long)
-    steps = torch.empty(1, 0)
     scores = torch.zeros(1)
     state = drafter.start(1)
     last = torch.tensor([root])
+    picks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step: parent beam, column, score
     for _ in range(length):
         state, log_probs = drafter.advance(state, last)
-        total = (scores[:, None] + log_probs.float()).flatten()
-        best = total.topk(min(width, total.numel()))
-        beam = best.indices // log_probs.shape[1]
-        last = vocab[best.indices % log_probs.shape[1]]
-        tokens = torch.cat([tokens[beam], last[:, None]], dim=1)
-        steps = torch.cat([steps[beam], (best.values - scores[beam])[:, None]], dim=1)
+        columns = log_probs.shape[1]
+        best = (scores[:, None] + log_probs).flatten().topk(min(width, log_probs.numel()))
+        beam, column = best.indices.div(columns, rounding_mode="floor"), best.indices.remainder(columns)
+        picks.append((beam, column, best.values))
+        last = vocab[column]
         state = state[beam]
         scores = best.values
+    # Follow the parent pointers back from the last step: each beam's columns and running scores.
+    rows = torch.arange(len(scores))
+    path_columns, path_scores = [], []
+    for beam, column, values in reversed(picks):
+        path_columns.append(column[rows])
+        path_scores.append(values[rows])
+        rows = beam[rows]
+    tokens = vocab[torch.stack(path_columns[::-1], dim=1)]
+    running = torch.stack(path_scores[::-1], dim=1)
+    steps = torch.diff(running, dim=1, prepend=torch.zeros(len(scores), 1))
     return Beams(tokens, scores, steps)

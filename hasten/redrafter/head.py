@@ -45,6 +45,26 @@ class HeadConfig:
     model: str = ""  # the target's name, for humans
 
 
+@dataclass
+class DraftTables:
+    """Inference-only precomputations of a head for beam search (rebuilt when its weights or tables change)."""
+
+    key: tuple[int, ...]
+    input_rows: torch.Tensor  # (draft vocab, S): ``rnn_w`` applied to each draft-vocabulary token's embedding
+    column: torch.Tensor  # (vocab,): the draft-vocabulary column of every target id, -1 outside it
+    hidden_weight: torch.Tensor | None  # (H + S, H): the first residual block's weight on the hidden part
+    state_weight: torch.Tensor | None  # (H + S, S): its weight on the recurrent state
+
+
+@dataclass
+class Prepared:
+    """A head bound to one hidden state (1, H) for one beam search: the parts that do not change per step."""
+
+    hidden: torch.Tensor
+    first: torch.Tensor | None  # the first block's pre-activation from the hidden state and its bias (1, H + S)
+    tables: DraftTables
+
+
 class ResBlock(nn.Module):
     """``x + SiLU(A x + a)``, zero-initialised so that it starts as the identity."""
 
@@ -81,6 +101,7 @@ class ReDrafterHead(nn.Module):
         self.register_buffer("draft_ids", draft_ids.long().clone())
         self.embedding: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self._tables: DraftTables | None = None
 
     def attach(self, target: ModelBackend | nn.Module) -> ReDrafterHead:
         """Borrow the target's (frozen) input embeddings and its output rows of the draft vocabulary.
@@ -101,6 +122,7 @@ class ReDrafterHead(nn.Module):
             )
         self.embedding = embedding
         self.output = output[self.draft_ids].float().contiguous()
+        self._tables = None
         return self
 
     def init_state(self, rows: int) -> torch.Tensor:
@@ -117,6 +139,53 @@ class ReDrafterHead(nn.Module):
         assert self.output is not None, "attach() the head to its target first"
         x = self.blocks(torch.cat([hidden.to(state.dtype), state], dim=-1))
         return self.proj(x) @ self.output.to(state.dtype).T + self.vocab_bias
+
+    def tables(self) -> DraftTables:
+        """The inference tables, rebuilt after ``attach`` and when a weight they hold was changed in place."""
+        assert self.embedding is not None and self.output is not None, "attach() the head to its target first"
+        weights = [self.rnn_w.weight, self.embedding, self.output, *(b.linear.weight for b in self.blocks[:1])]
+        key = tuple(v for w in weights for v in (w.data_ptr(), 0 if w.is_inference() else w._version))
+        if self._tables is None or self._tables.key != key:
+            with torch.no_grad():
+                embeds = self.embedding[self.draft_ids].to(self.rnn_w.weight.dtype)
+                column = torch.full((self.embedding.shape[0],), -1, dtype=torch.long)
+                column[self.draft_ids] = torch.arange(len(self.draft_ids))
+                split = self.blocks[0].linear.weight.split([self.config.hidden_size, self.config.state_size], 1) \
+                    if len(self.blocks) else (None, None)
+                self._tables = DraftTables(key, self.rnn_w(embeds), column,
+                                           *(w.contiguous() if w is not None else None for w in split))
+        return self._tables
+
+    def prepare(self, hidden: torch.Tensor) -> Prepared:
+        """Bind the head to one hidden state (1, H) for ``advance``: its share of the first block is done once."""
+        tables = self.tables()
+        hidden = hidden.reshape(1, -1).to(self.proj.weight.dtype)
+        first = None
+        if tables.hidden_weight is not None:
+            first = F.linear(hidden, tables.hidden_weight, self.blocks[0].linear.bias)
+        return Prepared(hidden, first, tables)
+
+    def advance(self, prepared: Prepared, state: torch.Tensor,
+                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` then ``logits`` for beam search, in fewer passes over the weights: the new states and the
+        log-probabilities over the draft vocabulary (n, draft vocab), equal to theirs up to round-off."""
+        tables = prepared.tables
+        columns = tables.column[tokens]
+        if bool((columns >= 0).all()):  # drafted tokens: their input projection is a table row
+            inputs = tables.input_rows[columns]
+        else:  # the root may lie outside the draft vocabulary
+            assert self.embedding is not None
+            inputs = self.rnn_w(self.embedding[tokens].to(state.dtype))
+        state = F.silu(inputs + self.rnn_u(state))
+        x = torch.cat([prepared.hidden.expand(state.shape[0], -1), state], dim=-1)
+        if prepared.first is not None:
+            assert tables.state_weight is not None
+            x = x + F.silu(prepared.first + F.linear(state, tables.state_weight))
+            for block in self.blocks[1:]:
+                x = block(x)
+        assert self.output is not None
+        logits = self.proj(x) @ self.output.T + self.vocab_bias
+        return state, torch.log_softmax(logits.float(), dim=-1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

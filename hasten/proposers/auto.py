@@ -2,8 +2,9 @@
 
 Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
 (lookahead's pool, filled from the context; asked only where lookup finds nothing, since its candidates
-repeat lookup's and, offered beside them, cost more than they earn in replays), and, where available, a draft model's greedy chain and a
-ReDrafter head's beams (each run only while the tokens only it finds are worth its time). Their
+repeat lookup's and, offered beside them, cost more than they earn in replays), and, where available, a
+draft model's greedy chain and a ReDrafter head's beams (each run only while the tokens only it finds are
+worth its time). Their
 candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
 policy estimates each node's acceptance from what was learned about those features and keeps the subtree
 with the most expected tokens per millisecond of the target's pass (often nothing: then the step is plain

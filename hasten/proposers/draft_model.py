@@ -123,6 +123,9 @@ class DraftModelProposer(Proposer):
             self.policy.learn(*self._sent, outcome)
         self.rollback(outcome.accepted)
 
+    def stats(self) -> dict[str, float]:
+        return self.policy.stats() if self.policy is not None else {}
+
     def rollback(self, accepted: list[int]) -> None:
         """Keep the draft's cache for the drafted tokens the target accepted (a prefix of the chain; another
         drafter's accepted tokens match it only as far as they agree)."""

@@ -306,3 +306,40 @@ def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_
     counts, stats = _sampled_joint(target, make, params)
     assert_same_distribution(counts, _exact_joint_on(engine.new_target(), params))
     assert 0 < stats.accepted_drafts < stats.drafted_tokens
+
+
+def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():
+    from hasten.adaptive.chooser import RETRY_EVERY, TRIALS, SourceGain
+
+    gain = SourceGain()
+    for _ in range(TRIALS):
+        assert gain.pays(token_ms=10.0)  # too little evidence: always tried
+        gain.record(0, cost_ms=5.0)  # it found nothing and cost 5 ms a step
+    runs = [gain.pays(token_ms=10.0) for _ in range(3 * RETRY_EVERY)]
+    assert sum(runs) == 3 and runs[RETRY_EVERY - 1]  # sits out, but is retried every RETRY_EVERY steps
+    for _ in range(200):
+        gain.record(1, cost_ms=5.0)  # now each run finds a token worth 10 ms
+    assert gain.pays(token_ms=10.0)
+
+
+def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
+    from hasten.proposers import redrafter as module
+    from tests.test_redrafter import random_head
+
+    model = tiny_model("llama", 3, init_std=0.6)
+    backend = TransformersModel(model)
+    head = random_head().attach(backend)
+    policy = DraftPolicy(frozen(FLAT))
+    proposer = module.ReDrafterProposer(head, 2, 4, policy)
+    proposer.start([5, 6, 7], torch.zeros(1, 32))
+    assert len(proposer.propose([5, 6, 7], 8).tree) > 0  # tried at first
+    gain = policy.gain("beams")
+    gain.steps, gain.tokens, gain.cost_ms = 1000, 0.0, 5.0  # long evidence: it never earns a token
+    searched = []
+    real = module.beam_search
+    module.beam_search = lambda *args: searched.append(1) or real(*args)
+    try:
+        trees = [len(proposer.propose([5, 6, 7], 8).tree) for _ in range(10)]
+    finally:
+        module.beam_search = real
+    assert trees == [0] * 10 and not searched  # plain steps, and no beam search was run

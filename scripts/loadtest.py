@@ -72,6 +72,7 @@ class Outcome:
     tokens: int = 0
     ttft_s: float | None = None
     chunk_times: list[float] = field(default_factory=list)
+    mean_accepted: float | None = None  # the server's tokens per target pass for this answer
     sent_at: float = 0.0
     done_at: float = 0.0
 
@@ -140,6 +141,7 @@ async def send_stream(http: httpx.AsyncClient, spec: Spec, max_tokens: int, meth
             ids.add(chunk["id"])
             if chunk.get("usage"):
                 out.tokens = chunk["usage"]["completion_tokens"]
+                out.mean_accepted = (chunk.get("hasten") or {}).get("mean_accepted")
             for choice in chunk["choices"]:
                 if choice["index"] != 0:
                     out.error = "mixed: a choice index that was not asked for"
@@ -237,6 +239,7 @@ def summarize(outcomes: list[Outcome], wall_s: float, references: dict[str, tupl
 
     return {
         "sent": dict(Counter(o.kind for o in outcomes)),
+        "answered": dict(sorted(Counter(f"{o.kind} {o.status or 'none'}" for o in outcomes).items())),
         "good_ok": len(good),
         "completion_tokens": tokens,
         "wall_s": round(wall_s, 2),
@@ -244,6 +247,7 @@ def summarize(outcomes: list[Outcome], wall_s: float, references: dict[str, tupl
         "ttft_ms": {"p50": ms(percentile(ttft, 50)), "p95": ms(percentile(ttft, 95))},
         "inter_token_ms": {"p50": ms(percentile(itl, 50)), "p95": ms(percentile(itl, 95))},
         "chunk_gap_ms": {"p50": ms(percentile(gaps, 50)), "p95": ms(percentile(gaps, 95))},
+        "mean_accepted_p50": percentile([o.mean_accepted for o in good if o.mean_accepted is not None], 50),
         "errors": dict(sorted(errors.items())),
         "bad_requests": len(bad),
         "bad_requests_4xx": sum(1 for o in bad if 400 <= o.status < 500),
@@ -322,8 +326,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="default", help="model to serve, and to compute the references with")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", default="pld", help="the method requests use (also the server's default)")
-    parser.add_argument("--max-batch", default="8", help="comma-separated: one server and run per value (8,1)")
+    parser.add_argument("--method", default="auto", help="the server's method (auto, as hasten serve's default)")
+    parser.add_argument("--max-batch", default="8",
+                        help="comma-separated: one server and run per value, in order (8,1 or 1,8,1,8)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed requests, one at a time, before each run (first-use costs)")
     parser.add_argument("--max-queue", type=int, default=None, help="the server's queue (default: --clients)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32, help="requests to send in all (each run)")
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             server, url = start_server(args, max_batch, port), f"http://127.0.0.1:{port}"
         method = None if args.url is None else args.method
+        for prompt in prompts[: args.warmup]:
+            httpx.post(f"{url}/v1/chat/completions", json={**chat_body(prompt, args.max_tokens, method),
+                                                            "stream": False, "stream_options": None}, timeout=600)
         outcomes, wall = asyncio.run(drive(url, specs, args.clients, args.duration, args.max_tokens, method,
                                            not args.quiet))
         run = {"max_batch": max_batch, **summarize(outcomes, wall, references)}
@@ -385,10 +395,13 @@ def main(argv: list[str] | None = None) -> int:
             run["server"] = stop_server(server)
         report["runs"].append(run)
         print(describe(run), file=sys.stderr)
-    one = next((r for r in report["runs"] if r["max_batch"] == 1), None)
+    by_batch: dict[str, list[float]] = {}
     for run in report["runs"]:
-        if one is not None and run is not one and one["tokens_per_s"]:
-            run["speedup_vs_max_batch_1"] = round(run["tokens_per_s"] / one["tokens_per_s"], 2)
+        by_batch.setdefault(str(run["max_batch"]), []).append(run["tokens_per_s"])
+    report["mean_tokens_per_s"] = {b: round(sum(v) / len(v), 2) for b, v in by_batch.items()}
+    one = report["mean_tokens_per_s"].get("1")
+    if one:
+        report["speedup_vs_max_batch_1"] = {b: round(v / one, 2) for b, v in report["mean_tokens_per_s"].items()}
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,4 +1,4 @@
-"""``hasten serve``: an OpenAI-compatible HTTP server with speculative decoding on one worker thread."""
+"""``hasten serve``: an OpenAI-compatible HTTP server, speculative decoding with continuous batching on one thread."""
 
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedMo
                method_options: dict[str, Any] | None = None, max_generations: int = MAX_GENERATIONS,
                max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                keepalive_s: float = KEEPALIVE_S, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
-    """An OpenAI-compatible app serving ``loaded`` (already loaded) through one worker thread.
+    """An OpenAI-compatible app serving ``loaded`` (already loaded) through one generation thread.
 
     The worker batches continuously: up to ``max_batch`` generations (choices of the running requests) advance
     together, one shared target pass per step; new requests join at the next step while there is room.

@@ -100,6 +100,12 @@ class Job:
         return len(self.prompts) * self.n
 
 
+def _deliver(messages: list[tuple[Job, Message]]) -> None:
+    """On the event loop: each message into its own request's queue, in order."""
+    for job, message in messages:
+        job.out.put_nowait(message)
+
+
 @dataclass
 class Slot:
     """One choice of a job in the batch: its engine state and its text output."""
@@ -145,6 +151,8 @@ class Worker:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._inline = False  # run() drives the loop on its caller's thread
+        self._outbox: list[tuple[Job, Message]] = []  # a step's messages, handed over together
+        self._stepping = False
 
     def start(self) -> None:
         """Run the loop on a thread of its own (unless ``run`` drives it already)."""
@@ -247,11 +255,11 @@ class Worker:
             if job is None or self._stopping.is_set():
                 self._drop_all()
                 if job is not None:
-                    job.post(Closed())
+                    self._send(job, Closed())
                 return False
             if job.cancelled.is_set():
                 self.metrics.count_cancelled()
-                job.post(Closed())
+                self._send(job, Closed())
                 continue
             self._take(job)
 
@@ -264,7 +272,7 @@ class Worker:
                 for p, tokens in enumerate(job.prompts) for j in range(job.n))
         except Exception as error:
             self._fail_job(job, error)
-            job.post(Closed())
+            self._send(job, Closed())
             return
         self.admitted.append(Admitted(job, waiting))
 
@@ -293,6 +301,14 @@ class Worker:
             for admitted in [a for a in self.admitted if a.live]:
                 self._abort(admitted, error)
             return
+        self._stepping = True
+        try:
+            self._deliver_step(out)
+        finally:
+            self._stepping = False
+            self._flush()
+
+    def _deliver_step(self, out: list[tuple[Generation, list[int]]]) -> None:
         now = time.perf_counter()
         for generation, chunk in out:
             slot = self.slots.get(id(generation))
@@ -366,27 +382,52 @@ class Worker:
 
     def _fail_job(self, job: Job, error: Exception) -> None:
         if isinstance(error, APIError):
-            job.post(Failed(error))
+            self._send(job, Failed(error))
         elif isinstance(error, HastenError):
-            job.post(Failed(APIError(400, " ".join(str(error).split()))))
+            self._send(job, Failed(APIError(400, " ".join(str(error).split()))))
         else:  # a bug must not kill the worker; the client gets a 500
             log.error("generation failed", exc_info=error)
             detail = (str(error).splitlines() or [""])[0]
-            job.post(Failed(APIError(500, f"internal error: {type(error).__name__}: {detail}", "server_error")))
+            self._send(job, Failed(APIError(500, f"internal error: {type(error).__name__}: {detail}",
+                                            "server_error")))
 
     def _close(self, admitted: Admitted) -> None:
         if admitted in self.admitted:
             self.admitted.remove(admitted)
-            admitted.job.post(Closed())
+            self._send(admitted.job, Closed())
 
     def _admitted(self, job: Job) -> Admitted | None:
         return next((a for a in self.admitted if a.job is job), None)
 
     def _post(self, job: Job, message: Message) -> None:
+        """Send a piece of an answer (``Started`` first)."""
         if not job.started:
             job.started = True
-            job.post(Started())
-        job.post(message)
+            self._send(job, Started())
+        self._send(job, message)
+
+    def _send(self, job: Job, message: Message) -> None:
+        """Send a message, in order; during a step ``_flush`` hands the step's messages over together."""
+        self._outbox.append((job, message))
+        if not self._stepping:
+            self._flush()
+
+    def _flush(self) -> None:
+        """One event-loop wake-up per loop for all of a step's messages (each wake-up can stall a llama.cpp pass
+        that runs meanwhile on the same cores)."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Job, Message]]]] = {}
+        for job, message in outbox:
+            if job.loop is None:
+                job.post(message)
+            else:
+                by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job, message))
+        for loop, messages in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, messages)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                for job, _ in messages:
+                    job.cancelled.set()
 
     @staticmethod
     def _seed(seed: int | None, j: int) -> int | None:

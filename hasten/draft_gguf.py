@@ -15,19 +15,15 @@ quantized bytes. A file is written once per (artifact, target, layout, weights) 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from hasten.backends.gguf_config import GGUFFile, read_gguf
-from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
 from hasten.errors import HastenError
 
 CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "drafts"
@@ -153,63 +149,4 @@ def cached_export(directory: str | Path, target: str | Path, layout: str = "redu
     return out
 
 
-class EmbeddingInputTarget(LlamaCppTarget):
-    """A chain-only llama.cpp sequence fed input embeddings (``llama_batch.embd``) instead of token ids: the
-    reduced draft reads the target's embedding of each token, which its own 8192-row table cannot hold."""
-
-    def __init__(self, model: LlamaCppModel, context: Any, embed: Callable[[Sequence[int]], np.ndarray]) -> None:
-        self._embed = embed
-        self._width = model.n_embd
-        super().__init__(model, context)
-
-    def _grow(self, capacity: int) -> None:
-        self._embd = np.zeros((capacity, self._width), np.float32)
-        super()._grow(capacity)
-        self._batch = self._batch_at(0)
-
-    def _batch_at(self, start: int) -> Any:
-        batch = super()._batch_at(start)
-        batch.token = None
-        batch.embd = ctypes.cast(self._embd.ctypes.data + 4 * self._width * start, ctypes.POINTER(ctypes.c_float))
-        return batch
-
-    def _fill_chain(self, tokens: Sequence[int], rows: Sequence[int]) -> None:
-        super()._fill_chain(tokens, rows)
-        self._embd[: len(tokens)] = self._embed(tokens)
-
-    def _fill_tree(self, tokens: Sequence[int], depths: Sequence[int], seqs: list[list[int]],
-                   rows: Sequence[int]) -> None:
-        raise NotImplementedError("the draft scores chains only")
-
-
-class ReducedDraftModel:
-    """The reduced-layout draft GGUF on llama.cpp, its inputs the target GGUF's token embeddings.
-
-    A ``ModelBackend`` for ``DraftModelProposer``: ``vocab_size`` is the draft vocabulary (its logits' rows).
-    """
-
-    backend = "llamacpp"
-
-    def __init__(self, path: str | Path, target: str | Path, threads: int | None = None) -> None:
-        self.model = LlamaCppModel(path, threads=threads, n_seq_max=1)
-        self.vocab_size = self.model.vocab_size
-        self.max_context = self.model.max_context
-        self.hidden_size = self.model.hidden_size
-        self.architecture = self.model.architecture
-        self.eos_token_ids: frozenset[int] = frozenset()
-        self._table = read_gguf(target)
-        if self._table.tensors["token_embd.weight"].shape[-1] != self.model.n_embd:
-            raise HastenError(f"{Path(path).name} does not fit the target's embedding width")
-
-    def embed(self, tokens: Sequence[int]) -> np.ndarray:
-        """The target's input embeddings of ``tokens`` (n, E), float32."""
-        return self._table.rows("token_embd.weight", list(tokens)).numpy()
-
-    def new_target(self, want_hidden: bool = False) -> EmbeddingInputTarget:
-        if want_hidden:
-            raise HastenError("the draft gives no hidden states")
-        return EmbeddingInputTarget(self.model, self.model._acquire(), self.embed)
-
-
-__all__ = ["CACHE", "LAYOUTS", "WEIGHTS", "EmbeddingInputTarget", "ReducedDraftModel", "cached_export",
-           "export_draft"]
+__all__ = ["CACHE", "LAYOUTS", "WEIGHTS", "cached_export", "export_draft"]

@@ -169,7 +169,8 @@ def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRA
     if target.backend != "llamacpp":
         draft, vocab_ids, config = load_draft_on(target, directory)
         return TransformersModel(draft), vocab_ids, config
-    from hasten.draft_gguf import ReducedDraftModel, cached_export
+    from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
+    from hasten.draft_gguf import cached_export
 
     tensors, vocab_ids, config = read_draft_dir(directory)
     _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)

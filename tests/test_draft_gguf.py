@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_gguf import write_tiny_gguf
 
-from hasten.draft_gguf import ReducedDraftModel, cached_export
+from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
+from hasten.draft_gguf import cached_export
 from hasten.draft_head import build_draft, load_draft_backend, load_draft_on, save_draft
 from hasten.errors import HastenError
 from hasten.models import load_model

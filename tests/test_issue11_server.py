@@ -425,3 +425,26 @@ def _up(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.slow
+def test_concurrent_streams_on_the_default_model_equal_one_at_a_time(default_model):
+    """The real llama.cpp batched pass (score_many) through the server: 4 concurrent chat streams, each exact."""
+    assert callable(getattr(default_model.backend, "score_many", None))
+    questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about caches.",
+                 "Explain recursion in one sentence."]
+    expected = [generate(default_model, [{"role": "user", "content": q}], "pld", max_new_tokens=24,
+                         temperature=0).text for q in questions]
+
+    def chat(url: str, question: str) -> str:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0,
+                "stream": True}
+        payloads = sse_payloads(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).text)
+        assert payloads[-1] == "[DONE]"
+        return "".join(json.loads(p)["choices"][0]["delta"].get("content", "") for p in payloads[:-1])
+
+    with serving(create_app(default_model, "pld", max_batch=4)) as url:
+        outcomes = run_concurrently([lambda q=q: chat(url, q) for q in questions])
+        samples = metrics_of(url)
+    assert outcomes == expected
+    assert samples["hasten_step_batch_size_sum"] > samples["hasten_step_batch_size_count"]  # they were batched

@@ -372,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     del loaded
     report: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
                               "runs": []}
-    batches = [None] if args.url else [int(b) for b in str(args.max_batch).split(",")]
+    batches: list[int | None] = [None] if args.url else [int(b) for b in str(args.max_batch).split(",")]
     for max_batch in batches:
         server, url = None, args.url
         if url is None:
+            assert max_batch is not None
             port = free_port()
             server, url = start_server(args, max_batch, port), f"http://127.0.0.1:{port}"
         method = None if args.url is None else args.method

@@ -29,6 +29,7 @@ class BatchDecoder:
     def __init__(self, score_many: ScoreMany | None = None) -> None:
         self.score_many = score_many or score_one_by_one
         self.active: list[Generation] = []
+        self._widths: dict[Generation, int] = {}  # tokens each sequence scored in the last step
 
     def add(self, generation: Generation) -> None:
         """Join at the next step (the prompt is prefilled now)."""
@@ -45,12 +46,16 @@ class BatchDecoder:
         """One shared pass: every active generation's new tokens; finished ones leave the batch."""
         if not self.active:
             return []
-        for generation in self.active:  # a wide batch leaves less room for drafts
+        # A wide batch leaves less room for drafts: each sequence is told what the others scored last step.
+        total = sum(self._widths.get(g, 1) for g in self.active)
+        for generation in self.active:
             policy = getattr(generation.proposer, "policy", None)
             if isinstance(policy, DraftPolicy):
-                policy.batch_width = policy.batch_gain = len(self.active) - 1
+                policy.batch_width = total - self._widths.get(generation, 1)
+                policy.batch_gain = len(self.active) - 1
         began = time.perf_counter()
         layouts = [generation.begin_step() for generation in self.active]
+        self._widths = {g: len(layout.tokens) for g, layout in zip(self.active, layouts, strict=True)}
         pass_began = time.perf_counter()
         scores = self.score_many([(g.target, layout) for g, layout in zip(self.active, layouts, strict=True)])
         pass_ms = (time.perf_counter() - pass_began) * 1000

@@ -156,7 +156,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', '')}", param=loc[0])
 
 
-def create_app(loaded: LoadedModel, default_method: str = "pld", draft: LoadedModel | None = None,
+def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedModel | None = None,
                max_queue: int = 8, *, default_max_tokens: int = 256, model_name: str | None = None,
                method_options: dict[str, Any] | None = None, max_generations: int = MAX_GENERATIONS,
                max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,

@@ -68,11 +68,21 @@ def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: 
     return LookaheadProposer(**options, max_context=target.max_context, policy=policy)
 
 
+def _wide_passes_are_cheap(policy: DraftPolicy, width: int = 8) -> bool:
+    """Whether a beam tree can pay here: a pass over ``width`` tokens costs under twice a one-token pass.
+
+    The shipped head's beams are accepted rarely enough that on a compute-bound CPU (llama.cpp, 2 cores: 8 tokens
+    cost 3x one) they never paid in the benchmark, while asking the target for hidden states costs every pass
+    (llama.cpp outputs every row then); on transformers or a GPU, where wide passes are nearly free, they do pay.
+    """
+    return policy.cost(width) < 2 * policy.cost(1)
+
+
 def _auto(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     policy = draft_policy(target, "auto", params.greedy)
     head = options.get("head")
-    if head is not None or target.name == "default":  # the shipped head, or the one given
-        head = load_head(target.name, target.backend, head)
+    if head is not None or (target.name == "default" and _wide_passes_are_cheap(policy)):
+        head = load_head(target.name, target.backend, head)  # the one given, or the shipped one
     draft: DraftModelProposer | None = None
     if options.get("draft") is not None or target.name == "default":  # the shipped draft, or the one given
         draft = _draft(target, params, generator, {"draft": options.get("draft"), "num_tokens": 8})

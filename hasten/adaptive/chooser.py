@@ -14,6 +14,7 @@ verifier decides what is accepted, so output stays exactly the target's.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ class Rate:
     offered: float = 0.0
 
 
-RETRY_EVERY = 32  # steps a source that does not pay sits out between trials
-TRIALS = 48  # steps an optional source is used before its measured gain decides
+RETRY_EVERY = 32  # steps a source that does not pay sits out between trials, at least
+RETRY_SHARE = 0.02  # and at most this share of the time goes into retrying it
+TRIALS = 24  # steps an optional source is used before its measured gain decides
 
 
 @dataclass
@@ -64,7 +66,9 @@ class SourceGain:
         if self.tokens / self.steps * token_ms > (self.cost_ms if cost_ms is None else cost_ms):
             return True
         self.skipped += 1  # now and then it runs anyway: what it earns may have changed
-        return self.skipped % RETRY_EVERY == 0
+        spent = self.cost_ms if cost_ms is None else cost_ms
+        every = max(RETRY_EVERY, math.ceil(spent / (RETRY_SHARE * token_ms)))
+        return self.skipped % every == 0
 
 
 def coarser(feature: Feature) -> Feature | None:

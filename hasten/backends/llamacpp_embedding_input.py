@@ -30,7 +30,6 @@ class EmbeddingInputTarget(LlamaCppTarget):
     def _grow(self, capacity: int) -> None:
         self._embd = np.zeros((capacity, self._width), np.float32)
         super()._grow(capacity)
-        self._batch = self._batch_at(0)
 
     def _batch_at(self, start: int) -> Any:
         batch = super()._batch_at(start)

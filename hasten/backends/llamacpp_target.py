@@ -345,7 +345,7 @@ class LlamaCppTarget:
         self._capacity = capacity
         self._tok, self._pos, self._nseq, self._seq = arrays.tok, arrays.pos, arrays.nseq, arrays.seq
         self._out, self._arange = arrays.out, arrays.arange
-        self._batch = arrays.batch_at(0)
+        self._batch = self._batch_at(0)
 
     def _batch_at(self, start: int) -> Any:
         return self._arrays.batch_at(start)

@@ -50,7 +50,7 @@ class DraftModelProposer(Proposer):
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
-        self._drafted = 0
+        self._drafted, self._chain = 0, []
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         self._sent = None

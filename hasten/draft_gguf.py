@@ -1,16 +1,12 @@
 """The distilled draft (``hasten/artifacts/draft``) exported to GGUF, so that it runs as a llama.cpp context.
 
-Two layouts:
-
-- ``reduced`` (the default): a llama GGUF whose "vocabulary" is the draft's ``vocab_ids`` (no tokenizer), with
-  the target's output rows of those ids as its tied embedding/output table. llama.cpp is fed the target's input
-  embedding of each token (``llama_batch.embd``) instead of token ids, so the draft computes exactly what
-  the torch draft computes: the same layers, the same inputs, the same 8192-row head.
-- ``full``: the target's whole 49152-row table (its quantized bytes copied) and tokenizer, so that any
-  llama.cpp program can run it with token ids; the head costs 6x more.
+The file is a llama GGUF whose "vocabulary" is the draft's ``vocab_ids`` (no tokenizer), with the target's
+output rows of those ids as its tied embedding/output table. llama.cpp is fed the target's input embedding of
+each token (``llama_batch.embd``) instead of token ids, so the draft computes exactly what the torch draft
+computes: the same layers, the same inputs, the same 8192-row head.
 
 Layers go in ``f32``, ``f16`` (the stored precision: no loss) or ``q8_0``; the target's rows keep their own
-quantized bytes. A file is written once per (artifact, target, layout, weights) into the cache directory.
+quantized bytes. A file is written once per (artifact, target, weights) into the cache directory.
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from hasten.backends.gguf_config import GGUFFile, read_gguf
 from hasten.errors import HastenError
 
 CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "drafts"
-LAYOUTS = ("reduced", "full")
 WEIGHTS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
            "q8_0": gguf.GGMLQuantizationType.Q8_0}
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -67,19 +62,11 @@ def _copy_raw(writer: gguf.GGUFWriter, name: str, file: GGUFFile, source: str, r
         writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=info.type)
 
 
-def _copy_tokenizer(writer: gguf.GGUFWriter, path: Path) -> None:
-    reader = gguf.GGUFReader(str(path))
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-
-
 def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, target: str | Path, out: str | Path,
-                 layout: str = "reduced", weights: str = "f16") -> Path:
+                 weights: str = "f16") -> Path:
     """Write the draft (its stored ``tensors``: layers and final norm) on the target GGUF ``target`` to ``out``."""
-    if layout not in LAYOUTS or weights not in WEIGHTS:
-        raise HastenError(f"draft export: layout in {LAYOUTS}, weights in {tuple(WEIGHTS)}")
+    if weights not in WEIGHTS:
+        raise HastenError(f"draft export: weights in {tuple(WEIGHTS)}")
     file = read_gguf(target)
     meta = file.metadata
     if meta.get("general.architecture") != "llama":
@@ -91,7 +78,7 @@ def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, targ
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(f".{os.getpid()}.part")
     writer = gguf.GGUFWriter(str(partial), "llama")
-    writer.add_name(f"hasten distilled draft ({layout}, {weights})")
+    writer.add_name(f"hasten distilled draft (reduced, {weights})")
     writer.add_block_count(len(layers))
     writer.add_file_type(_FILE_TYPE[weights])
     for key in _COPIED_KEYS:
@@ -100,16 +87,9 @@ def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, targ
             kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
             writer.add_key_value(f"llama.{key}", value, kind)
     head = "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
-    if layout == "reduced":
-        writer.add_vocab_size(len(vocab_ids))
-        writer.add_tokenizer_model("none")  # llama.cpp's no_vocab: ids are rows of the reduced head
-        _copy_raw(writer, "token_embd.weight", file, head, vocab_ids.numpy())  # tied: no output.weight
-    else:
-        writer.add_vocab_size(file.tensors["token_embd.weight"].shape[0])
-        _copy_tokenizer(writer, file.path)
-        _copy_raw(writer, "token_embd.weight", file, "token_embd.weight", None)
-        if head == "output.weight":
-            _copy_raw(writer, "output.weight", file, head, None)
+    writer.add_vocab_size(len(vocab_ids))
+    writer.add_tokenizer_model("none")  # llama.cpp's no_vocab: ids are rows of the reduced head
+    _copy_raw(writer, "token_embd.weight", file, head, vocab_ids.numpy())  # tied: no output.weight
     for i, layer in enumerate(layers):
         for hf, name in _LAYER_NAMES.items():
             data = tensors[f"model.layers.{layer}.{hf}.weight"].float().numpy()
@@ -130,8 +110,8 @@ def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, targ
     return out
 
 
-def cached_export(directory: str | Path, target: str | Path, layout: str = "reduced", weights: str = "f16",
-                  cache: Path | None = None) -> Path:
+def cached_export(directory: str | Path, target: str | Path, weights: str = "f16", cache: Path | None = None
+                  ) -> Path:
     """The draft in ``directory`` exported onto ``target``, from the cache when it was written before."""
     from hasten.draft_head import CONFIG, read_draft_dir
     from hasten.draft_head import WEIGHTS as STORED
@@ -141,12 +121,12 @@ def cached_export(directory: str | Path, target: str | Path, layout: str = "redu
     for part in (directory / STORED, directory / CONFIG):
         digest.update(part.read_bytes())
     stat = target.stat()
-    digest.update(f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{layout}:{weights}:v1".encode())
+    digest.update(f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:reduced:{weights}:v1".encode())
     out = (cache or CACHE) / f"draft-{digest.hexdigest()[:20]}.gguf"
     if not out.is_file():
         tensors, vocab_ids, _ = read_draft_dir(directory)
-        export_draft(tensors, vocab_ids, target, out, layout, weights)
+        export_draft(tensors, vocab_ids, target, out, weights)
     return out
 
 
-__all__ = ["CACHE", "LAYOUTS", "WEIGHTS", "cached_export", "export_draft"]
+__all__ = ["CACHE", "WEIGHTS", "cached_export", "export_draft"]

@@ -137,16 +137,6 @@ def load_draft_dir(target: PreTrainedModel, directory: str | Path) -> tuple[Llam
     return draft.eval(), vocab_ids, config
 
 
-def _llama_config(target: ModelBackend) -> PretrainedConfig:
-    """The target's transformers config; for a GGUF backend without one, read from its metadata."""
-    config = getattr(target, "transformers_config", None)
-    if config is not None:
-        return config()
-    from hasten.backends.gguf_config import llama_config, read_gguf
-
-    return llama_config(read_gguf(target.path))  # type: ignore[attr-defined]
-
-
 def load_draft_on(target: ModelBackend, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
     """Rebuild a saved draft in torch on any backend from its config and borrowed embedding tables."""
     if isinstance(target, TransformersModel):
@@ -154,7 +144,7 @@ def load_draft_on(target: ModelBackend, directory: str | Path) -> tuple[LlamaFor
     tensors, vocab_ids, config = read_draft_dir(directory)
     _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
     head_rows = target.output_embeddings()[vocab_ids].contiguous()
-    draft = assemble_draft(_llama_config(target), target.input_embeddings(), head_rows, config["num_layers"])
+    draft = assemble_draft(target.transformers_config(), target.input_embeddings(), head_rows, config["num_layers"])
     _load_layers(draft, tensors, directory)
     return draft.eval(), vocab_ids, config
 
@@ -175,7 +165,7 @@ def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRA
     tensors, vocab_ids, config = read_draft_dir(directory)
     _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
     path = target.path  # type: ignore[attr-defined]
-    exported = cached_export(directory, path, "reduced", weights)
+    exported = cached_export(directory, path, weights)
     return ReducedDraftModel(exported, path, threads=getattr(target, "threads", None)), vocab_ids, config
 
 

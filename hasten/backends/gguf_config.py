@@ -50,10 +50,6 @@ class GGUFFile:
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         return data.reshape(rows, -1)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A tensor dequantized to float32, shape (rows, cols) (a 1-D tensor as (1, n))."""
-        return self.rows(name, None)
-
     def rows(self, name: str, ids: np.ndarray | list[int] | None) -> torch.Tensor:
         """Rows ``ids`` (all when None) of a 2-D tensor, dequantized to float32 (len(ids), cols)."""
         if name not in self.tensors:

@@ -29,6 +29,8 @@ from hasten.backends.base import Scores, tree_depths
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from hasten.backends.llamacpp_shared import SharedCache
 
 DEFAULT_THREADS = 2
@@ -299,6 +301,12 @@ class LlamaCppModel:
     def output_embeddings(self) -> torch.Tensor:
         """The output projection (V, H), float32 (the token embeddings when they are tied)."""
         return self._tensor("output.weight", "token_embd.weight")
+
+    def transformers_config(self) -> PretrainedConfig:
+        """The GGUF's llama metadata as a transformers ``LlamaConfig`` (drafters built on the target's shapes)."""
+        from hasten.backends.gguf_config import llama_config, read_gguf
+
+        return llama_config(read_gguf(self.path))
 
     def __del__(self) -> None:
         try:

@@ -63,10 +63,10 @@ class SourceGain:
         """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time)."""
         if self.steps < TRIALS:  # too little evidence yet: keep trying it
             return True
-        if self.tokens / self.steps * token_ms > (self.cost_ms if cost_ms is None else cost_ms):
+        spent = self.cost_ms if cost_ms is None else cost_ms
+        if self.tokens / self.steps * token_ms > spent:
             return True
         self.skipped += 1  # now and then it runs anyway: what it earns may have changed
-        spent = self.cost_ms if cost_ms is None else cost_ms
         every = max(RETRY_EVERY, math.ceil(spent / (RETRY_SHARE * token_ms)))
         return self.skipped % every == 0
 

@@ -179,8 +179,8 @@ def stream(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: 
     request = make_request(loaded, prompt, method, **kwargs)
     generation = start_generation(loaded, request)
     output = TextOutput(loaded, request)
-    generation.prefill()
-    for chunk in run(generation):
+    first = generation.prefill()
+    for chunk in run(generation, first):
         event = output.add(chunk)
         if output.stopped:
             break
@@ -208,8 +208,11 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[Prompt], method: str =
     outputs: dict[int, tuple[Generation, TextOutput]] = {}
     for request in requests:
         generation = start_generation(loaded, request)
-        outputs[id(generation)] = (generation, TextOutput(loaded, request))
-        batch.add(generation)
+        output = TextOutput(loaded, request)
+        outputs[id(generation)] = (generation, output)
+        output.add(batch.add(generation))
+        if output.stopped:
+            batch.remove(generation)
     while batch.active:
         for generation, chunk in batch.step():
             output = outputs[id(generation)][1]

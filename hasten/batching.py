@@ -31,11 +31,12 @@ class BatchDecoder:
         self.active: list[Generation] = []
         self._widths: dict[Generation, int] = {}  # tokens each sequence scored in the last step
 
-    def add(self, generation: Generation) -> None:
-        """Join at the next step (the prompt is prefilled now)."""
-        generation.prefill()
+    def add(self, generation: Generation) -> list[int]:
+        """Prefill now and join at the next step; the prefill's new token (a generation it finishes stays out)."""
+        first = generation.prefill()
         if not generation.finished:
             self.active.append(generation)
+        return first
 
     def remove(self, generation: Generation) -> None:
         """Leave now (a cancelled request); its cache goes with it."""

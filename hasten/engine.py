@@ -12,7 +12,7 @@ from hasten.backends.base import Scores, Target
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams
-from hasten.tree import ROOT
+from hasten.tree import ROOT, TokenTree
 from hasten.verify import verify
 
 
@@ -75,7 +75,8 @@ def pass_layout(proposal: Proposal, root: int) -> PassLayout:
 class Generation:
     """One sequence being decoded: its context, target cache, proposer, statistics and sampling state.
 
-    A step has two halves around the target pass, so that several generations can share one pass:
+    ``prefill`` runs the whole prompt, as plain decoding does, and takes the first new token from its last
+    row. A step then has two halves around the target pass, so that several generations can share one pass:
     ``begin_step`` asks the proposer for a tree and lays the pass out; ``end_step`` verifies the pass's scores,
     keeps the accepted path in the cache, tells the proposer, and returns the new tokens. The root, the last
     context token, is never in the cache before a pass: each pass scores it and the drafted tree, and the
@@ -104,15 +105,22 @@ class Generation:
         self._proposal: Proposal | None = None
         self._layout: PassLayout | None = None
 
-    def prefill(self) -> None:
-        """Run the prompt (all but the root) into the cache and start the proposer."""
+    def prefill(self) -> list[int]:
+        """Run the prompt into the cache, choose the first new token from its last row (the verifier's rule
+        with nothing drafted) and start the proposer; the new token (none when the prompt fills the context)."""
         began = time.perf_counter()
-        prefill = self.target.start(self.context[:-1])
+        scores = self.target.start(self.context)
         elapsed = time.perf_counter() - began
         self.stats.prefill_s += elapsed
         self.stats.wall_s += elapsed
-        self.proposer.start(self.context, prefill.hidden)
-        self.finished = len(self.context) >= self.target.max_context
+        self.stats.target_passes += 1
+        if len(self.context) >= self.target.max_context:  # no room for a token: the cache is the whole context
+            self.finished = True
+            return []
+        first = verify(TokenTree(), scores.logits[-1:], self.params, self.generator).next_token
+        hidden = scores.hidden[-1:] if scores.hidden is not None else None
+        self.proposer.start([*self.context, first], hidden)
+        return self._append([first])
 
     def begin_step(self) -> PassLayout:
         """The proposer's tree for this step, laid out as one target pass."""
@@ -149,6 +157,11 @@ class Generation:
         self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, verdict.accepted,
                                          pass_width or len(layout.tokens), pass_ms))
         stats.draft_s += time.perf_counter() - began
+        self._proposal = self._layout = None
+        return self._append(new)
+
+    def _append(self, new: list[int]) -> list[int]:
+        """Add a pass's new tokens to the context, cut at an end of sequence and at ``max_new_tokens``."""
         ended = next((i for i, tok in enumerate(new) if tok in self.eos_token_ids), None)
         if ended is not None:
             new = new[: ended + 1]
@@ -157,10 +170,9 @@ class Generation:
         if self.target.cache_len > len(self.context) - 1:  # tokens after an end or the length cut: not kept
             self.target.truncate(len(self.context) - 1)
         self.produced += len(new)
-        stats.new_tokens += len(new)
+        self.stats.new_tokens += len(new)
         self.finished = (ended is not None or self.produced >= self.max_new_tokens
                          or len(self.context) >= self.target.max_context)
-        self._proposal = self._layout = None
         return new
 
 
@@ -176,12 +188,15 @@ def decode(
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step until ``max_new_tokens``, an end-of-sequence token or the context ends."""
     generation = Generation(target, proposer, prompt_ids, max_new_tokens, params, eos_token_ids, stats, generator)
-    generation.prefill()
-    return run(generation)
+    first = generation.prefill()
+    return run(generation, first)
 
 
-def run(generation: Generation) -> Iterator[list[int]]:
-    """Step a prefilled generation alone, one target pass per step, yielding each step's new tokens."""
+def run(generation: Generation, first: list[int] | None = None) -> Iterator[list[int]]:
+    """Step a prefilled generation alone, one target pass per step, yielding each step's new tokens (first
+    ``first``, the prefill's token, when given)."""
+    if first:
+        yield first
     target = generation.target
     began = time.perf_counter()
     while not generation.finished:

@@ -55,7 +55,8 @@ class ReducedDraftModel:
     backend = "llamacpp"
 
     def __init__(self, path: str | Path, target: str | Path, threads: int | None = None) -> None:
-        self.model = LlamaCppModel(path, threads=threads, n_seq_max=1)
+        # no prompt cache: the draft's prefill costs little, and the benchmark's runs stay independent
+        self.model = LlamaCppModel(path, threads=threads, n_seq_max=1, prompt_cache_bytes=0)
         self.vocab_size = self.model.vocab_size
         self.max_context = self.model.max_context
         self.hidden_size = self.model.hidden_size

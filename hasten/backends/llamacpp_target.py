@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores, tree_depths
+from hasten.backends.llamacpp_prompt_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from hasten.backends.llamacpp_prompt_cache import PromptCache
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
@@ -154,6 +156,10 @@ class LlamaCppModel:
     700 tokens, 2 threads) and greedy outputs can part at near-ties. A Q8_0 cache takes one kernel for every
     pass, so rows are bit-identical at any cache length and thread count, and on this 2-core CPU it is faster
     too (default model, 700 cached tokens: 13.2 ms against 19.1 ms for one token, 51.8 against 93.6 ms for 8).
+
+    ``prompt_cache`` keeps the cells of recent prompts (``prompt_cache_bytes``, 64 MiB by default; 0 turns it
+    off) so that a prefill runs only what its prompt does not share with one of them (``llamacpp_prompt_cache``);
+    it exists only where that is bit-exact: with a quantized KV cache.
     """
 
     backend = "llamacpp"
@@ -162,7 +168,7 @@ class LlamaCppModel:
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
                  extra_buffers: bool | None = None, flash_attn: bool | None = None,
                  shared_cells: int | None = None, shared_seq_max: int | None = None,
-                 kv_type: str | None = None) -> None:
+                 kv_type: str | None = None, prompt_cache_bytes: int | None = None) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None
         self._shared: SharedCache | None = None
@@ -205,6 +211,9 @@ class LlamaCppModel:
         self._pool.append(context)
         self.shared_cells = shared_cells or 2 * self.max_context  # cells of the context targets share
         self.shared_seq_max = min(shared_seq_max or 256, int(lib.llama_max_parallel_sequences()))  # and its ids
+        budget = DEFAULT_PROMPT_CACHE_BYTES if prompt_cache_bytes is None else prompt_cache_bytes
+        exact = (self.kv_type or "").lower() not in ("f16", "f32", "bf16") and self.flash_attn is not False
+        self.prompt_cache = PromptCache(lib, budget) if budget > 0 and exact else None
 
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
@@ -254,6 +263,11 @@ class LlamaCppModel:
                 self._pool.append(context)
                 return
         lib.llama_free(context)
+
+    def forget_prompts(self) -> None:
+        """Empty the prompt cache: the next prefills run their whole prompts (as the benchmark wants)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     def new_target(self, want_hidden: bool = False) -> LlamaCppTarget:
         """A fresh sequence with its own llama context (reused from a small pool)."""
@@ -414,7 +428,8 @@ class LlamaCppTarget:
     # -- the Target protocol
 
     def start(self, context: list[int]) -> Scores:
-        """Clear the cache and prefill ``context``; scores for its last position."""
+        """Clear the cache and prefill ``context`` (what the model's prompt cache holds of it is restored, not
+        run); scores for its last position."""
         if self._shared is not None:  # a prefill runs in a context of its own, as plain decoding runs it
             self._shared.leave(self, keep=False)
         self._check_open()
@@ -428,9 +443,14 @@ class LlamaCppTarget:
         if n == 0:
             hidden = torch.empty(0, self.hidden_size) if self.want_hidden else None
             return Scores(torch.empty(0, self.vocab_size), hidden)
-        self._fill_chain(context, [n - 1])
-        logits, hidden = self._decode(n, [n - 1])
+        cache = self.model.prompt_cache
+        self.cache_len = cache.restore(self._ctx, context) if cache is not None else 0
+        rest = context[self.cache_len:]
+        self._fill_chain(rest, [len(rest) - 1])
+        logits, hidden = self._decode(len(rest), [len(rest) - 1])
         self.cache_len = self._synced[0] = n
+        if cache is not None:
+            cache.store(self._ctx, context)
         return Scores(logits, hidden)
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:

@@ -185,6 +185,9 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             record.wall_s += time.perf_counter() - began
             tokens, passes = out.token_ids, out.target_passes
         else:
+            forget_prompts = getattr(loaded.backend, "forget_prompts", None)
+            if forget_prompts is not None:  # every run prefills its whole prompt, as the llama.cpp anchors do
+                forget_prompts()
             began = time.perf_counter()
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
                               top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))

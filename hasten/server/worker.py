@@ -277,20 +277,20 @@ class Worker:
         self.admitted.append(Admitted(job, waiting))
 
     def _join(self, admitted: Admitted, index: int, request: Request) -> None:
-        """Prefill one choice and put it in the batch (a choice finished by its prefill ends at once)."""
+        """Prefill one choice, send its first token at once and put it in the batch (a choice finished by its
+        prefill ends at once)."""
         job = admitted.job
         try:
             generation = start_generation(self.loaded, request)
             output = TextOutput(self.loaded, request)
-            self.batch.add(generation)
+            first = self.batch.add(generation)
         except Exception as error:
             self._abort(admitted, error)
             return
         slot = Slot(job, index, generation, output)
         self.slots[id(generation)] = slot
         admitted.live += 1
-        if generation.finished:  # the prompt filled the context
-            self._finish(slot)
+        self._deliver(slot, first, time.perf_counter())
 
     def _step(self) -> None:
         """One shared pass; each choice's final text goes to its own client."""
@@ -312,23 +312,27 @@ class Worker:
         now = time.perf_counter()
         for generation, chunk in out:
             slot = self.slots.get(id(generation))
-            if slot is None:
-                continue
-            try:
-                if not slot.first_token:
-                    slot.first_token = True
-                    self.metrics.observe_first_token(now - slot.job.submitted)
-                event = slot.output.add(chunk)
-                if slot.output.stopped:
-                    self.batch.remove(generation)
-                elif event is not None and event.text:
-                    self._post(slot.job, Delta(slot.index, event.text))
-                if slot.output.stopped or generation.finished:
-                    self._finish(slot)
-            except Exception as error:
-                admitted = self._admitted(slot.job)
-                if admitted is not None:
-                    self._abort(admitted, error)
+            if slot is not None:
+                self._deliver(slot, chunk, now)
+
+    def _deliver(self, slot: Slot, chunk: list[int], now: float) -> None:
+        """A choice's new tokens: their final text to its client; its end when it is over."""
+        generation = slot.generation
+        try:
+            if chunk and not slot.first_token:
+                slot.first_token = True
+                self.metrics.observe_first_token(now - slot.job.submitted)
+            event = slot.output.add(chunk)
+            if slot.output.stopped:
+                self.batch.remove(generation)
+            elif event is not None and event.text:
+                self._post(slot.job, Delta(slot.index, event.text))
+            if slot.output.stopped or generation.finished:
+                self._finish(slot)
+        except Exception as error:
+            admitted = self._admitted(slot.job)
+            if admitted is not None:
+                self._abort(admitted, error)
 
     def _finish(self, slot: Slot) -> None:
         """A choice is over: its last text and its result, then its slot is free."""

@@ -120,3 +120,26 @@ def default_model() -> LoadedModel:
 def default_model_hf() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct on transformers, dequantized to fp32 (loaded once per test session)."""
     return _default("transformers")
+
+
+def exact_sequence_probs(model, prompt: list[int], probs, length: int,
+                         eos: int | None = None) -> dict[tuple[int, ...], float]:
+    """P(the first ``length`` new tokens) by enumeration, ``probs`` turning a row of logits into the sampling
+    distribution; a sequence that reaches ``eos`` stops there."""
+    out: dict[tuple[int, ...], float] = {}
+    level: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
+    with torch.no_grad():
+        for depth in range(length):
+            rows = probs(model(torch.tensor([prompt + list(seq) for seq, _ in level])).logits[:, -1])
+            following = []
+            for (seq, p), row in zip(level, rows, strict=True):
+                for token, q in enumerate(row.tolist()):
+                    if q == 0.0:
+                        continue
+                    extended = (*seq, token)
+                    if token == eos or depth == length - 1:
+                        out[extended] = p * q
+                    else:
+                        following.append((extended, p * q))
+            level = following
+    return out

@@ -17,7 +17,7 @@ from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
 from hasten.sampling import SamplingParams
 from hasten.training import draft as draft_training
 from hasten.training import selfdistill
-from tests.conftest import EOS, greedy_reference, random_prompts, tiny_loaded
+from tests.conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts, tiny_loaded
 
 TINY_PROMPTS = [("tiny", " ".join(f"w{(7 * i + 3 * j) % 60 + 2}" for j in range(4 + i % 5))) for i in range(10)]
 
@@ -182,7 +182,8 @@ def test_reduced_draft_greedy_is_exact(seed):
 
 
 def test_reduced_draft_sampling_is_lossless():
-    """Chi-square of the first two sampled tokens against the target's exact distributions."""
+    """Chi-square of the first three sampled tokens (the first from the prefill, the next two drafted) against
+    the target's exact marginals."""
     scipy_stats = pytest.importorskip("scipy.stats")
     vocab = 16
     loaded = tiny_loaded("llama", seed=5, vocab_size=vocab, init_std=0.1)
@@ -193,22 +194,22 @@ def test_reduced_draft_sampling_is_lossless():
     generator = params.generator()
     target = TransformersTarget(loaded.model)
     draws = 1500
-    counts = torch.zeros(2, vocab)
+    counts = torch.zeros(3, vocab)
     accepted = 0
     for _ in range(draws):
         proposer = ReducedVocabDraftProposer(TransformersModel(draft), vocab_ids, vocab, params, num_tokens=2,
                                              generator=generator)
         stats = DecodeStats()
-        out = [t for chunk in decode(target, proposer, prompt, 2, params, frozenset(), stats, generator)
+        out = [t for chunk in decode(target, proposer, prompt, 3, params, frozenset(), stats, generator)
                for t in chunk]
-        counts[0, out[0]] += 1
-        counts[1, out[1]] += 1
+        for position, token in enumerate(out):
+            counts[position, token] += 1
         accepted += stats.accepted_drafts
     assert accepted > draws // 4
-    with torch.no_grad():
-        first = torch.softmax(loaded.model(torch.tensor([prompt])).logits[0, -1], -1)
-        nxt = torch.softmax(loaded.model(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], -1)
-    expected = [first, first @ nxt]
+    expected = torch.zeros(3, vocab, dtype=torch.float64)
+    for sequence, p in exact_sequence_probs(loaded.model, prompt, params.probs, 3).items():
+        for position, token in enumerate(sequence):
+            expected[position, token] += p
     for observed, probs in zip(counts, expected, strict=True):
         exp = probs.double() * draws
         keep = exp >= 5

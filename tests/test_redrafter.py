@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_model
+from conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts, tiny_loaded, tiny_model
 from scipy.stats import chisquare
 
 import hasten
@@ -215,29 +215,20 @@ def test_greedy_exact_when_drafts_are_accepted():
     assert result_stats.mean_accepted > 3
 
 
-def exact_two_token_distribution(model, prompt: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
-    """P(x1, x2 | prompt) under the processed sampling distribution, by enumeration."""
-    with torch.no_grad():
-        first = params.probs(model(torch.tensor([prompt])).logits[0, -1])
-        batch = torch.tensor([prompt + [x] for x in range(len(first))])
-        second = params.probs(model(batch).logits[:, -1])
-    return {(a, b): float(first[a] * second[a, b]) for a in range(len(first)) for b in range(len(first))}
-
-
 def test_sampling_is_lossless_chi_square():
     vocab, draws = 6, 2000
     model = tiny_model("llama", seed=11, vocab_size=vocab, layers=1, hidden=16, init_std=0.6)
     head = random_head(vocab_size=vocab, hidden=16, draft_vocab=vocab, seed=12).attach(model)
     params = SamplingParams(temperature=1.0, seed=0)
     prompt = [2, 3, 4, 5, 2]
-    expected = exact_two_token_distribution(model, prompt, params)
+    expected = exact_sequence_probs(model, prompt, params.probs, 3)  # the head drafts after the prefill's token
     generator = params.generator()
     proposer = ReDrafterProposer(head, beam_width=3, beam_length=3)
     target = TransformersTarget(model, want_hidden=True)
-    counts: Counter[tuple[int, int]] = Counter()
+    counts: Counter[tuple[int, ...]] = Counter()
     stats = hasten.engine.DecodeStats()
     for _ in range(draws):
-        out = [t for chunk in decode(target, proposer, prompt, 2, params, frozenset(), stats, generator) for t in chunk]
+        out = [t for chunk in decode(target, proposer, prompt, 3, params, frozenset(), stats, generator) for t in chunk]
         counts[tuple(out)] += 1
     # drafts really were accepted, and rejected, along the way
     assert 100 < stats.accepted_drafts < stats.drafted_tokens / 2

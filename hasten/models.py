@@ -54,6 +54,11 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return self.backend.vocab_size
 
+    def prompt_cache_use(self) -> tuple[int, int]:
+        """(prefills that reused a stored prompt, prompt tokens they did not run); zeros without a prompt cache."""
+        cache = getattr(self.backend, "prompt_cache", None)
+        return (cache.hits, cache.reused_tokens) if cache is not None else (0, 0)
+
     @property
     def max_context(self) -> int:
         return self.backend.max_context

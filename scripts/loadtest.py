@@ -306,7 +306,8 @@ def stop_server(server: subprocess.Popen) -> dict[str, Any]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """A few numbers of the server's /metrics: the mean batch size per step, its step count, cancellations."""
+    """A few numbers of the server's /metrics: the mean batch size per step, its step count, cancellations, the
+    prompt cache's use."""
     samples = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
@@ -316,6 +317,8 @@ def scrape(url: str) -> dict[str, float]:
     return {"steps": steps,
             "mean_batch_size": round(samples.get("hasten_step_batch_size_sum", 0.0) / steps, 2) if steps else 0.0,
             "requests_cancelled": samples.get("hasten_requests_cancelled_total", 0.0),
+            "prompt_cache_hits": samples.get("hasten_prompt_cache_hits_total", 0.0),
+            "prompt_cache_tokens": samples.get("hasten_prompt_cache_tokens_total", 0.0),
             "server_ttft_mean_s": round(samples.get("hasten_time_to_first_token_seconds_sum", 0.0)
                                         / max(samples.get("hasten_time_to_first_token_seconds_count", 0.0), 1), 3)}
 

@@ -99,3 +99,17 @@ def test_default_model_outputs_are_the_same_with_and_without_the_prompt_cache(de
         for question in questions:
             assert generate(default_model, question, method, max_new_tokens=24).token_ids == references[question]
     assert backend.prompt_cache.hits - hits == 3 * len(questions) - 1  # all but the very first prefill
+
+
+def test_the_server_reports_the_prompt_cache_use(tmp_path):
+    from hasten.server.metrics import Metrics
+
+    loaded = LoadedModel("tiny", wide_model(tmp_path), tokenizer=None)
+    metrics = Metrics(prompt_cache=loaded.prompt_cache_use)
+    for prompt in prompts(2)[:2]:
+        target = loaded.backend.new_target()
+        target.start(prompt)
+        target.close()
+    lines = metrics.render().splitlines()
+    assert "hasten_prompt_cache_hits_total 1" in lines
+    assert f"hasten_prompt_cache_tokens_total {len(SYSTEM)}" in lines

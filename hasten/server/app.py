@@ -189,6 +189,7 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
     metrics = Metrics()
     worker = Worker(loaded, metrics, max_queue, max_batch)
     metrics.queue_depth, metrics.running, metrics.batch_size = worker.depth, worker.running, worker.batch_size
+    metrics.prompt_cache = loaded.prompt_cache_use
     served = model_name or loaded.name
     pool = {key: value for key, value in (method_options or {}).items() if value is not None}
     if draft is not None:

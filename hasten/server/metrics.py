@@ -55,11 +55,13 @@ class Metrics:
     """Thread-safe counters and histograms: the event loop counts requests, the worker its steps and generations."""
 
     def __init__(self, queue_depth: Callable[[], int] = lambda: 0, running: Callable[[], int] = lambda: 0,
-                 batch_size: Callable[[], int] = lambda: 0) -> None:
+                 batch_size: Callable[[], int] = lambda: 0,
+                 prompt_cache: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         self._lock = threading.Lock()
         self.queue_depth = queue_depth
         self.running = running
         self.batch_size = batch_size
+        self.prompt_cache = prompt_cache  # (prefills that reused a stored prompt, the prompt tokens they skipped)
         self.step_batch = Histogram(BATCH_BUCKETS)
         self.step_queue = Histogram(QUEUE_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
@@ -130,6 +132,11 @@ class Metrics:
             family("hasten_requests_running", "gauge", "Requests with a generation in the batch now.",
                    [("", self.running())])
             family("hasten_batch_size", "gauge", "Generations in the batch now.", [("", self.batch_size())])
+            hits, reused = self.prompt_cache()
+            family("hasten_prompt_cache_hits_total", "counter",
+                   "Prefills that restored a stored prompt's prefix instead of running it.", [("", hits)])
+            family("hasten_prompt_cache_tokens_total", "counter",
+                   "Prompt tokens restored from the prompt cache (not run).", [("", reused)])
             histogram("hasten_step_batch_size", "Generations advanced by each batched step.", self.step_batch)
             histogram("hasten_step_queue_depth", "Requests waiting for room in the batch, seen at each step.",
                       self.step_queue)

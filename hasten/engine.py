@@ -173,6 +173,9 @@ class Generation:
         self.stats.new_tokens += len(new)
         self.finished = (ended is not None or self.produced >= self.max_new_tokens
                          or len(self.context) >= self.target.max_context)
+        remember = getattr(self.target, "remember", None) if self.finished else None
+        if remember is not None:  # a backend with a prompt cache keeps the conversation for its next turn
+            remember(self.context[: self.target.cache_len])
         return new
 
 

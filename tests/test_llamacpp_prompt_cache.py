@@ -113,3 +113,62 @@ def test_the_server_reports_the_prompt_cache_use(tmp_path):
     lines = metrics.render().splitlines()
     assert "hasten_prompt_cache_hits_total 1" in lines
     assert f"hasten_prompt_cache_tokens_total {len(SYSTEM)}" in lines
+
+
+def converse(model: LlamaCppModel, prompts_: list[list[int]]) -> list[list[int]]:
+    """Greedy answers (prompt lookup, 3 branches) to ``prompts_`` decoded together in one batch; the whole
+    conversations (prompt, answer) come back."""
+    from hasten.batching import BatchDecoder
+    from hasten.engine import Generation
+    from hasten.proposers.prompt_lookup import PromptLookupProposer
+    from hasten.sampling import SamplingParams
+
+    batch = BatchDecoder(model.score_many)
+    generations = [Generation(model.new_target(), PromptLookupProposer(6, 3, 1, 3), prompt, 30, SamplingParams())
+                   for prompt in prompts_]
+    for generation in generations:
+        batch.add(generation)
+    while batch.active:
+        batch.step()
+    return [generation.context for generation in generations]
+
+
+def test_a_finished_conversation_serves_its_next_turn_bit_exactly(tmp_path):
+    cached, plain = wide_model(tmp_path), wide_model(tmp_path, prompt_cache_bytes=0)
+    openings = [prompt + prompt[len(SYSTEM):] for prompt in prompts(3, seed=2)[:3]]  # repeats: lookup drafts
+    conversations = converse(cached, openings)
+    assert conversations == converse(plain, openings)  # and the answers are exact, batched with the cache
+    cache = cached.prompt_cache
+    for opening, conversation in zip(openings, conversations, strict=True):
+        assert tuple(conversation[:-1]) in cache._entries  # the whole conversation, up to the last token
+        assert tuple(opening) not in cache._entries  # the prompt alone: the conversation covers it
+    hits, reused = cache.hits, cache.reused_tokens
+    for conversation in conversations:
+        follow_up = conversation + [21, 22, 23]
+        got, want = prefill_then_chain(cached, follow_up), prefill_then_chain(plain, follow_up)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cache.hits - hits == 3 and cache.reused_tokens - reused == sum(len(c) - 1 for c in conversations)
+
+
+@pytest.mark.slow
+def test_default_model_second_turns_reuse_the_first_and_stay_exact(default_model: LoadedModel):
+    backend = default_model.backend
+    question = read_prompts()[0].turns[0]
+
+    def two_turns(method: str) -> tuple[list[int], list[int]]:
+        messages = [{"role": "user", "content": question}]
+        first = generate(default_model, messages, method, max_new_tokens=24)
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Say it shorter."}]
+        return first.token_ids, generate(default_model, messages, method, max_new_tokens=24).token_ids
+
+    saved, backend.prompt_cache = backend.prompt_cache, None
+    try:
+        reference = two_turns("ar")
+    finally:
+        backend.prompt_cache = saved
+    for method in ("ar", "pld"):
+        backend.forget_prompts()
+        reused = backend.prompt_cache.reused_tokens
+        assert two_turns(method) == reference
+        # the second prefill restored the first turn's prompt and most of its answer (re-tokenised from text)
+        assert backend.prompt_cache.reused_tokens - reused > 24 + len(reference[0]) // 2

@@ -1,10 +1,12 @@
 """A llama.cpp model's prompt cache: the KV cells of recent prompts, reused by prompts that begin the same way.
 
 Every prefill stores its prompt's cells (llama.cpp's sequence state: positions and K/V bytes, about 12 KB a
-token for the default model with its Q8_0 cache). A later prefill restores the stored prompt with which it
-shares the longest prefix, drops the cells after that prefix, and runs only the rest of its prompt. A chat
-prompt of the default model shares its first 24 tokens (the template's system turn) with every other one, and
-a repeated prompt shares all of it.
+token for the default model with its Q8_0 cache), and a finished generation its whole conversation (prompt and
+answer, as llama.cpp's server keeps a slot's tokens). A later prefill restores the stored sequence with which
+it shares the longest prefix, drops the cells after that prefix, and runs only the rest of its prompt. A chat
+prompt of the default model shares its first 24 tokens (the template's system turn) with every other one, a
+repeated prompt all of it, and the next turn of a conversation everything up to the end of the last answer.
+A stored sequence that another one extends is dropped: the longer one serves both.
 
 Exactness. With a quantized KV cache and flash attention on, ggml's CPU kernels treat every row on its own
 (``llamacpp_target.LlamaCppModel``), so a token's cells and logits do not depend on which decode computed the
@@ -73,19 +75,23 @@ class PromptCache:
         self.reused_tokens += length
         return length
 
-    def store(self, context: Any, tokens: list[int]) -> None:
-        """Keep the cells of sequence 0 of ``context``, which holds exactly ``tokens``."""
+    def store(self, context: Any, tokens: list[int], seq: int = 0) -> None:
+        """Keep the cells of sequence ``seq`` of ``context``, which holds exactly ``tokens``."""
         key = tuple(tokens)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
+        if any(len(other) > len(key) and other[: len(key)] == key for other in self._entries):
+            return  # a longer stored prompt covers this one
         lib = self._lib
-        size = lib.llama_state_seq_get_size(context, 0)
+        size = lib.llama_state_seq_get_size(context, seq)
         if size > self.budget_bytes:
             return
         data = (ctypes.c_uint8 * size)()
-        if lib.llama_state_seq_get_data(context, data, size, 0) != size:
+        if lib.llama_state_seq_get_data(context, data, size, seq) != size:
             return
+        for other in [other for other in self._entries if len(other) < len(key) and key[: len(other)] == other]:
+            self.bytes -= len(self._entries.pop(other))  # this one covers the shorter one
         while self._entries and self.bytes + size > self.budget_bytes:
             _, dropped = self._entries.popitem(last=False)
             self.bytes -= len(dropped)

@@ -568,6 +568,16 @@ class LlamaCppTarget:
         self.cache_len = length
         self._synced = [min(synced, length) for synced in self._synced]
 
+    def remember(self, tokens: list[int]) -> None:
+        """Offer the committed cells, which hold ``tokens`` (a finished conversation), to the model's prompt cache."""
+        cache = self.model.prompt_cache
+        if cache is None or self._pending is not None or len(tokens) != self.cache_len or not tokens:
+            return
+        if self._shared is not None:
+            cache.store(self._shared.ctx, tokens, self._ids[0])
+        elif self._ctx:
+            cache.store(self._ctx, tokens)
+
     def close(self) -> None:
         """Give the llama context back to the model's pool; the target cannot be used afterwards."""
         shared = getattr(self, "_shared", None)

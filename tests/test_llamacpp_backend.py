@@ -462,3 +462,24 @@ def test_real_model_hidden_states_match_transformers_after_the_norm(real_model):
     embed = real_model.input_embeddings()
     assert torch.allclose(embed, hf.model.embed_tokens.weight.detach(), atol=1e-6)
     assert np.isclose(float(real_model.output_embeddings().sum()), float(embed.sum()))  # tied in SmolLM2
+
+
+def test_a_prefill_with_hidden_states_computes_one_row_and_gives_the_same_bits(tmp_path):
+    """A target that wants hidden states prefills all but the last token with embeddings off (llama.cpp would
+    otherwise compute the logits of every row); its last row and its cells equal the all-rows way's."""
+    path = write_tiny_gguf(tmp_path / "wide.gguf", hidden=128, heads=4, kv_heads=2, ffn=256, context=1024,
+                           vocab_size=VOCAB, init_std=0.5)
+    model = LlamaCppModel(path, threads=2, prompt_cache_bytes=0)
+    rng = random.Random(4)
+    for length in (2, 17, 90):
+        prompt = [rng.randrange(2, VOCAB) for _ in range(length)]
+        quick = model.new_target(want_hidden=True)
+        got = quick.start(prompt)
+        every_row = model.new_target(want_hidden=True)  # the prompt as one scored chain: every row an output
+        every_row.start(prompt[:1])
+        want = every_row.score(prompt[1:], list(range(-1, length - 2)))
+        every_row.commit(list(range(length - 1)))
+        assert torch.equal(got.logits[-1], want.logits[-1]) and torch.equal(got.hidden[-1], want.hidden[-1])
+        assert torch.equal(got.logits[-1], model.new_target().start(prompt).logits[-1])
+        after = [quick.score([5, 6], [-1, 0]), every_row.score([5, 6], [-1, 0])]  # the cells agree too
+        assert torch.equal(after[0].logits, after[1].logits) and torch.equal(after[0].hidden, after[1].hidden)

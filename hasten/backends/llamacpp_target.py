@@ -446,12 +446,29 @@ class LlamaCppTarget:
         cache = self.model.prompt_cache
         self.cache_len = cache.restore(self._ctx, context) if cache is not None else 0
         rest = context[self.cache_len:]
+        if self.want_hidden and len(rest) > 1:  # only the last position's hidden state is wanted
+            self._run_without_outputs(rest[:-1])
+            rest = rest[-1:]
         self._fill_chain(rest, [len(rest) - 1])
         logits, hidden = self._decode(len(rest), [len(rest) - 1])
         self.cache_len = self._synced[0] = n
         if cache is not None:
             cache.store(self._ctx, context)
         return Scores(logits, hidden)
+
+    def _run_without_outputs(self, tokens: list[int]) -> None:
+        """Run a chain into the cache with embeddings off: with them on, llama.cpp would compute the logits of
+        every row. The cells are the same either way (rows do not depend on the decode they are in)."""
+        lib = self._lib
+        lib.llama_set_embeddings(self._ctx, False)
+        self.want_hidden = False
+        try:
+            self._fill_chain(tokens, [len(tokens) - 1])
+            self._decode(len(tokens), [])
+        finally:
+            self.want_hidden = True
+            lib.llama_set_embeddings(self._ctx, True)
+        self.cache_len += len(tokens)
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""

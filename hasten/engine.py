@@ -107,16 +107,13 @@ class Generation:
 
     def prefill(self) -> list[int]:
         """Run the prompt into the cache, choose the first new token from its last row (the verifier's rule
-        with nothing drafted) and start the proposer; the new token (none when the prompt fills the context)."""
+        with nothing drafted) and start the proposer; the new token (as a step's list)."""
         began = time.perf_counter()
         scores = self.target.start(self.context)
         elapsed = time.perf_counter() - began
         self.stats.prefill_s += elapsed
         self.stats.wall_s += elapsed
         self.stats.target_passes += 1
-        if len(self.context) >= self.target.max_context:  # no room for a token: the cache is the whole context
-            self.finished = True
-            return []
         first = verify(TokenTree(), scores.logits[-1:], self.params, self.generator).next_token
         hidden = scores.hidden[-1:] if scores.hidden is not None else None
         self.proposer.start([*self.context, first], hidden)

@@ -71,7 +71,7 @@ def test_the_prefill_runs_the_whole_prompt_and_gives_the_first_token():
         assert stats.mean_accepted == 1.0
 
 
-def test_one_new_token_needs_no_step_and_a_full_context_none():
+def test_one_new_token_needs_no_step_and_a_prompt_one_short_of_the_context_gets_one():
     backend = TransformersModel(tiny_model("llama", 2, init_std=0.6))
     prompt = random_prompts(1, seed=5)[0]
     target = CountingTarget(backend.new_target())

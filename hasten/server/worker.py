@@ -277,8 +277,8 @@ class Worker:
         self.admitted.append(Admitted(job, waiting))
 
     def _join(self, admitted: Admitted, index: int, request: Request) -> None:
-        """Prefill one choice, send its first token at once and put it in the batch (a choice finished by its
-        prefill ends at once)."""
+        """Prefill one choice, send its first token at once and put it in the batch (a choice that token
+        finishes ends at once)."""
         job = admitted.job
         try:
             generation = start_generation(self.loaded, request)
@@ -319,7 +319,7 @@ class Worker:
         """A choice's new tokens: their final text to its client; its end when it is over."""
         generation = slot.generation
         try:
-            if chunk and not slot.first_token:
+            if not slot.first_token:
                 slot.first_token = True
                 self.metrics.observe_first_token(now - slot.job.submitted)
             event = slot.output.add(chunk)

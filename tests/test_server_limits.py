@@ -1,5 +1,5 @@
-"""Issue 12, items 8-10: the work of one request is bounded, queued streams get headers and keep-alives at once,
-and every method's proposer is built at start-up (``method=draft`` follows the registry, not a guess)."""
+"""Server limits: the work of one request is bounded, queued streams get headers and keep-alives at once, and
+every method's proposer is built at start-up (``method=draft`` follows the registry, not a guess)."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ def base(tiny) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def slow_base(tiny) -> Iterator[str]:
-    METHODS["slow12"] = Method(lambda target, params, generator, options: SlowLookup(num_tokens=4))
+    METHODS["slow_limits"] = Method(lambda target, params, generator, options: SlowLookup(num_tokens=4))
     try:
-        # One generation at a time: a second request waits in the queue (batching: test_issue11_server).
-        with serving(create_app(tiny, "slow12", max_queue=3, keepalive_s=KEEPALIVE_S, max_batch=1)) as url:
+        # One generation at a time: a second request waits in the queue (batching: test_server_batching.py).
+        with serving(create_app(tiny, "slow_limits", max_queue=3, keepalive_s=KEEPALIVE_S, max_batch=1)) as url:
             yield url
     finally:
-        del METHODS["slow12"]
+        del METHODS["slow_limits"]
 
 
 def post(base: str, body: dict | str, endpoint: str = "/v1/completions", **kwargs) -> httpx.Response:
@@ -57,7 +57,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None, words
     assert error["type"] == "invalid_request_error" and error["param"] == param and words in error["message"]
 
 
-# Item 8: bounds.
+# Bounds on one request's work.
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": ["w3 w4"] * 7, "max_tokens": 1}, "prompt"),
@@ -114,7 +114,7 @@ def test_a_body_over_the_limit_is_a_413_declared_or_streamed(base, tiny):
     assert post(base, small).json()["choices"][0]["text"] == expected
 
 
-# Item 10: a queued stream gets its headers at once, then keep-alive comments.
+# A queued stream gets its headers at once, then keep-alive comments.
 
 def test_a_queued_stream_gets_headers_at_once_and_keepalives(slow_base, tiny):
     body = {"prompt": "w5 w6 w7", "max_tokens": 3, "temperature": 0, "stream": True}
@@ -153,7 +153,7 @@ def test_a_queued_stream_whose_client_leaves_is_cancelled(slow_base):
     assert after["hasten_queue_depth"] == 0 and after["hasten_requests_running"] == 0
 
 
-# Item 9: methods are built at start-up; method=draft is up to the registry.
+# Methods are built at start-up; method=draft is up to the registry.
 
 def test_method_draft_is_served_when_the_registry_can_build_it(tiny, monkeypatch):
     """As for the default model, whose distilled draft ships: the server no longer refuses draft without one."""
@@ -194,7 +194,7 @@ def test_method_draft_and_redrafter_on_the_default_model(default_model):
 
 
 def test_completion_tokens_stop_at_a_stop_string(base, tiny):
-    """Item 7 through the server: usage counts the tokens of the text returned, not those after the cut."""
+    """A stop string through the server: usage counts the tokens of the text returned, not those after the cut."""
     body = {"prompt": LONG_PROMPT, "max_tokens": 10, "temperature": 0}
     full = post(base, body).json()["choices"][0]["text"]
     words = full.split()

@@ -1,5 +1,5 @@
-"""Issue 11, server side: continuous batching in ``hasten serve`` (joins, leaves, disconnects, --max-batch, a full
-queue) and the Prometheus histograms of ``/metrics``."""
+"""Continuous batching in ``hasten serve`` (joins, leaves, disconnects, --max-batch, a full queue) and the
+Prometheus histograms of ``/metrics``."""
 
 from __future__ import annotations
 

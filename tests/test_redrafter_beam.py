@@ -1,4 +1,4 @@
-"""ReDrafter's cheaper beam search (issue 12, item 11) drafts the same beams as the plain one.
+"""ReDrafter's cheaper beam search drafts the same beams as the plain one.
 
 The fast path (``ReDrafterHead.advance``: a table of the draft vocabulary's input projections, the hidden state's
 share of the first residual block done once per search; beam search keeping parent pointers instead of copying

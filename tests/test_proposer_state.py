@@ -1,4 +1,4 @@
-"""Oracle tests of proposer state (issue 12, item 6): the verifier masks state bugs, so check the state itself.
+"""Oracle tests of proposer state: the verifier masks state bugs, so check the state itself.
 
 - The draft model's proposal at every step equals the draft's own greedy continuation of the committed context,
   computed from scratch (a wrong KV rollback after a partial acceptance changes it).
@@ -140,7 +140,7 @@ def tiny_llamacpp(vocab: int) -> LlamaCppModel:
 
     from hasten.backends.llamacpp_target import LlamaCppModel
 
-    path = write_tiny_gguf(f"{tempfile.mkdtemp(prefix='hasten-issue12-')}/tiny.gguf", vocab_size=vocab, seed=6)
+    path = write_tiny_gguf(f"{tempfile.mkdtemp(prefix='hasten-proposer-state-')}/tiny.gguf", vocab_size=vocab, seed=6)
     return LlamaCppModel(path, threads=1)
 
 

@@ -1,4 +1,4 @@
-"""Backend edges the review found: crop(0), sliding windows, and the cache length after every step."""
+"""KV-cache edges of the backends: no crop(0), trees past a sliding window, and the cache length after every step."""
 
 from __future__ import annotations
 

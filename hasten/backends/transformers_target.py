@@ -58,6 +58,14 @@ class TransformersModel:
         self.sliding_window: int | None = int(window) if window and "sliding_attention" in layer_types else None
 
     @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         ids = self.model.generation_config.eos_token_id
         if ids is None:

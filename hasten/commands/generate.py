@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hasten.api import GenerationResult, generate_batch, stream
-from hasten.commands.common import add_model_options, add_sampling_options, method_options
+from hasten.commands.common import add_model_options, add_sampling_options, load_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
 from hasten.sampling import SamplingParams
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validate before the slow load
     if args.threads is not None and args.threads < 1:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
-    loaded = load_model(args.model, args.backend, threads=args.threads)
+    loaded = load_model(args.model, args.backend, **load_options(args))
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat}
     if prompts is not None:

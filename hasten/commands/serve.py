@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
-from hasten.commands.common import add_model_options, method_options
+from hasten.commands.common import add_model_options, load_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
 from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hasten.server import create_app
 
-    loaded = load_model(args.model, args.backend, threads=args.threads)
+    loaded = load_model(args.model, args.backend, **load_options(args))
     options = method_options(args, loaded)
     draft = options.pop("draft", None)
     app = create_app(loaded, args.method, draft, args.max_queue, default_max_tokens=args.max_tokens,

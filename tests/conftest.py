@@ -46,6 +46,13 @@ def _threads(request):
     torch.set_num_threads(2 if real else 1)
 
 EOS = 1
+# Chat prompts for the exactness tests on the real default model: code, summarization, code with tests, a story.
+DEFAULT_MODEL_PROMPTS = (
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Summarise in two sentences: The quick brown fox jumps over the lazy dog. The dog does not react.",
+    "Write a Python function that checks whether a string is a palindrome, then test it on three words.",
+    "Tell me a short story about a robot who learns to paint.",
+)
 TINY_CONFIGS = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,

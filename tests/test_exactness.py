@@ -1,7 +1,15 @@
 """Greedy exactness: every method reproduces transformers' greedy ``generate`` token for token."""
 
 import pytest
-from conftest import EOS, default_reference, greedy_reference, random_prompts, tiny_loaded, tiny_model
+from conftest import (
+    DEFAULT_MODEL_PROMPTS,
+    EOS,
+    default_reference,
+    greedy_reference,
+    random_prompts,
+    tiny_loaded,
+    tiny_model,
+)
 
 from hasten.api import generate
 from hasten.backends import TransformersModel, TransformersTarget
@@ -113,13 +121,7 @@ def test_stop_string_cuts_the_text():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
-        "Summarise in two sentences: The quick brown fox jumps over the lazy dog. The dog does not react.",
-    ],
-)
+@pytest.mark.parametrize("prompt", DEFAULT_MODEL_PROMPTS)
 def test_default_model_pld_and_ar_match_generate(default_model_hf, prompt):
     reference = default_reference(default_model_hf, prompt, 48)
     for method in ("ar", "pld"):

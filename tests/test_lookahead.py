@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 from conftest import (
+    DEFAULT_MODEL_PROMPTS,
     EOS,
     default_reference,
     exact_sequence_probs,
@@ -186,13 +187,7 @@ def test_sampling_is_lossless():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "Write a Python function that checks whether a string is a palindrome, then test it on three words.",
-        "Tell me a short story about a robot who learns to paint.",
-    ],
-)
+@pytest.mark.parametrize("prompt", DEFAULT_MODEL_PROMPTS)
 def test_default_model_matches_generate(default_model_hf, prompt):
     reference = default_reference(default_model_hf, prompt, 48)
     result = generate(default_model_hf, prompt, "lookahead", max_new_tokens=48)

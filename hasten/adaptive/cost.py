@@ -1,8 +1,9 @@
 """The target's cost curve: wall time of one pass as a function of the tokens it scores.
 
-Measured once per backend, model, thread count and CPU in a calibration of a few seconds, kept on disk, and
-refined online from the real passes. Speculation pays only where tokens gained are worth more than the extra
-width costs, so every adaptive choice asks this curve.
+Measured once per backend, model, thread count, CPU, device, dtype and graph mode in a calibration of a few
+seconds (with a clock that waits for the GPU on CUDA), kept on disk, and refined online from the real passes.
+Speculation pays only where tokens gained are worth more than the extra width costs, so every adaptive choice
+asks this curve.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from hasten.backends.base import ModelBackend, Target
 
@@ -88,10 +91,31 @@ class CostModel:
             return None
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str:
-    """What a cost curve depends on: backend, model, threads and CPU."""
-    parts = [backend.backend, model_name, str(threads), _cpu_name(), str(os.cpu_count())]
+    """What a cost curve depends on: backend, model, threads, CPU, and the device, dtype, attention
+    implementation and graph mode it runs with (so a CPU curve is never reused on a GPU, nor fp32 for bf16)."""
+    device = torch.device(getattr(backend, "device", "cpu"))
+    parts = [backend.backend, model_name, str(threads), _cpu_name(), str(os.cpu_count()), str(device),
+             _device_name(device), str(getattr(backend, "dtype", torch.float32)),
+             str(getattr(backend, "attention", "")), f"graphs={bool(getattr(backend, 'graphs', False))}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def clock_for(device: torch.device | str) -> Callable[[], float]:
+    """A wall clock in seconds that first waits for the device's queued work (CUDA runs asynchronously)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def synchronized() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return synchronized
 
 
 def measure(target: Target, widths: tuple[int, ...] = CALIBRATION_WIDTHS, context: int = CALIBRATION_CONTEXT,
@@ -135,7 +159,7 @@ def cost_model_for(backend: ModelBackend, model_name: str, threads: int | None =
     path = (cache_dir or CACHE_DIR) / f"{key}.json"
     model = CostModel.load(path)
     if model is None or model.key != key:
-        model = measure(backend.new_target())
+        model = measure(backend.new_target(), clock=clock_for(getattr(backend, "device", "cpu")))
         model.key = key
         model.save(path)
     return model

@@ -103,7 +103,7 @@ class SlowLookup(PromptLookupProposer):
 @pytest.fixture(scope="module")
 def slow_base() -> Iterator[str]:
     """A server with a tiny model that has no chat template, a 3-deep queue, a registered 'slow' method, and one
-    generation at a time (so that a second request waits in the queue; batching is tested in test_server_batching.py)."""
+    generation at a time (so that a second request waits in the queue; batching: test_server_batching.py)."""
     METHODS["slow"] = Method(lambda target, params, generator, options: SlowLookup(num_tokens=4))
     try:
         with serving(create_app(tiny_loaded("llama", 1), "slow", max_queue=3, max_batch=1)) as url:

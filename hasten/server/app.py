@@ -11,95 +11,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hasten.api import GenerationResult, Prompt, prompt_ids
 from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
-from hasten.server.errors import APIError, queue_full
+from hasten.server.errors import APIError, add_error_handlers, queue_full
 from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
-from hasten.server.limits import KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+from hasten.server.jobs import Closed, Delta, Failed, Finished, Job, Message, Started
+from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 from hasten.server.metrics import Metrics
+from hasten.server.middleware import BodyLimit, RequestCounter
 from hasten.server.schemas import ChatRequest, CompletionRequest, GenerationRequest
-from hasten.server.worker import DEFAULT_MAX_BATCH, Closed, Delta, Failed, Finished, Job, Message, Started, Worker
+from hasten.server.worker import Worker
 
 log = logging.getLogger("hasten.server")
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-
-
-class RequestCounter:
-    """ASGI middleware counting every HTTP request by endpoint and response status."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def capture(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            path = scope.get("path", "")
-            self.metrics.count_request(path if path in ENDPOINTS else "other", status)
-
-
-class BodyLimit:
-    """ASGI middleware answering 413 to a request body over ``limit`` bytes, declared or streamed, before any work."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # disconnect notices
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        error = APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
-        await error.response()(scope, receive, send)
 
 
 class Inbox:
@@ -140,20 +70,6 @@ class Inbox:
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
-
-
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """FastAPI's 422 details turned into one OpenAI-style 400."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return APIError(400, f"the request body is not valid JSON{f' ({detail})' if detail else ''}")
-    loc = [str(part) for part in first.get("loc", ())][1:]  # drop the leading "body"
-    if not loc and first.get("type") == "missing":
-        return APIError(400, "the request body is empty; send a JSON object")
-    if not loc:
-        return APIError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
-    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', '')}", param=loc[0])
 
 
 def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedModel | None = None,
@@ -208,28 +124,7 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)  # outermost: it counts the 413s too
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return validation_error(list(error.errors())).response()
-
-    @app.exception_handler(HastenError)
-    async def hasten_error(request: Request, error: HastenError) -> JSONResponse:
-        return APIError(400, str(error)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        message = f"{error.detail}: {request.method} {request.url.path}"
-        return APIError(error.status_code, message, code=code).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(error).__name__}", type="server_error").response()
+    add_error_handlers(app)
 
     async def make_job(body: GenerationRequest, prompts: list[Prompt], chat: bool) -> Job:
         """Check everything a request asks for, then tokenize: a queued stream must not fail for its input."""

@@ -1,10 +1,18 @@
-"""OpenAI-style error bodies: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI-style error bodies (``{"error": {"message", "type", "param", "code"}}``) and the errors a request can get."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hasten.errors import HastenError
+
+log = logging.getLogger("hasten.server")
 
 
 class APIError(Exception):
@@ -29,3 +37,61 @@ class APIError(Exception):
 def queue_full(max_queue: int) -> APIError:
     return APIError(503, f"the server is busy: {max_queue} requests are already waiting; retry later",
                     type="server_error", code="queue_full")
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error")
+
+
+def generation_error(error: Exception) -> APIError:
+    """What the client is told when running its request raised ``error``: bad input (a ``HastenError``) is a 400;
+    anything else is a bug, logged with its traceback and answered 500 (it must not kill the worker)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, HastenError):
+        return APIError(400, " ".join(str(error).split()))
+    log.error("generation failed", exc_info=error)
+    detail = (str(error).splitlines() or [""])[0]
+    return APIError(500, f"internal error: {type(error).__name__}: {detail}", "server_error")
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """FastAPI's 422 details turned into one OpenAI-style 400."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON{f' ({detail})' if detail else ''}")
+    loc = [str(part) for part in first.get("loc", ())][1:]  # drop the leading "body"
+    if not loc and first.get("type") == "missing":
+        return APIError(400, "the request body is empty; send a JSON object")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
+    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', '')}", param=loc[0])
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error a route raises answered in the OpenAI shape: its own status for an ``APIError``, 400 for bad
+    input (FastAPI's validation, a ``HastenError``), 404/405 for unknown routes, 500 (logged) for a bug."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(list(error.errors())).response()
+
+    @app.exception_handler(HastenError)
+    async def hasten_error(request: Request, error: HastenError) -> JSONResponse:
+        return APIError(400, str(error)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        return APIError(error.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(error).__name__}", type="server_error").response()

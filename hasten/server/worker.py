@@ -8,102 +8,25 @@ generations), finished ones leave, and a request whose client went away leaves a
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from hasten.api import GenerationResult, Request, TextOutput, make_request, start_generation
+from hasten.api import Request, TextOutput, make_request, start_generation
 from hasten.batching import BatchDecoder
 from hasten.engine import Generation
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
-from hasten.server.errors import APIError
+from hasten.server.errors import generation_error, shutting_down
+from hasten.server.jobs import Closed, Delta, Failed, Finished, Job, Message, Started
 from hasten.server.limits import DEFAULT_MAX_BATCH
 from hasten.server.metrics import Metrics
 
-log = logging.getLogger("hasten.server")
-
 IDLE_POLL_S = 0.5  # an idle loop checks this often whether it was stopped
 
-__all__ = ["DEFAULT_MAX_BATCH", "Closed", "Delta", "Failed", "Finished", "Job", "Message", "Started", "Worker"]
-
-
-@dataclass
-class Started:
-    """The request's first piece is ready: it is valid and under way."""
-
-
-@dataclass
-class Delta:
-    index: int
-    text: str
-
-
-@dataclass
-class Finished:
-    index: int
-    result: GenerationResult
-
-
-@dataclass
-class Failed:
-    error: APIError
-
-
-@dataclass
-class Closed:
-    """The job is over (finished, failed or cancelled); no message follows."""
-
-
-Message = Started | Delta | Finished | Failed | Closed
-
-
-@dataclass
-class Job:
-    """One request: ``n`` generations for each prompt (token ids, checked), choice ``i * n + j`` with seed ``seed + j``.
-
-    ``options`` are the method's own.
-    """
-
-    prompts: list[list[int]]
-    chat: bool
-    n: int
-    method: str
-    sampling: dict[str, Any]
-    seed: int | None
-    options: dict[str, Any] = field(default_factory=dict)
-    loop: asyncio.AbstractEventLoop | None = None
-    out: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-
-    def post(self, message: Message) -> None:
-        """Hand a message to the request's coroutine (called from the worker thread)."""
-        if self.loop is None:
-            self.out.put_nowait(message)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, message)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def size(self) -> int:
-        return len(self.prompts) * self.n
-
-
-def _deliver(messages: list[tuple[Job, Message]]) -> None:
-    """On the event loop: each message into its own request's queue, in order."""
-    for job, message in messages:
-        job.out.put_nowait(message)
+__all__ = ["DEFAULT_MAX_BATCH", "Worker"]
 
 
 @dataclass
@@ -154,6 +77,8 @@ class Worker:
         self._outbox: list[tuple[Job, Message]] = []  # a step's messages, handed over together
         self._stepping = False
 
+    # -- lifecycle, and the request side (any thread)
+
     def start(self) -> None:
         """Run the loop on a thread of its own (unless ``run`` drives it already)."""
         with self._lock:
@@ -195,7 +120,7 @@ class Worker:
             except queue.Empty:
                 break
             if job is not None:
-                job.post(Failed(APIError(503, "the server is shutting down", type="server_error")))
+                job.post(Failed(shutting_down()))
                 job.post(Closed())
         try:
             self.queue.put(None, timeout=timeout)
@@ -222,7 +147,7 @@ class Worker:
         """Generations in the batch now."""
         return len(self.slots)
 
-    # -- the thread
+    # -- the loop and admission (the worker's thread from here on)
 
     def _run(self) -> None:
         while True:
@@ -236,11 +161,7 @@ class Worker:
         """Fill free slots from the admitted jobs, then from the queue (waiting for one when idle); False to end."""
         while True:
             self._drop_cancelled()
-            for admitted in list(self.admitted):
-                while admitted.waiting and len(self.slots) < self.max_batch and not admitted.job.cancelled.is_set():
-                    self._join(admitted, *admitted.waiting.popleft())
-                if admitted.done:
-                    self._close(admitted)
+            self._fill_slots()
             if len(self.slots) >= self.max_batch or any(a.waiting for a in self.admitted):
                 return True
             idle = not self.slots and not self.admitted
@@ -257,14 +178,23 @@ class Worker:
                 if job is not None:
                     self._send(job, Closed())
                 return False
-            if job.cancelled.is_set():
-                self.metrics.count_cancelled()
-                self._send(job, Closed())
-                continue
             self._take(job)
 
+    def _fill_slots(self) -> None:
+        """Give free slots to the admitted jobs' waiting choices, in arrival order; close the jobs that are done."""
+        for admitted in list(self.admitted):
+            while admitted.waiting and len(self.slots) < self.max_batch and not admitted.job.cancelled.is_set():
+                self._join(admitted, *admitted.waiting.popleft())
+            if admitted.done:
+                self._close(admitted)
+
     def _take(self, job: Job) -> None:
-        """Check a job's choices into requests (a bad one fails the whole job before any runs)."""
+        """Admit a job from the queue: its choices checked into requests (a bad one fails the whole job before any
+        runs); a job whose client already left is closed at once."""
+        if job.cancelled.is_set():
+            self.metrics.count_cancelled()
+            self._send(job, Closed())
+            return
         try:
             waiting = deque(
                 (p * job.n + j, make_request(self.loaded, tokens, job.method, seed=self._seed(job.seed, j),
@@ -291,6 +221,8 @@ class Worker:
         self.slots[id(generation)] = slot
         admitted.live += 1
         self._deliver(slot, first, time.perf_counter())
+
+    # -- a step and its delivery
 
     def _step(self) -> None:
         """One shared pass; each choice's final text goes to its own client."""
@@ -347,6 +279,8 @@ class Worker:
         if admitted is not None and admitted.done:
             self._close(admitted)
 
+    # -- leaving the batch
+
     def _release(self, slot: Slot) -> None:
         """Take a choice out of the batch and give its cache back."""
         self.batch.remove(slot.generation)
@@ -385,15 +319,7 @@ class Worker:
         self._close(admitted)
 
     def _fail_job(self, job: Job, error: Exception) -> None:
-        if isinstance(error, APIError):
-            self._send(job, Failed(error))
-        elif isinstance(error, HastenError):
-            self._send(job, Failed(APIError(400, " ".join(str(error).split()))))
-        else:  # a bug must not kill the worker; the client gets a 500
-            log.error("generation failed", exc_info=error)
-            detail = (str(error).splitlines() or [""])[0]
-            self._send(job, Failed(APIError(500, f"internal error: {type(error).__name__}: {detail}",
-                                            "server_error")))
+        self._send(job, Failed(generation_error(error)))
 
     def _close(self, admitted: Admitted) -> None:
         if admitted in self.admitted:
@@ -402,6 +328,8 @@ class Worker:
 
     def _admitted(self, job: Job) -> Admitted | None:
         return next((a for a in self.admitted if a.job is job), None)
+
+    # -- messages back to the event loop
 
     def _post(self, job: Job, message: Message) -> None:
         """Send a piece of an answer (``Started`` first)."""
@@ -428,7 +356,7 @@ class Worker:
                 by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job, message))
         for loop, messages in by_loop.values():
             try:
-                loop.call_soon_threadsafe(_deliver, messages)
+                loop.call_soon_threadsafe(_put_all, messages)
             except RuntimeError:  # the event loop is gone (server shutting down)
                 for job, _ in messages:
                     job.cancelled.set()
@@ -436,3 +364,9 @@ class Worker:
     @staticmethod
     def _seed(seed: int | None, j: int) -> int | None:
         return None if seed is None else (seed + j) % 2**63
+
+
+def _put_all(messages: list[tuple[Job, Message]]) -> None:
+    """On the event loop: each message into its own request's queue, in order."""
+    for job, message in messages:
+        job.out.put_nowait(message)

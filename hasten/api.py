@@ -94,7 +94,7 @@ def make_request(loaded: LoadedModel, prompt: Prompt, method: str = "auto", *, m
 def start_generation(loaded: LoadedModel, request: Request) -> Generation:
     """The engine's state for a request: its proposer, its own target sequence, its generator."""
     params = request.params
-    generator = None if params.greedy else params.generator()
+    generator = None if params.greedy else params.generator(getattr(loaded.backend, "device", "cpu"))
     proposer = build_proposer(request.method, loaded, params, generator, **request.options)
     target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
     return Generation(target, proposer, request.ids, request.max_new_tokens, params, loaded.eos_token_ids,

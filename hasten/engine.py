@@ -98,7 +98,8 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = eos_token_ids
         self.stats = stats if stats is not None else DecodeStats()
-        self.generator = generator if generator is not None or params.greedy else params.generator()
+        self.generator = generator if generator is not None or params.greedy else \
+            params.generator(getattr(target, "device", "cpu"))
         self.context = list(prompt_ids)
         self.produced = 0
         self.finished = False

@@ -40,9 +40,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
-    def generator(self) -> torch.Generator:
-        """A private generator: seeded with ``seed``, else from fresh OS entropy; the global RNG is never touched."""
-        gen = torch.Generator()
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A private generator on ``device`` (where the logits it samples from live, so draws need no copy):
+        seeded with ``seed``, else from fresh OS entropy; the global RNG is never touched."""
+        gen = torch.Generator(device=device)
         if self.seed is not None:
             gen.manual_seed(self.seed)
         else:
@@ -78,7 +79,7 @@ class SamplingParams:
             if self.top_p < 1.0:  # a token goes when the mass before it already reaches top_p (never the first)
                 keep = _before(values.double().softmax(-1).cumsum(-1)) < self.top_p
                 values, index = values[keep], index[keep]
-        return torch.zeros(vocab, dtype=values.dtype).index_put_((index,), values.softmax(-1))
+        return values.new_zeros(vocab).index_put_((index,), values.softmax(-1))
 
 
 def _before(cumulative: torch.Tensor, start: float = 0.0) -> torch.Tensor:
@@ -106,14 +107,24 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.cat([(bins < edge).nonzero().squeeze(-1), band[order[keep]]])
 
 
+def uniform(generator: torch.Generator, like: torch.Tensor, size: tuple[int, ...] = (),
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniforms in [0, 1) drawn by ``generator`` on its own device, then placed beside ``like`` (no copy when
+    the generator lives where the tensor does, as ``SamplingParams.generator(device)`` makes it)."""
+    return torch.rand(size, generator=generator, dtype=dtype, device=generator.device).to(like.device)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a probability vector (inverse CDF: one uniform, a cumsum and a binary search)."""
+    """Draw one token id from a probability vector (inverse CDF: one uniform, a cumsum and a binary search).
+
+    The draw stays on the vector's device; the total mass and the token come back to the host together.
+    """
     cdf = probs.double().cumsum(-1)
-    total = float(cdf[-1])
+    u = uniform(generator, cdf, (1,), torch.float64) * cdf[-1]
+    found = torch.searchsorted(cdf, u, right=True)
+    total, token = torch.cat([cdf[-1:], found.double()]).tolist()  # the one sync (exact: ids are < 2**53)
     if not total > 0 or not math.isfinite(total):
         raise ValueError(f"cannot sample from a distribution of total mass {total}")
-    u = torch.rand(1, generator=generator, dtype=torch.float64) * total
-    token = int(torch.searchsorted(cdf, u, right=True))
     if token >= probs.shape[-1]:  # u rounded up to the total: the last token with mass
-        token = int(probs.nonzero()[-1])
-    return token
+        return int(probs.nonzero()[-1])
+    return int(token)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hasten.sampling import SamplingParams, sample
+from hasten.sampling import SamplingParams, sample, uniform
 from hasten.tree import ROOT, TokenTree
 
 
@@ -74,16 +74,9 @@ def _verify_sampling(
         chosen = None
         for child in children.get(node, ()):
             token = tree.tokens[child]
-            if tree.draft_probs is None:  # a deterministic guess: its draft distribution is a point mass
-                p = None
-                ratio = q[token]
-            else:
-                p = tree.draft_probs[child].float()
-                if not p[token] > 0:
-                    raise ValueError(f"node {child} (token {token}) has probability {float(p[token])} in the row "
-                                     "it was drafted from; the proposer's draft_probs are wrong")
-                ratio = q[token] / p[token]
-            if torch.rand((), generator=generator) < ratio:
+            # A deterministic guess (no rows) was drafted from a point mass at its token.
+            p = None if tree.draft_probs is None else tree.draft_probs[child].to(q.device, torch.float32)
+            if _accepts(q, p, token, child, generator):
                 chosen = child
                 break
             q = _residual(q, token, p)
@@ -91,6 +84,19 @@ def _verify_sampling(
             return Verdict(accepted, sample(q, generator))
         accepted.append(chosen)
         node = chosen
+
+
+def _accepts(q: torch.Tensor, p: torch.Tensor | None, token: int, child: int, generator: torch.Generator) -> bool:
+    """Draw the test ``u < q(x) / p(x)`` (``p`` None: a point mass at x); one device-to-host sync, which also
+    brings back ``p(x)`` for the check that the proposer drew x from its row."""
+    u = uniform(generator, q)
+    if p is None:
+        return bool(u < q[token])
+    drafted, accepted = torch.stack([p[token], (u < q[token] / p[token]).float()]).tolist()
+    if not drafted > 0:
+        raise ValueError(f"node {child} (token {token}) has probability {drafted} in the row it was drafted "
+                         "from; the proposer's draft_probs are wrong")
+    return accepted > 0
 
 
 def _residual(q: torch.Tensor, token: int, p: torch.Tensor | None) -> torch.Tensor:
@@ -101,5 +107,6 @@ def _residual(q: torch.Tensor, token: int, p: torch.Tensor | None) -> torch.Tens
     else:
         rest = (q - p).clamp_min(0)
     total = rest.sum()
-    # Rejection is impossible when q == p; guard against round-off leaving nothing to sample from.
-    return rest / total if total > 0 else q
+    # Rejection is impossible when q == p; guard against round-off leaving nothing to sample from (on the
+    # device, without a sync: the division's value is discarded where the total is 0).
+    return torch.where(total > 0, rest / total, q)

@@ -117,17 +117,18 @@ def test_sampling_never_calls_multinomial(monkeypatch):
     verify(TokenTree.chain([1, 2]), logits, params, gen)
 
 
-def test_sample_follows_the_distribution_and_never_draws_a_zero():
-    gen = torch.Generator().manual_seed(3)
-    probs = torch.tensor([0.0, 0.05, 0.0, 0.25, 0.3, 0.0, 0.4, 0.0])
+def test_sample_follows_the_distribution_and_never_draws_a_zero(device):
+    gen = torch.Generator(device).manual_seed(3)
+    expected = np.array([0.0, 0.05, 0.0, 0.25, 0.3, 0.0, 0.4, 0.0])
+    probs = torch.tensor(expected, dtype=torch.float32, device=device)
     counts = Counter(sample(probs, gen) for _ in range(20000))
     observed = np.array([counts.get(i, 0) for i in range(len(probs))], dtype=float)
-    assert observed[probs.numpy() == 0].sum() == 0
-    keep = probs.numpy() > 0
-    assert chisquare(observed[keep], probs.numpy()[keep] * 20000).pvalue > 1e-3
-    assert sample(torch.tensor([0.0, 0.0, 1.0]), gen) == 2
+    assert observed[expected == 0].sum() == 0
+    keep = expected > 0
+    assert chisquare(observed[keep], expected[keep] * 20000).pvalue > 1e-3
+    assert sample(torch.tensor([0.0, 0.0, 1.0], device=device), gen) == 2
     with pytest.raises(ValueError, match="total mass"):
-        sample(torch.zeros(4), gen)
+        sample(torch.zeros(4, device=device), gen)
 
 
 # Temperatures below the floor are greedy.

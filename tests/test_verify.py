@@ -63,7 +63,7 @@ def test_processed_distribution_matches_transformers_warpers():
 
 def _check_distribution(samples: list[int], probs: torch.Tensor, alpha: float = 1e-3) -> None:
     counts = Counter(samples)
-    expected = probs.double().numpy() * len(samples)
+    expected = probs.double().cpu().numpy() * len(samples)
     observed = np.array([counts.get(i, 0) for i in range(len(expected))], dtype=float)
     assert observed[expected == 0].sum() == 0, "a token outside the target's support was emitted"
     keep = expected > 0
@@ -76,10 +76,10 @@ def _emitted(tree: TokenTree, verdict) -> list[int]:
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)])
-def test_point_mass_tree_sampling_is_exact(params):
+def test_point_mass_tree_sampling_is_exact(params, device):
     """Deterministic guesses (n-grams, beams): first and second emitted tokens follow the target exactly."""
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(V + 1, V, generator=gen)
+    gen = torch.Generator(device).manual_seed(1)
+    logits = torch.randn(V + 1, V, generator=gen, device=device)
     tree = TokenTree.from_paths([[0, 1], [0, 2], [3], [4, 5]])  # nodes: 0, 1, 2, 3, 4, 5
     firsts, seconds_after_0 = [], []
     for _ in range(6000):
@@ -91,12 +91,12 @@ def test_point_mass_tree_sampling_is_exact(params):
     _check_distribution(seconds_after_0, params.probs(logits[1]))  # node "0" is row 1
 
 
-def test_sampled_chain_draft_is_exact():
+def test_sampled_chain_draft_is_exact(device):
     """A chain drafted by sampling from p: min(1, q/p) acceptance and residual resampling give q."""
     params = SamplingParams(temperature=1.0)
-    gen = torch.Generator().manual_seed(2)
-    logits = torch.randn(3, V, generator=gen)
-    draft_probs = torch.softmax(torch.randn(2, V, generator=gen), -1)
+    gen = torch.Generator(device).manual_seed(2)
+    logits = torch.randn(3, V, generator=gen, device=device)
+    draft_probs = torch.softmax(torch.randn(2, V, generator=gen, device=device), -1)
     firsts, seconds = [], {}
     for _ in range(8000):
         drafted = [int(torch.multinomial(draft_probs[i], 1, generator=gen)) for i in range(2)]
@@ -125,10 +125,10 @@ def without(p: torch.Tensor, token: int) -> torch.Tensor:
     return rest / rest.sum()
 
 
-def first_token_pvalue(draw_siblings, seed: int) -> float:
+def first_token_pvalue(draw_siblings, seed: int, device: str = "cpu") -> float:
     """Chi-square p-value of the first emitted token against Q, two sampled siblings below the root."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = Q.log().expand(3, -1)  # every row is Q
+    gen = torch.Generator(device).manual_seed(seed)
+    logits = Q.to(device).log().expand(3, -1)  # every row is Q
     counts = np.zeros(len(Q))
     for _ in range(DRAWS):
         tokens, rows = draw_siblings(gen)
@@ -139,30 +139,33 @@ def first_token_pvalue(draw_siblings, seed: int) -> float:
 
 
 def iid(gen):
-    return [sample(P, gen), sample(P, gen)], [P, P]
+    p = P.to(gen.device)
+    return [sample(p, gen), sample(p, gen)], [p, p]
 
 
 def without_replacement_conditional_rows(gen):
-    first = sample(P, gen)
-    rest = without(P, first)
-    return [first, sample(rest, gen)], [P, rest]
+    p = P.to(gen.device)
+    first = sample(p, gen)
+    rest = without(p, first)
+    return [first, sample(rest, gen)], [p, rest]
 
 
 def without_replacement_plain_rows(gen):  # breaks the contract
-    first = sample(P, gen)
-    return [first, sample(without(P, first), gen)], [P, P]
+    p = P.to(gen.device)
+    first = sample(p, gen)
+    return [first, sample(without(p, first), gen)], [p, p]
 
 
-def test_iid_siblings_are_exact():
-    assert first_token_pvalue(iid, seed=1) > 1e-3
+def test_iid_siblings_are_exact(device):
+    assert first_token_pvalue(iid, 1, device) > 1e-3
 
 
-def test_siblings_without_replacement_with_conditional_rows_are_exact():
-    assert first_token_pvalue(without_replacement_conditional_rows, seed=2) > 1e-3
+def test_siblings_without_replacement_with_conditional_rows_are_exact(device):
+    assert first_token_pvalue(without_replacement_conditional_rows, 2, device) > 1e-3
 
 
-def test_siblings_without_replacement_with_plain_rows_are_detected_as_biased():
-    assert first_token_pvalue(without_replacement_plain_rows, seed=3) < 1e-6
+def test_siblings_without_replacement_with_plain_rows_are_detected_as_biased(device):
+    assert first_token_pvalue(without_replacement_plain_rows, 3, device) < 1e-6
 
 
 def test_a_token_with_zero_probability_in_its_row_is_refused():

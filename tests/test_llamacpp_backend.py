@@ -23,7 +23,8 @@ import torch
 from tiny_gguf import EOS, write_tiny_gguf
 
 from hasten.backends.base import tree_depths
-from hasten.backends.llamacpp_target import LlamaCppModel, commit_source, tree_sequences
+from hasten.backends.llamacpp_model import LlamaCppModel
+from hasten.backends.llamacpp_tree_layout import kept_path_sequence, tree_sequences
 from hasten.errors import HastenError
 
 VOCAB = 96
@@ -97,11 +98,11 @@ def test_tree_sequences_small_tree_by_hand():
     seqs, n = tree_sequences([-1, 0, 0, 1, 2, 2])
     assert n == 3
     assert seqs == [[0, 1, 2], [0], [1, 2], [0], [1], [2]]
-    assert commit_source(seqs, [0, 2, 5]) == 2
-    assert commit_source(seqs, [0, 2]) == 1  # the first leaf below token 2
-    assert commit_source(seqs, [0, 1]) == 0
-    assert commit_source(seqs, [0]) == 0
-    assert commit_source(seqs, []) == 0
+    assert kept_path_sequence(seqs, [0, 2, 5]) == 2
+    assert kept_path_sequence(seqs, [0, 2]) == 1  # the first leaf below token 2
+    assert kept_path_sequence(seqs, [0, 1]) == 0
+    assert kept_path_sequence(seqs, [0]) == 0
+    assert kept_path_sequence(seqs, []) == 0
 
 
 def test_tree_sequences_chain_is_one_sequence():
@@ -121,7 +122,7 @@ def test_tree_sequences_lookahead_window_by_hand():
     assert seqs == [[0, 1, 2, 3], [0], [0], [1, 2, 3], [2, 3], [3], [1], [2], [3]]
     # Column 1 (tokens 4 and 7) sees the root, column 0's level 0 and itself: exactly sequence 2's tokens.
     assert [i for i, ids in enumerate(seqs) if 2 in ids] == [0, 3, 4, 7]
-    assert commit_source(seqs, [0, 3, 4]) == 2
+    assert kept_path_sequence(seqs, [0, 3, 4]) == 2
 
 
 def test_tree_sequences_rejects_bad_parents():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_gguf import write_tiny_gguf
 
-from hasten.backends.llamacpp_target import LlamaCppModel
+from hasten.backends.llamacpp_model import LlamaCppModel
 
 CONTEXT = [(7 * i + 3) % 90 + 4 for i in range(700)]  # past 512 cells: where an F16 cache switches kernels
 

@@ -16,8 +16,9 @@ import torch
 from test_llamacpp_backend import VOCAB, chain, random_path, random_tree, tokens
 from tiny_gguf import write_tiny_gguf
 
-from hasten.backends.llamacpp_shared import MAX_TOKENS, SharedCache
-from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
+from hasten.backends.llamacpp_model import LlamaCppModel
+from hasten.backends.llamacpp_shared_context import MAX_TOKENS, SharedCache
+from hasten.backends.llamacpp_target import LlamaCppTarget
 from hasten.errors import HastenError
 
 

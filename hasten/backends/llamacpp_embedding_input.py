@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from hasten.backends.gguf_config import read_gguf
-from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
+from hasten.backends.llamacpp_model import LlamaCppModel
+from hasten.backends.llamacpp_target import LlamaCppTarget
 from hasten.errors import HastenError
 
 
@@ -73,7 +74,7 @@ class ReducedDraftModel:
     def new_target(self, want_hidden: bool = False) -> EmbeddingInputTarget:
         if want_hidden:
             raise HastenError("the draft gives no hidden states")
-        return EmbeddingInputTarget(self.model, self.model._acquire(), self.embed)
+        return EmbeddingInputTarget(self.model, self.model.acquire_context(), self.embed)
 
 
 __all__ = ["EmbeddingInputTarget", "ReducedDraftModel"]

@@ -43,11 +43,14 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp_target import BatchArrays, _check_keep, commit_source, kv_cells, layout_problems
+from hasten.backends.llamacpp_batch import BatchArrays
+from hasten.backends.llamacpp_kv_inspection import caught_up_problems, kv_cells, layout_problems
+from hasten.backends.llamacpp_tree_layout import PassPlan, check_kept_path, kept_path_sequence
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
-    from hasten.backends.llamacpp_target import LlamaCppModel, LlamaCppTarget
+    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp_target import LlamaCppTarget
 
 GARBAGE = 0  # the sequence of cells no target needs any more (never attended to; freeing them would leave holes)
 MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
@@ -72,22 +75,14 @@ def shareable(target: LlamaCppTarget, n: int) -> bool:
 
 
 def score_many(model: LlamaCppModel, passes: Sequence[Pass]) -> list[Scores]:
-    """Score the passes of distinct targets of ``model``: those that can be exact there in shared decodes (two
-    or more of them), the rest each in its own context; results in the order given."""
-    from hasten.backends.llamacpp_target import LlamaCppTarget
-
-    targets = [target for target, *_ in passes]
-    if len({id(target) for target in targets}) != len(targets):
-        raise ValueError("score_many takes each target at most once")
-    for target in targets:
-        if not isinstance(target, LlamaCppTarget) or target.model is not model:
-            raise ValueError("score_many takes targets of this model only")
-        target._check_open()
-    plans = [target._check_pass(tokens, parents, rows) for target, tokens, parents, rows in passes]
+    """Score the passes of distinct, open targets of ``model`` (``LlamaCppModel.score_many`` checks that): those
+    that can be exact there in shared decodes (two or more of them), the rest each in its own context; results
+    in the order given."""
+    plans = [target.plan(tokens, parents, rows) for target, tokens, parents, rows in passes]
     share = [i for i, (target, tokens, *_) in enumerate(passes) if shareable(target, len(tokens))]
     if len(share) == 1 and passes[share[0]][0]._shared is None:
         share = []  # alone it runs as fast in its own context, without the copy in
-    cache = model.shared_cache() if share else model._shared
+    cache = model.shared_cache() if share else model.shared_cache_if_made
     results: list[Scores | None] = [None] * len(passes)
     if cache is not None:
         share = [i for i in share if passes[i][0]._shared is cache or cache.join(passes[i][0])]
@@ -105,9 +100,9 @@ class SharedCache:
 
     def __init__(self, model: LlamaCppModel, cells: int) -> None:
         self.model = model
-        self._lib = lib = model._lib
+        self._lib = lib = model.lib
         self.n_seq = model.shared_seq_max
-        self.ctx = model._new_context(n_ctx=cells, n_seq_max=self.n_seq)
+        self.ctx = model.new_context(n_ctx=cells, n_seq_max=self.n_seq)
         self.mem = lib.llama_get_memory(self.ctx)
         self.size = int(lib.llama_n_ctx(self.ctx))
         self.free_ids = list(range(self.n_seq - 1, GARBAGE, -1))  # popped from the end: 1 first
@@ -140,7 +135,7 @@ class SharedCache:
         home = self.free_ids.pop()
         self._copy(target._ctx, 0, self.ctx, home)
         self.end += length
-        self.model._release(target._ctx)
+        self.model.release_context(target._ctx)
         target._ctx = target._mem = None
         target._shared, target._ids, target._synced = self, [home], [length]
         self.members[home] = target
@@ -154,19 +149,19 @@ class SharedCache:
         if keep:
             if target._pending is not None:
                 raise RuntimeError("commit() the previous pass before the target leaves the shared context")
-            context = self.model._acquire()
+            context = self.model.acquire_context()
             self._copy(self.ctx, ids[0], context, 0)
         self.garbage += target.cache_len + (len(target._pending[0]) if target._pending else 0)
         for s in ids:
             self._lib.llama_memory_seq_cp(self.mem, s, GARBAGE, -1, -1)
         for s in ids:
-            self._rm(s, -1)
+            self._drop_cells(s, -1)
         self.members.pop(ids[0], None)
         self.free_ids += ids[::-1]
         target._shared, target._ids = None, []
         if reopen:
             if context is None:
-                context = self.model._acquire()
+                context = self.model.acquire_context()
                 target.cache_len = 0
                 target._pending = None
             target._ctx, target._mem = context, self._lib.llama_get_memory(context)
@@ -205,13 +200,18 @@ class SharedCache:
         for target in list(self.members.values()):
             if id(target) not in busy and target._pending is None and len(target._ids) > 1:
                 for s in target._ids[1:]:
-                    self._rm(s, -1)
+                    self._drop_cells(s, -1)
                 self.free_ids += target._ids[:0:-1]
                 target._ids, target._synced = target._ids[:1], target._synced[:1]
 
     # -- scoring
 
-    def decode(self, passes: Sequence[Pass], plans: Sequence[Any], share: Sequence[int],
+    def score(self, target: LlamaCppTarget, tokens: list[int], parents: list[int],
+              logits_rows: Sequence[int] | None) -> Scores:
+        """Score a member's pass: here when it can be exact here, otherwise after it left for its own context."""
+        return score_many(self.model, [(target, tokens, parents, logits_rows)])[0]
+
+    def decode(self, passes: Sequence[Pass], plans: Sequence[PassPlan], share: Sequence[int],
                results: list[Scores | None]) -> list[Scores | None]:
         """Score the passes ``share`` (of members) in decodes of at most MAX_TOKENS tokens; fills ``results``."""
         if not share:
@@ -231,7 +231,7 @@ class SharedCache:
         width = 0
         for i in share:
             target, tokens = passes[i][0], passes[i][1]
-            n_seqs = plans[i][3]
+            n_seqs = plans[i].n_sequences
             if chunk and (width + len(tokens) > MAX_TOKENS or not self._ids_for(target, n_seqs, busy, False)):
                 self._decode_chunk(passes, plans, chunk, results)
                 chunk, busy, width = [], set(), 0
@@ -257,48 +257,64 @@ class SharedCache:
                 target._synced.append(0)
         return True
 
-    def _decode_chunk(self, passes: Sequence[Pass], plans: Sequence[Any], chunk: list[int],
+    def _decode_chunk(self, passes: Sequence[Pass], plans: Sequence[PassPlan], chunk: list[int],
                       results: list[Scores | None]) -> None:
-        lib, model, a = self._lib, self.model, self.arrays
+        """Score the passes ``chunk`` in one llama_decode, unless a lone token would take the split-KV path."""
+        lib = self._lib
         width = sum(len(passes[i][1]) for i in chunk)
-        if width == 1 and model.threads > 1 and n_kv(self.end + 1) >= SPLIT_KV_CELLS:
+        if width == 1 and self.model.threads > 1 and n_kv(self.end + 1) >= SPLIT_KV_CELLS:
             return  # a lone token here would take the split-KV path over shared cells: its own context scores it
         embeddings = any(passes[i][0].want_hidden for i in chunk)
         if embeddings != self.embeddings:
             lib.llama_set_embeddings(self.ctx, embeddings)
             self.embeddings = embeddings
         offset = 0
-        a.out[:width] = 1 if embeddings else 0
+        self.arrays.out[:width] = 1 if embeddings else 0
         for i in chunk:
-            target, tokens, _parents, _ = passes[i]
-            rows, depths, seqs, n_seqs = plans[i]
-            n, ids = len(tokens), target._ids
-            end = offset + n
-            a.tok[offset:end] = tokens
-            if seqs is None:
-                a.pos[offset:end] = a.arange[:n] + target.cache_len
-                a.nseq[offset:end] = 1
-                a.seq[offset:end, 0] = ids[0]
-            else:
-                for j in range(1, n_seqs):  # borrowed ids catch up with the committed context (tags only)
-                    if target._synced[j] < target.cache_len:
-                        lib.llama_memory_seq_cp(self.mem, ids[0], ids[j], target._synced[j], -1)
-                        target._synced[j] = target.cache_len
-                a.pos[offset:end] = depths
-                a.pos[offset:end] += target.cache_len
-                id_array = np.asarray(ids, dtype=np.int32)
-                for t, leaves in enumerate(seqs):
-                    a.nseq[offset + t] = len(leaves)
-                    a.seq[offset + t, : len(leaves)] = id_array[leaves]
-            if not embeddings:
-                a.out[np.asarray(rows, dtype=np.int64) + offset] = 1
-            offset = end
+            self._fill(passes[i][0], passes[i][1], plans[i], offset, embeddings)
+            offset += len(passes[i][1])
         self._batch.n_tokens = width
         rc = lib.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise HastenError(f"llama_decode failed ({rc}) in the shared context")
         self.end += width
-        index = np.arange(width) if embeddings else np.cumsum(a.out[:width], dtype=np.int64) - 1
+        self._collect(passes, plans, chunk, width, embeddings, results)
+
+    def _fill(self, target: LlamaCppTarget, tokens: list[int], plan: PassPlan, offset: int,
+              embeddings: bool) -> None:
+        """Write a member's pass into the batch from ``offset`` on, under the member's sequence ids."""
+        a, ids = self.arrays, target._ids
+        n = len(tokens)
+        end = offset + n
+        a.tok[offset:end] = tokens
+        if plan.sequences is None:
+            a.pos[offset:end] = a.arange[:n] + target.cache_len
+            a.nseq[offset:end] = 1
+            a.seq[offset:end, 0] = ids[0]
+        else:
+            self._catch_up(target, plan.n_sequences)
+            a.pos[offset:end] = plan.depths
+            a.pos[offset:end] += target.cache_len
+            id_array = np.asarray(ids, dtype=np.int32)
+            for t, leaves in enumerate(plan.sequences):
+                a.nseq[offset + t] = len(leaves)
+                a.seq[offset + t, : len(leaves)] = id_array[leaves]
+        if not embeddings:
+            a.out[np.asarray(plan.rows, dtype=np.int64) + offset] = 1
+
+    def _catch_up(self, target: LlamaCppTarget, n_seqs: int) -> None:
+        """Make the member's borrowed ids 1..n_seqs-1 carry its committed context (tags only)."""
+        ids = target._ids
+        for j in range(1, n_seqs):
+            if target._synced[j] < target.cache_len:
+                self._lib.llama_memory_seq_cp(self.mem, ids[0], ids[j], target._synced[j], -1)
+                target._synced[j] = target.cache_len
+
+    def _collect(self, passes: Sequence[Pass], plans: Sequence[PassPlan], chunk: list[int], width: int,
+                 embeddings: bool, results: list[Scores | None]) -> None:
+        """Pick each pass's rows out of the decode's outputs into ``results``; the passes become pending."""
+        lib, model = self._lib, self.model
+        index = np.arange(width) if embeddings else np.cumsum(self.arrays.out[:width], dtype=np.int64) - 1
         n_out = width if embeddings else int(index[-1]) + 1
         empty = np.zeros((0, model.vocab_size), np.float32)
         logits = self._view(lib.llama_get_logits(self.ctx), n_out, model.vocab_size) if n_out else empty
@@ -306,12 +322,12 @@ class SharedCache:
         offset = 0
         for i in chunk:
             target, tokens, parents, _ = passes[i]
-            rows, _, seqs, _ = plans[i]
-            picked = index[np.asarray(rows, dtype=np.int64) + offset]
+            plan = plans[i]
+            picked = index[np.asarray(plan.rows, dtype=np.int64) + offset]
             results[i] = Scores(torch.from_numpy(logits[picked]),
                                 torch.from_numpy(hidden[picked]) if hidden is not None and target.want_hidden
                                 else None)
-            target._pending = (list(parents), seqs)
+            target._pending = (list(parents), plan.sequences)
             offset += len(tokens)
 
     @staticmethod
@@ -328,27 +344,27 @@ class SharedCache:
         if target._pending is None:
             raise RuntimeError("commit() needs a scored pass")
         parents, seqs = target._pending
-        _check_keep(parents, keep)
+        check_kept_path(parents, keep)
         lib, mem, ids = self._lib, self.mem, target._ids
         old = target.cache_len
         new = old + len(keep)
         if seqs is None:
             lib.llama_memory_seq_cp(mem, ids[0], GARBAGE, new, -1)
-            self._rm(ids[0], new)
+            self._drop_cells(ids[0], new)
         else:
             n_seqs = seqs[0][-1] + 1  # the root carries every sequence of the pass
-            source = commit_source(seqs, keep)
+            holder = kept_path_sequence(seqs, keep)
             on_path = [0] * n_seqs  # how many kept tokens each sequence holds
             for node in keep:
                 for j in seqs[node]:
                     on_path[j] += 1
-            cuts = [new if j == source else old + on_path[j] for j in range(n_seqs)]
+            cuts = [new if j == holder else old + on_path[j] for j in range(n_seqs)]
             for j in range(n_seqs):  # from its cut on, a sequence holds only tokens that were not kept
                 lib.llama_memory_seq_cp(mem, ids[j], GARBAGE, cuts[j], -1)
             for j in range(n_seqs):
-                self._rm(ids[j], cuts[j])
-            if source != 0:
-                lib.llama_memory_seq_cp(mem, ids[source], ids[0], cuts[0], new)
+                self._drop_cells(ids[j], cuts[j])
+            if holder != 0:
+                lib.llama_memory_seq_cp(mem, ids[holder], ids[0], cuts[0], new)
             for j in range(1, n_seqs):
                 target._synced[j] = cuts[j]
         self.garbage += len(parents) - len(keep)
@@ -363,7 +379,7 @@ class SharedCache:
             raise ValueError(f"cannot truncate a cache of {target.cache_len} tokens to {length}")
         self._lib.llama_memory_seq_cp(self.mem, target._ids[0], GARBAGE, length, -1)
         for s in target._ids:
-            self._rm(s, length)
+            self._drop_cells(s, length)
         self.garbage += target.cache_len - length
         target.cache_len = length
         target._synced = [min(synced, length) for synced in target._synced]
@@ -378,10 +394,7 @@ class SharedCache:
         if target.real_cache_len() != target.cache_len:
             problems.append(f"sequence {home} ends at {target.real_cache_len()}, cache_len is {target.cache_len}")
         problems += layout_problems(kv_cells(lib, self.ctx, home), target.cache_len, home)
-        for s, synced in zip(target._ids[1:], target._synced[1:], strict=True):
-            end = int(lib.llama_memory_seq_pos_max(self.mem, s)) + 1
-            if end != synced:
-                problems.append(f"sequence {s} ends at {end}, expected {synced}")
+        problems += caught_up_problems(lib, self.mem, target._ids[1:], target._synced[1:])
         cells = kv_cells(lib, self.ctx, -1)
         garbage = sum(ids == (GARBAGE,) for _, ids in cells)
         if len(cells) != self.end or garbage != self.garbage:
@@ -393,7 +406,8 @@ class SharedCache:
 
     # -- helpers
 
-    def _rm(self, seq: int, start: int) -> None:
+    def _drop_cells(self, seq: int, start: int) -> None:
+        """Drop sequence ``seq``'s cells from position ``start`` on."""
         if not self._lib.llama_memory_seq_rm(self.mem, seq, start, -1):
             raise HastenError(f"llama.cpp could not drop cache entries from position {start}")
 

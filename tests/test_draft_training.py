@@ -16,7 +16,8 @@ from hasten.errors import HastenError
 from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
 from hasten.sampling import SamplingParams
 from hasten.training import draft as draft_training
-from hasten.training import selfdistill
+from hasten.training import draft_batches, selfdistill
+from hasten.training.token_data import shard_corpus
 from tests.conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts, tiny_loaded
 
 TINY_PROMPTS = [("tiny", " ".join(f"w{(7 * i + 3 * j) % 60 + 2}" for j in range(4 + i % 5))) for i in range(10)]
@@ -126,8 +127,9 @@ def test_training_lowers_loss_and_resumes(tiny_data, tmp_path):
     fresh = build_draft(loaded.model, vocab_ids, [0])
     remap = torch.full((64,), -1, dtype=torch.long)
     remap[vocab_ids] = torch.arange(len(vocab_ids))
-    before, _ = draft_training.evaluate(fresh, data, train_ids, remap, _cfg(3))
-    after, _ = draft_training.evaluate(trained, data, train_ids, remap, _cfg(3))
+    corpus = shard_corpus(data)
+    before, _ = draft_batches.evaluate(fresh, corpus, train_ids, remap, 16, 0.2)
+    after, _ = draft_batches.evaluate(trained, corpus, train_ids, remap, 16, 0.2)
     assert after < before - 0.1  # the training loss went down
     # save / load round trip: the reloaded draft computes what was saved
     draft, vocab_ids, config = load_draft_dir(loaded.model, tmp_path / "ckpt")

@@ -1,19 +1,46 @@
-"""The transformers backend: any causal LM that honours 4-D attention masks and explicit position ids."""
+"""The transformers backend: any causal LM that honours 4-D attention masks and explicit position ids.
+
+Each sequence has a static KV cache (``static_kv.StaticKV``): a pass writes its rows at the next slots and attends
+through an additive 4-D mask kept on the device (``static_kv.TreeMask``); chains and trees take the same path.
+Options of the loaded model (``TransformersModel``):
+
+* ``max_context``: cache slots per sequence (default: the model's context, at most 4096).
+* ``pass_width``: pad every pass to at least this width, wider ones to the next power of two. Pad rows attend
+  to the cache and themselves, write beyond the committed length and are never returned. Default on CUDA
+  ``CUDA_PASS_WIDTH``: every pass of a generation, ``ar`` included, then runs at one width, so each row's
+  logits come from the same kernels whatever method drafted the others (bf16 greedy exactness by
+  construction). Default on the CPU: no padding (a pass costs what its tokens cost).
+* ``graphs``: replay one CUDA graph per width (``cuda_graphs.GraphRunner``); default on CUDA, impossible on the
+  CPU. The prefill stays eager.
+
+On CUDA a pass attends over every slot of the cache (one shape for every pass); on the CPU over the committed
+tokens and the pass only, as plain decoding would.
+"""
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from hasten.backends.base import Scores, is_chain, tree_depths
+from hasten.backends.base import Scores, tree_depths
+from hasten.backends.cuda_graphs import GraphRunner, Outputs
+from hasten.backends.pass_inputs import PassInputs
+from hasten.backends.static_kv import StaticKV, TreeMask, ancestor_mask, causal_block, window_mask
 from hasten.errors import HastenError
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids (checked in the tests).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"})
 SUPPORTED_ATTENTION = frozenset({"sdpa", "eager"})
 DEFAULT_CONTEXT = 2048  # for a config without max_position_embeddings
+MAX_CAPACITY = 4096  # default cap of the cache slots per sequence
+CUDA_PASS_WIDTH = 64  # every pass on CUDA is padded to this width (wider ones to the next power of two)
+MAX_GRAPH_WIDTH = 256  # wider passes run eagerly
+
+__all__ = ["TransformersModel", "TransformersTarget", "ancestor_mask", "check_supported"]
 
 
 def check_supported(model: PreTrainedModel) -> None:
@@ -29,33 +56,39 @@ def check_supported(model: PreTrainedModel) -> None:
         raise HastenError(f"attention implementation {attention!r} is not supported; load with sdpa or eager")
 
 
-def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
-    """Bool (n, n): token i may attend to token j when j is i or one of its ancestors."""
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] = mask[parent]
-        mask[i, i] = True
-    return mask
-
-
 class TransformersModel:
-    """A transformers causal LM as a ``ModelBackend``."""
+    """A transformers causal LM as a ``ModelBackend`` (see the module docstring for the options)."""
 
     backend = "transformers"
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, *, max_context: int | None = None, pass_width: int | None | str = "auto",
+                 graphs: bool | None = None, static_span: bool | None = None) -> None:
         check_supported(model)
         self.model = model
         config = model.config
+        on_cuda = model.device.type == "cuda"
         self.architecture = str(config.model_type)
+        self.attention = str(config._attn_implementation)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_context = int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+        model_context = int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+        self.max_context = min(model_context, max_context or MAX_CAPACITY)
         self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None) or ()
         self.sliding_window: int | None = int(window) if window and "sliding_attention" in layer_types else None
+        self.graphs = on_cuda if graphs is None else bool(graphs)
+        if self.graphs and not on_cuda:
+            raise HastenError("CUDA graphs need the model on a CUDA device")
+        if pass_width == "auto":
+            pass_width = CUDA_PASS_WIDTH if on_cuda else (1 if self.graphs else None)
+        if pass_width is not None and (not isinstance(pass_width, int) or pass_width < 1):
+            raise HastenError(f"pass_width must be an integer >= 1 or None, got {pass_width!r}")
+        self.pass_width: int | None = pass_width if pass_width is not None or not self.graphs else 1
+        self.static_span = (on_cuda or self.graphs) if static_span is None else bool(static_span)
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
+        self._spare: list[_SequenceState] = []
 
     @property
     def device(self) -> torch.device:
@@ -87,12 +120,28 @@ class TransformersModel:
         return self.model.config
 
 
-class TransformersTarget:
-    """One sequence on a transformers model: a ``DynamicCache`` plus tree-masked scoring passes.
+class _SequenceState:
+    """The device state of one sequence: cache, mask, staged inputs and captured graphs. A finished target's
+    state goes back to its model for the next target, so the cache is allocated and the graphs captured once."""
 
-    A tree pass gets a float additive 4-D mask (right for sdpa and eager). For models with sliding-window
-    layers (Gemma 2/3), those layers get their own mask, the ancestor mask cut to the window, so trees stay
-    exact past the window.
+    def __init__(self, backend: TransformersModel, want_hidden: bool) -> None:
+        reserve = MAX_GRAPH_WIDTH if backend.pass_width is not None else 0  # room for padded rows at the end
+        self.num_slots = backend.max_context + reserve
+        self.want_hidden = want_hidden
+        self.cache = StaticKV(backend.num_layers, self.num_slots, zero_fill=backend.static_span)
+        self.mask = TreeMask(self.num_slots, backend.dtype, backend.device,
+                             rows=CUDA_PASS_WIDTH if backend.pass_width is not None else 1)
+        self.inputs = PassInputs(backend.device, rows=CUDA_PASS_WIDTH)
+        self.runner: GraphRunner | None = None
+        self.layout = (0, 0)  # (mask, inputs) generations the graphs were captured with
+
+
+class TransformersTarget:
+    """One sequence on a transformers model: a static KV cache plus tree-masked scoring passes.
+
+    A pass gets a float additive 4-D mask (right for sdpa and eager). For models with sliding-window layers
+    (Gemma 2/3), those layers get their own mask, the tree mask cut to the window by the slots' positions, so
+    trees stay exact past the window. Returned ``Scores`` are fresh tensors (never views of graph buffers).
     """
 
     def __init__(self, backend: TransformersModel | PreTrainedModel, want_hidden: bool = False) -> None:
@@ -103,43 +152,72 @@ class TransformersTarget:
         self.want_hidden = want_hidden
         self.vocab_size = backend.vocab_size
         self.max_context = backend.max_context
-        self.device = self.model.device
-        self.dtype = self.model.dtype
-        self.cache = DynamicCache()
+        self.device = backend.device
+        self.dtype = backend.dtype
+        spare = [s for s in backend._spare if s.want_hidden == want_hidden]
+        self.state = spare[0] if spare else _SequenceState(backend, want_hidden)
+        if spare:
+            backend._spare.remove(self.state)
+        weakref.finalize(self, backend._spare.append, self.state)
+        self.cache = self.state.cache
         self.cache_len = 0
         self._pending = 0  # tokens appended by the last pass, not yet committed
 
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                 keep: int | torch.Tensor) -> Outputs:
+        """One forward over static inputs: rows at ``slots``, attention through ``mask`` (w, span)."""
+        span = mask.shape[-1]
+        self.cache.slots, self.cache.span = slots, span
+        attention: torch.Tensor | dict[str, torch.Tensor] = mask[None, None]
+        if self.backend.sliding_window is not None:
+            near = window_mask(mask, positions[0], self.state.mask.slot_positions[:span], self.backend.sliding_window)
+            attention = {"full_attention": attention, "sliding_attention": near[None, None]}
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention, use_cache=True,
+                         logits_to_keep=keep, output_hidden_states=self.want_hidden,
+                         **{self.backend.cache_argument: self.cache})
+        return out.logits[0], out.hidden_states[-1][0] if self.want_hidden else None
+
     @torch.inference_mode()
     def start(self, context: list[int]) -> Scores:
-        self.cache = DynamicCache()
-        self.cache_len = 0
+        self.cache_len = self.cache.length = 0
         self._pending = 0
+        self.state.mask.reset()
         if not context:
-            return Scores(torch.empty(0, self.vocab_size))
+            return Scores(torch.empty(0, self.vocab_size, device=self.device))
         if len(context) >= self.max_context:
             raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
-        ids = torch.tensor([context], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                         output_hidden_states=self.want_hidden)
-        self.cache_len = len(context)
-        hidden = out.hidden_states[-1][0, -1:] if self.want_hidden else None
-        return Scores(out.logits[0].float(), hidden)
+        n = len(context)
+        span = self.state.num_slots if self.backend.static_span else n
+        closed = torch.finfo(self.dtype).min
+        mask = torch.full((n, span), closed, dtype=self.dtype, device=self.device)
+        mask[:, :n] = torch.where(causal_block(n, self.device), 0.0, closed).to(self.dtype)
+        arange = torch.arange(n, device=self.device)
+        logits, hidden = self._forward(torch.tensor([context], device=self.device), arange[None], arange, mask, 1)
+        self.cache_len = self.cache.length = n
+        return Scores(logits.float(), hidden[-1:] if hidden is not None else None)
 
-    def _mask(self, parents: list[int], positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        n, past = len(parents), self.cache_len
-        allowed = torch.ones(n, past + n, dtype=torch.bool)
-        allowed[:, past:] = ancestor_mask(parents)
-        masks = {"full_attention": allowed}
-        if self.backend.sliding_window is not None:
-            key_positions = torch.cat([torch.arange(past), positions])
-            near = positions[:, None] - key_positions[None, :] < self.backend.sliding_window
-            masks["sliding_attention"] = allowed & near
-        additive = {}
-        for kind, mask in masks.items():
-            bias = torch.zeros(1, 1, n, past + n, dtype=self.dtype)
-            bias.masked_fill_(~mask, torch.finfo(self.dtype).min)
-            additive[kind] = bias.to(self.device)
-        return additive if len(additive) > 1 else additive["full_attention"]
+    def _width(self, n: int) -> int:
+        """The padded width of a pass over ``n`` tokens (``n`` itself without padding or near the end)."""
+        minimum = self.backend.pass_width
+        if minimum is None:
+            return n
+        width = max(minimum, 1 << (n - 1).bit_length())
+        return width if self.cache_len + width <= self.state.num_slots else n
+
+    def _run(self, width: int, padded: bool) -> Outputs:
+        """The forward of a staged pass: a graph replay where graphs are on, else eager."""
+        state, inputs = self.state, self.state.inputs
+        span = state.num_slots if self.backend.static_span else self.cache_len + width
+
+        def forward(w: int) -> Outputs:
+            return self._forward(inputs.ids(w), inputs.positions(w), inputs.slots(w), state.mask.buffer[:w, :span], 0)
+
+        if not (self.backend.graphs and padded and width <= MAX_GRAPH_WIDTH):
+            return forward(width)
+        layout = (state.mask.generation, inputs.generation)
+        if state.runner is None or state.layout != layout:
+            state.runner, state.layout = GraphRunner(forward, self.device), layout
+        return state.runner.run(width)
 
     @torch.inference_mode()
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
@@ -150,44 +228,45 @@ class TransformersTarget:
             raise ValueError("a pass needs one parent per token and at least the root")
         if self.cache_len + max(depths) >= self.max_context:
             raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
-        positions = torch.tensor(depths) + self.cache_len
-        chain = is_chain(parents)
-        # transformers builds a chain's causal mask itself, except where a sliding window needs our positions.
-        attention = None if chain and self.backend.sliding_window is None else self._mask(parents, positions)
-        rows = torch.arange(len(tokens)) if logits_rows is None else torch.tensor(list(logits_rows), dtype=torch.long)
-        out = self.model(
-            input_ids=torch.tensor([tokens], device=self.device),
-            position_ids=positions[None].to(self.device),
-            attention_mask=attention,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=rows.to(self.device),
-            output_hidden_states=self.want_hidden,
-        )
-        self._pending = len(tokens)
-        hidden = out.hidden_states[-1][0, rows.to(self.device)] if self.want_hidden else None
-        return Scores(out.logits[0].float(), hidden)
-
-    def commit(self, keep: list[int]) -> None:
-        n, self._pending = self._pending, 0
-        if keep == list(range(len(keep))):
-            dropped = n - len(keep)
-            if dropped:  # crop(0) empties the cache on transformers 5.0-5.13
-                self.cache.crop(-dropped)
+        n, start = len(tokens), self.cache_len
+        width = self._width(n)
+        pad = width - n
+        inputs = self.state.inputs
+        inputs.stage(list(tokens) + [0] * pad, [start + d for d in depths] + [start] * pad,
+                     range(start, start + width), ancestor_mask(parents, width))
+        window = self.backend.sliding_window is not None
+        self.state.mask.update(start, inputs.block(width), inputs.positions(width)[0] if window else None)
+        padded = self.backend.pass_width is not None
+        if padded:  # every row through the output head: one kernel shape for every pass
+            logits, hidden = self._run(width, padded)
+            rows = self.state.inputs.stage_rows(range(n) if logits_rows is None else list(logits_rows))
+            logits, hidden = logits.index_select(0, rows), hidden.index_select(0, rows) if hidden is not None else None
         else:
-            index = torch.tensor(keep, device=self.device) + self.cache_len
-            for layer in self.cache.layers:
-                layer.keys = torch.cat([layer.keys[:, :, : self.cache_len], layer.keys[:, :, index]], dim=2)
-                layer.values = torch.cat([layer.values[:, :, : self.cache_len], layer.values[:, :, index]], dim=2)
+            rows = None if logits_rows is None else torch.tensor(list(logits_rows), dtype=torch.long)
+            logits, hidden = self._forward(inputs.ids(width), inputs.positions(width), inputs.slots(width),
+                                           self.state.mask.buffer[:width, : start + width],
+                                           0 if rows is None else rows.to(self.device))
+            if hidden is not None and rows is not None:
+                hidden = hidden.index_select(0, rows.to(self.device))
+        self._pending = n
+        return Scores(logits.float(), hidden)
+
+    @torch.inference_mode()
+    def commit(self, keep: list[int]) -> None:
+        self._pending = 0
+        moved = [(self.cache_len + k, self.cache_len + i) for i, k in enumerate(keep) if k != i]
+        if moved:  # a path that is not a prefix: move only the accepted rows, in every layer at once
+            source, destination = self.state.inputs.stage_moves(*zip(*moved, strict=True))
+            self.cache.move(source, destination)
         self.cache_len += len(keep)
+        self.cache.length = self.cache_len
 
     def truncate(self, length: int) -> None:
         if self._pending:
             raise RuntimeError("commit() the previous pass before truncating")
         if length < self.cache_len:
-            self.cache.crop(-(self.cache_len - length))
-            self.cache_len = length
+            self.cache_len = self.cache.length = length
 
     def cached_length(self) -> int:
-        """The cache's own length (equals ``cache_len`` between passes)."""
+        """The cache's own committed length (equals ``cache_len`` between passes)."""
         return int(self.cache.get_seq_length())

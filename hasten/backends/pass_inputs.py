@@ -1,0 +1,94 @@
+"""The inputs of a scoring pass in static device buffers: token ids, positions, cache slots and the tree block.
+
+On CUDA each buffer has a pinned host twin and is filled with a non-blocking copy, so staging a pass never waits
+for the GPU; before the host twin is written again, the previous copy is waited for (an event, normally long
+done because every step syncs once on its verdict). On the CPU the buffers are filled directly. The views handed
+out keep their addresses for a given width, which is what a captured CUDA graph needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PassInputs:
+    """Static buffers for passes of up to ``rows`` tokens (grown on demand; ``generation`` counts regrowths)."""
+
+    def __init__(self, device: torch.device, rows: int = 64) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.generation = 0
+        self._copied = torch.cuda.Event() if self.pinned else None
+        self._allocate(rows)
+
+    def _allocate(self, rows: int) -> None:
+        self.rows = rows
+        # ids, positions, slots; two rows for moved cache slots (source, destination); the rows to return
+        self.host_ints = torch.zeros(6, rows, dtype=torch.long, pin_memory=self.pinned)
+        self.host_block = torch.zeros(rows * rows, dtype=torch.bool, pin_memory=self.pinned)
+        if self.pinned:
+            self.ints = torch.zeros(6, rows, dtype=torch.long, device=self.device)
+            self.block_flat = torch.zeros(rows * rows, dtype=torch.bool, device=self.device)
+        else:
+            self.ints, self.block_flat = self.host_ints, self.host_block
+
+    def _host_ready(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def _send(self, host: torch.Tensor, device: torch.Tensor) -> None:
+        if self.pinned:
+            device.copy_(host, non_blocking=True)
+
+    def stage(self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], block: torch.Tensor) -> None:
+        """Fill the first ``w = len(ids)`` entries of each buffer; ``block`` is bool (w, w) on the host."""
+        width = len(ids)
+        if width > self.rows:
+            self._allocate(max(width, 2 * self.rows))
+            self.generation += 1
+        self._host_ready()
+        for row, values in enumerate((ids, positions, slots)):
+            self.host_ints[row, :width] = torch.as_tensor(values, dtype=torch.long)
+            self._send(self.host_ints[row, :width], self.ints[row, :width])
+        self.host_block[: width * width] = block.reshape(-1)
+        self._send(self.host_block[: width * width], self.block_flat[: width * width])
+        if self._copied is not None:
+            self._copied.record()
+
+    def stage_moves(self, source: Sequence[int], destination: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device index tensors of cache slots to move (a commit of a path that is not a prefix)."""
+        count = len(source)
+        if count > self.rows:
+            self._allocate(max(count, 2 * self.rows))
+            self.generation += 1
+        self._host_ready()
+        for row, values in ((3, source), (4, destination)):
+            self.host_ints[row, :count] = torch.as_tensor(values, dtype=torch.long)
+            self._send(self.host_ints[row, :count], self.ints[row, :count])
+        if self._copied is not None:
+            self._copied.record()
+        return self.ints[3, :count], self.ints[4, :count]
+
+    def stage_rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """A device index tensor of the pass rows whose outputs are returned."""
+        count = len(rows)
+        self._host_ready()
+        self.host_ints[5, :count] = torch.as_tensor(rows, dtype=torch.long)
+        self._send(self.host_ints[5, :count], self.ints[5, :count])
+        if self._copied is not None:
+            self._copied.record()
+        return self.ints[5, :count]
+
+    def ids(self, width: int) -> torch.Tensor:
+        return self.ints[0, :width][None]
+
+    def positions(self, width: int) -> torch.Tensor:
+        return self.ints[1, :width][None]
+
+    def slots(self, width: int) -> torch.Tensor:
+        return self.ints[2, :width]
+
+    def block(self, width: int) -> torch.Tensor:
+        return self.block_flat[: width * width].view(width, width)

@@ -1,4 +1,4 @@
-"""KV-cache edges of the backends: no crop(0), trees past a sliding window, and the cache length after every step."""
+"""KV-cache edges of the backends: trees past a sliding window, and the cache length after every step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_model
 from tiny_gguf import write_tiny_gguf
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from hasten.backends import TransformersModel, TransformersTarget
+from hasten.backends import TransformersModel
 from hasten.engine import DecodeStats, Generation
 from hasten.proposers.base import Proposer
 from hasten.proposers.lookahead import LookaheadProposer
@@ -15,21 +15,6 @@ from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
 
 GREEDY = SamplingParams()
-
-
-def test_commit_never_crops_by_zero():
-    """transformers 5.0-5.13 read ``crop(0)`` as "keep nothing"; a pass with nothing to drop must not call it."""
-    target = TransformersTarget(tiny_model("llama", 0))
-    calls = []
-    target.start([3, 4, 5])
-    original = target.cache.crop
-    target.cache.crop = lambda n: (calls.append(n), original(n))
-    target.score([6, 7], [-1, 0])
-    target.commit([0, 1])  # everything kept: nothing to crop
-    target.score([8, 9, 10], [-1, 0, 1])
-    target.commit([0])
-    assert 0 not in calls and calls == [-2]
-    assert target.cache_len == target.cached_length() == 6
 
 
 def _sliding_gemma(seed: int = 0):

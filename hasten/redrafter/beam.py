@@ -3,6 +3,8 @@
 Beams start from the root token; each step scores every (beam, token) extension by the beam's summed draft
 log-probability and keeps the ``width`` best (a top-k, never a sample), so the drafted tokens are point-mass
 guesses for the verifier. The first step grows the single root beam; later steps spread over all beams.
+Everything stays on the drafter's device (its ``vocab``'s): no tensor is made on the host and nothing is read
+back, so the search queues its work without waiting for any of it.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
     if width < 1 or length < 1:
         raise ValueError("beam search needs width >= 1 and length >= 1")
     vocab = drafter.vocab
-    scores = torch.zeros(1)
+    scores = torch.zeros(1, device=vocab.device)
     state = drafter.start(1)
-    last = torch.tensor([root])
+    last = vocab.new_full((1,), root)  # a fill on the device, not a copy from the host
     picks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step: parent beam, column, score
     for _ in range(length):
         state, log_probs = drafter.advance(state, last)
@@ -60,7 +62,7 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
         state = state[beam]
         scores = best.values
     # Follow the parent pointers back from the last step: each beam's columns and running scores.
-    rows = torch.arange(len(scores))
+    rows = torch.arange(len(scores), device=vocab.device)
     path_columns, path_scores = [], []
     for beam, column, values in reversed(picks):
         path_columns.append(column[rows])
@@ -68,5 +70,5 @@ def beam_search(drafter: Drafter, root: int, width: int, length: int) -> Beams:
         rows = beam[rows]
     tokens = vocab[torch.stack(path_columns[::-1], dim=1)]
     running = torch.stack(path_scores[::-1], dim=1)
-    steps = torch.diff(running, dim=1, prepend=torch.zeros(len(scores), 1))
+    steps = torch.diff(running, dim=1, prepend=running.new_zeros(len(scores), 1))
     return Beams(tokens, scores, steps)

@@ -106,13 +106,17 @@ class ReDrafterHead(nn.Module):
     def attach(self, target: ModelBackend | nn.Module) -> ReDrafterHead:
         """Borrow the target's (frozen) input embeddings and its output rows of the draft vocabulary.
 
-        ``target`` is a model backend, or a transformers module (training works on those directly).
+        ``target`` is a model backend, or a transformers module (training works on those directly, and places
+        the head itself). On a backend the head moves to the target's device and dtype (its ``device`` and
+        ``dtype`` where it names them; else where its embeddings are, in float32), so that beam search runs
+        where the hidden states are.
         """
         if isinstance(target, nn.Module):
             embedding = target.get_input_embeddings().weight.detach()
             output = target.get_output_embeddings().weight.detach()
         else:
             embedding, output = target.input_embeddings(), target.output_embeddings()
+            self.to(device=getattr(target, "device", None) or embedding.device, dtype=_float_dtype(target))
         expect = (self.config.vocab_size, self.config.embed_size)
         if tuple(embedding.shape) != expect or output.shape[1] != self.config.hidden_size:
             raise HastenError(
@@ -120,8 +124,9 @@ class ReDrafterHead(nn.Module):
                 f"size {self.config.hidden_size} ({self.config.model or 'unknown model'}); the target has "
                 f"{tuple(embedding.shape)} and {output.shape[1]}"
             )
-        self.embedding = embedding
-        self.output = output[self.draft_ids].float().contiguous()
+        weight = self.proj.weight
+        self.embedding = embedding.to(weight.device)
+        self.output = output[self.draft_ids.to(output.device)].to(weight.device, weight.dtype).contiguous()
         self._tables = None
         return self
 
@@ -148,8 +153,8 @@ class ReDrafterHead(nn.Module):
         if self._tables is None or self._tables.key != key:
             with torch.no_grad():
                 embeds = self.embedding[self.draft_ids].to(self.rnn_w.weight.dtype)
-                column = torch.full((self.embedding.shape[0],), -1, dtype=torch.long)
-                column[self.draft_ids] = torch.arange(len(self.draft_ids))
+                column = self.draft_ids.new_full((self.embedding.shape[0],), -1)
+                column[self.draft_ids] = torch.arange(len(self.draft_ids), device=self.draft_ids.device)
                 split = self.blocks[0].linear.weight.split([self.config.hidden_size, self.config.state_size], 1) \
                     if len(self.blocks) else (None, None)
                 self._tables = DraftTables(key, self.rnn_w(embeds), column,
@@ -159,7 +164,7 @@ class ReDrafterHead(nn.Module):
     def prepare(self, hidden: torch.Tensor) -> Prepared:
         """Bind the head to one hidden state (1, H) for ``advance``: its share of the first block is done once."""
         tables = self.tables()
-        hidden = hidden.reshape(1, -1).to(self.proj.weight.dtype)
+        hidden = hidden.reshape(1, -1).to(self.proj.weight.device, self.proj.weight.dtype)
         first = None
         if tables.hidden_weight is not None:
             first = F.linear(hidden, tables.hidden_weight, self.blocks[0].linear.bias)
@@ -171,11 +176,11 @@ class ReDrafterHead(nn.Module):
         log-probabilities over the draft vocabulary (n, draft vocab), equal to theirs up to round-off."""
         tables = prepared.tables
         columns = tables.column[tokens]
-        if bool((columns >= 0).all()):  # drafted tokens: their input projection is a table row
-            inputs = tables.input_rows[columns]
-        else:  # the root may lie outside the draft vocabulary
-            assert self.embedding is not None
-            inputs = self.rnn_w(self.embedding[tokens].to(state.dtype))
+        # Drafted tokens' input projections are table rows; the root may lie outside the draft vocabulary, so
+        # its row is computed too and chosen on the device (no host sync to ask which case this is).
+        assert self.embedding is not None
+        inputs = torch.where((columns >= 0)[:, None], tables.input_rows[columns.clamp(min=0)],
+                             self.rnn_w(self.embedding[tokens].to(state.dtype)))
         state = F.silu(inputs + self.rnn_u(state))
         x = torch.cat([prepared.hidden.expand(state.shape[0], -1), state], dim=-1)
         if prepared.first is not None:
@@ -200,7 +205,7 @@ class ReDrafterHead(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> ReDrafterHead:
-        """Read a head saved by ``save`` (weights come back as float32)."""
+        """Read a head saved by ``save`` (weights come back as float32 on the CPU; ``attach`` places it)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise HastenError(f"{directory} is not a ReDrafter head (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -212,3 +217,10 @@ class ReDrafterHead(nn.Module):
         except (TypeError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as error:
             raise HastenError(f"could not read the ReDrafter head in {directory}: {error}") from error
         return head.eval()
+
+
+def _float_dtype(target: object) -> torch.dtype:
+    """The target's floating dtype when it names one (``dtype``), else float32 (the CPU's, and the llama.cpp
+    backend's embedding tables')."""
+    dtype = getattr(target, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32

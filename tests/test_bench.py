@@ -159,8 +159,9 @@ def test_results_schema(bench_results):
         assert entry["speedup_own"] == entry["speedup"]
         if method.startswith("hf_"):
             assert entry["draft_ms_per_step"] is None and entry["mean_drafted"] is None, method
-        else:
-            assert entry["draft_ms_per_step"] >= 0 and entry["mean_drafted"] >= 0, method
+        else:  # the proposer ran, timed, at every step; every method but ar drafted tokens
+            assert entry["draft_ms_per_step"] > 0, method
+            assert (entry["mean_drafted"] > 0) is (method != "ar"), method
     assert res["methods"]["ar"]["speedup"] == 1.0
     assert res["methods"]["ar"]["mean_accepted"] == 1.0
     assert res["methods"]["ar"]["mean_drafted"] == 0.0 and res["methods"]["ar"]["plain_steps"] == 1.0
@@ -469,7 +470,11 @@ def test_default_model_end_to_end(default_model, default_model_hf, tmp_path):
                                     "hf_generate"]
     for label in ("pld", "pld@transformers", "hf_generate"):
         assert res["methods"][label]["exact"] is True, (label, res["methods"][label]["mismatches"])
-    assert isinstance(res["methods"]["llamacpp_generate"]["exact"], bool)  # reported either way
+    # llama-cpp-python's own generate may part ways with hasten's ar: its exactness is checked (greedy), whichever
+    # way it goes, and agrees with the questions listed as mismatches.
+    anchor = res["methods"]["llamacpp_generate"]
+    assert anchor["exact"] is (anchor["mismatches"] == [])
+    assert set(anchor["mismatches"]) <= {p.question_id for p in prompts}
     assert res["methods"]["ar"]["new_tokens"] > 0
     assert set(res["backends"]) == {"llamacpp", "transformers"}
     write_report(res, tmp_path)

@@ -129,11 +129,23 @@ def test_default_model_pld_and_ar_match_generate(default_model_hf, prompt):
         assert result.token_ids == reference, method
 
 
+def steps_at(rate: float, steps: int) -> int:
+    """How many of ``steps`` a per-step rate stands for (a whole number of them)."""
+    count = round(rate * steps)
+    assert rate * steps == pytest.approx(count), (rate, steps)
+    return count
+
+
 def test_method_statistics_are_reported():
+    """The rates agree with the generation's own counts: one proposer step per target pass after the prefill."""
     loaded = tiny_loaded("llama", 6)
     prompt = random_prompts(1, seed=6)[0] * 2
-    stats = generate(loaded, prompt, "lookahead", max_new_tokens=20).method_stats
-    assert set(stats) >= {"pool_hit_rate", "guess_rate"} and 0 <= stats["pool_hit_rate"] <= 1
-    pld = generate(loaded, prompt, "pld", max_new_tokens=5).method_stats
-    assert set(pld) == {"mean_drafted", "plain_steps"} and 0 <= pld["plain_steps"] <= 1
+    lookahead = generate(loaded, prompt, "lookahead", max_new_tokens=20)
+    stats, steps = lookahead.method_stats, lookahead.target_passes - 1
+    assert set(stats) >= {"pool_hit_rate", "guess_rate"}
+    hits, guesses = steps_at(stats["pool_hit_rate"], steps), steps_at(stats["guess_rate"], steps)
+    assert 0 < hits <= min(guesses, lookahead.accepted_drafts)  # a hit step accepts at least one guessed token
+    pld = generate(loaded, prompt, "pld", max_new_tokens=5)
+    assert set(pld.method_stats) == {"mean_drafted", "plain_steps"}
+    assert pld.drafted_tokens > 0 and pld.method_stats["mean_drafted"] > 0 and pld.method_stats["plain_steps"] < 1
     assert generate(loaded, prompt, "pld", max_new_tokens=5, adaptive=False).method_stats == {}

@@ -20,7 +20,7 @@ from conftest import (
 from hasten.api import generate
 from hasten.backends.base import tree_depths
 from hasten.backends.transformers_target import TransformersTarget, ancestor_mask
-from hasten.engine import decode, pass_layout
+from hasten.engine import DecodeStats, decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_parents
 from hasten.sampling import SamplingParams
@@ -39,12 +39,13 @@ def _reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int) -> list[
 
 
 def _run(loaded, prompt: list[int], max_new_tokens: int, window: int, ngram: int, guesses: int,
-         params: SamplingParams | None = None, generator=None) -> tuple[list[int], LookaheadProposer]:
+         params: SamplingParams | None = None, generator=None,
+         stats: DecodeStats | None = None) -> tuple[list[int], LookaheadProposer]:
     proposer = LookaheadProposer(window, ngram, guesses, max_context=loaded.model.config.max_position_embeddings)
     target = TransformersTarget(loaded.model)
     out: list[int] = []
     params = params or SamplingParams()
-    for chunk in decode(target, proposer, prompt, max_new_tokens, params, {EOS}, generator=generator):
+    for chunk in decode(target, proposer, prompt, max_new_tokens, params, {EOS}, stats, generator):
         out.extend(chunk)
     return out, proposer
 
@@ -55,11 +56,15 @@ def test_greedy_matches_generate_and_guesses_are_accepted(arch, sizes):
     loaded = _loaded(arch)
     accepted = hits = 0
     for prompt in random_prompts(10, seed=11):
-        out, proposer = _run(loaded, prompt, 32, *sizes)
+        stats = DecodeStats()
+        out, proposer = _run(loaded, prompt, 32, *sizes, stats=stats)
         assert out == _reference(arch, tuple(prompt), 32), prompt
         accepted += proposer.accepted
         hits += proposer.hit_steps
-        assert 0 <= proposer.hit_rate <= proposer.guess_rate <= 1
+        # A hit is a pass that emitted a guessed token besides its own; only a step that guessed can hit.
+        passes = stats.accepted_per_pass
+        assert proposer.hit_rate == sum(emitted > 1 for emitted in passes) / len(passes)
+        assert proposer.hit_rate <= proposer.guess_rate
     assert hits > 0  # the tree path is exercised...
     assert accepted > hits or sizes[1] == 2  # ...and several guessed tokens are accepted at once (N > 2)
 

@@ -161,12 +161,20 @@ def test_resume_continues_from_the_checkpoint(token_dir, tmp_path, monkeypatch):
     assert fresh["steps_done"] < steps
 
 
-def test_init_from_a_saved_draft_keeps_its_vocabulary(token_dir, tmp_path):
+def test_init_from_a_saved_draft_takes_its_layers(token_dir, tmp_path):
     directory, _ = token_dir
     loaded = tiny_loaded("llama", seed=2, vocab_size=VOCAB)
     corpus = token_corpus(directory)
     first = draft_training.train(loaded, corpus, tmp_path / "first", _cfg(epochs=1, draft_vocab=40), progress=False)
-    second = draft_training.train(loaded, corpus, tmp_path / "second", _cfg(epochs=1), progress=False,
-                                  init=tmp_path / "first")
-    assert second["draft_vocab"] == 40 and second["init_layers"] == first["init_layers"]
-    assert second["history"][0]["val_top1"] == pytest.approx(first["history"][-1]["val_top1"])
+    same = draft_training.train(loaded, corpus, tmp_path / "same", _cfg(epochs=1, draft_vocab=40), progress=False,
+                                init=tmp_path / "first")
+    assert same["history"][0]["val_top1"] == pytest.approx(first["history"][-1]["val_top1"])
+    assert same["history"][0]["val_loss"] == pytest.approx(first["history"][-1]["val_loss"], rel=1e-5)
+    wider = draft_training.train(loaded, corpus, tmp_path / "wider", _cfg(epochs=1, draft_vocab=56), progress=False,
+                                 init=tmp_path / "first")
+    assert wider["draft_vocab"] == 56 and wider["init_layers"] == first["init_layers"]
+    start = _weights(loaded, tmp_path / "first")
+    with pytest.raises(HastenError, match="no distilled draft"):
+        draft_training.train(loaded, corpus, tmp_path / "x", _cfg(epochs=1), progress=False, init=tmp_path / "none")
+    assert start  # the first draft is untouched by the runs that started from it
+    torch.testing.assert_close(_weights(loaded, tmp_path / "first"), start)

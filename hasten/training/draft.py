@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hasten.draft_head import CONFIG, WEIGHTS, build_draft, load_draft_dir, save_draft, trainable_state
+from hasten.draft_head import CONFIG, WEIGHTS, build_draft, load_draft_dir, read_draft_dir, save_draft, trainable_state
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.training.draft_batches import batch_loss, collate, evaluate, length_batches
@@ -97,19 +97,25 @@ def _start(target: LoadedModel, corpus: Corpus, train_items: list[int], out: Pat
         draft, vocab_ids, saved = load_draft_dir(target.model, out)
         state = torch.load(out / OPTIMIZER, weights_only=True)
         return draft, vocab_ids, state, saved["history"], saved.get("steps_done", 0) or -saved["epochs_done"]
-    if init is not None:
-        draft, vocab_ids, saved = load_draft_dir(target.model, init)
-        cfg.layers, cfg.draft_vocab = list(saved["init_layers"]), len(vocab_ids)
-        return draft, vocab_ids, None, [], 0
     full_vocab = target.model.get_output_embeddings().weight.shape[0]
     vocab_ids = choose_vocab(corpus, cfg.draft_vocab, full_vocab, target.eos_token_ids, train_items)
-    return build_draft(target.model, vocab_ids, cfg.layers), vocab_ids, None, [], 0
+    if init is None:
+        return build_draft(target.model, vocab_ids, cfg.layers), vocab_ids, None, [], 0
+    # the layers read the target's embeddings and feed the target's own head rows: they fit any vocabulary
+    tensors, _, saved = read_draft_dir(init)
+    cfg.layers = list(saved["init_layers"])
+    draft = build_draft(target.model, vocab_ids, cfg.layers)
+    missing = set(trainable_state(draft)) - set(tensors)
+    if missing:
+        raise HastenError(f"the draft in {init} lacks {sorted(missing)[0]}")
+    draft.load_state_dict({k: v.to(draft.lm_head.weight.dtype) for k, v in tensors.items()}, strict=False)
+    return draft, vocab_ids, None, [], 0
 
 
 def train(target: LoadedModel, data: DistillData | Corpus, out: str | Path, cfg: TrainConfig, resume: bool = False,
           progress: bool = True, init: str | Path | None = None) -> dict[str, Any]:
-    """Train (or resume) a draft into ``out``; returns the saved config. ``init``: a saved draft to start from
-    (its layers and vocabulary) instead of the target's layers ``cfg.layers``."""
+    """Train (or resume) a draft into ``out``; returns the saved config. ``init``: a saved draft whose layers and
+    norm to start from instead of the target's layers ``cfg.layers`` (the vocabulary is chosen from the data)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = data if isinstance(data, Corpus) else shard_corpus(data)
@@ -191,7 +197,8 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
                         help="token data: the files whose held-out answers measure agreement (greedy answers)")
     parser.add_argument("--out", default="out/draft", help="checkpoint directory (fp32 weights + optimizer)")
     parser.add_argument("--layers", default="0,29", help="target layers that initialise the draft's layers")
-    parser.add_argument("--init", default=None, help="start from this saved draft (its layers and vocabulary)")
+    parser.add_argument("--init", default=None,
+                        help="start from this saved draft's layers and norm (the vocabulary is chosen from the data)")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="output vocabulary of the draft")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -81,7 +81,7 @@ def batch_loss(draft: PreTrainedModel, batch: dict[str, torch.Tensor], ce_weight
     per_position = -(batch["top_probs"][keep] * picked).sum(-1)
     if rows.shape[-1] > 1:  # soft labels: add the hard top-1 term
         per_position = per_position + ce_weight * -picked[..., 0]
-    loss = (per_position * weight).sum() / weight.sum().clamp_min(1e-6)
+    loss = (per_position * weight).sum() / max(len(weight), 1)  # weights scale a position's share, not the mean
     agree = (logq.argmax(-1) == rows[..., 0]).float()
     return loss, agree, weight
 

@@ -333,7 +333,7 @@ def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
     proposer = module.ReDrafterProposer(head, 2, 4, policy)
     proposer.start([5, 6, 7], torch.zeros(1, 32))
     assert len(proposer.propose([5, 6, 7], 8).tree) > 0  # tried at first
-    gain = policy.gain("beams")
+    gain = policy.gain("head")
     gain.steps, gain.tokens, gain.cost_ms = 1000, 0.0, 5.0  # long evidence: it never earns a token
     searched = []
     real = module.beam_search

@@ -13,12 +13,12 @@ decoding). Which sources the kept nodes came from is reported in the statistics.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.costly import CostlySource
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import NgramPool
@@ -57,8 +57,8 @@ class AutoProposer(Proposer):
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
         self._last: int | None = None
         self._tail: list[int] = []
-        self._head_ms: float | None = None  # the beam search's time this step, if it ran
-        self._draft_ms: float | None = None  # the draft's time this step, if it ran
+        # The draft's chain and the head's beam search each run only while the tokens only they find pay.
+        self.draft_source, self.head_source = CostlySource("draft"), CostlySource("head")
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
@@ -87,19 +87,16 @@ class AutoProposer(Proposer):
             for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
                 paths.append(tail[:depth])
                 features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
-        self._draft_ms = None
-        if self.draft is not None and self.policy.gain("draft").pays(self.policy.cost(1)):
-            began = time.perf_counter()
-            chain, _, chain_features = self.draft.draft_chain(context, depth, greedy=True)
-            self._draft_ms = (time.perf_counter() - began) * 1000
+        if self.draft is not None and self.draft_source.should_run(self.policy):
+            with self.draft_source.timed():
+                chain, _, chain_features = self.draft.draft_chain(context, depth, greedy=True)
             if chain:
                 paths.append(chain)
                 features.append([node[0] for node in chain_features])  # one feature per token
-        self._head_ms = None
-        if self.head is not None and self._hidden is not None and self.policy.gain("head").pays(self.policy.cost(1)):
-            began = time.perf_counter()
-            beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], HEAD_BEAMS, min(HEAD_LENGTH, depth))
-            self._head_ms = (time.perf_counter() - began) * 1000
+        if self.head is not None and self._hidden is not None and self.head_source.should_run(self.policy):
+            with self.head_source.timed():
+                beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], HEAD_BEAMS,
+                                    min(HEAD_LENGTH, depth))
             tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
             for tokens, row in zip(beams.tokens.tolist(), tenths, strict=True):
                 paths.append(tokens)
@@ -115,10 +112,9 @@ class AutoProposer(Proposer):
         if self._sent is not None:
             tree, features = self._sent
             self.policy.learn(tree, features, outcome)
-            for source, spent in (("head", self._head_ms), ("draft", self._draft_ms)):
-                if spent is not None:  # credit the source with the accepted tokens only it proposed
-                    alone = sum(all(f[0] == source for f in features[node]) for node in outcome.accepted_nodes)
-                    self.policy.gain(source).record(alone, spent)
+            for source in (self.head_source, self.draft_source):  # credit each with the tokens only it proposed
+                alone = sum(all(f[0] == source.name for f in features[node]) for node in outcome.accepted_nodes)
+                source.credit(self.policy, alone)
             self._last = len(outcome.accepted) if len(tree) else None
         if self.draft is not None:
             self.draft.rollback(outcome.accepted)

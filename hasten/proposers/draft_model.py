@@ -43,7 +43,9 @@ class DraftModelProposer(Proposer):
         self.num_tokens = num_tokens
         self.generator = generator or params.generator()
         self.policy = policy
-        self.draft_ms = 0.0  # running estimate of one draft forward
+        # Running estimate (EMA) of one draft forward: it prices each further token of the chain. Whether the
+        # draft runs at all is a ``CostlySource`` of the proposer that composes it (auto), not of this one.
+        self.draft_ms = 0.0
         self._drafted = 0
         self._chain: list[int] = []  # the tokens drafted this step
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None

@@ -20,6 +20,7 @@ from functools import cache
 import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.costly import CostlySource
 from hasten.errors import HastenError
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
 from hasten.proposers.prompt_lookup import streak
@@ -134,7 +135,7 @@ class LookaheadProposer(Proposer):
         self._sent_window = False
         self._guessed = False
         self._sent: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None
-        self._window_ms = 0.0
+        self.window_source = CostlySource("window")  # the window costs pass width; pooled guesses pay it back
         self._last: int | None = None
         self.steps = self.guess_steps = self.hit_steps = self.accepted = self.window_steps = 0
 
@@ -165,17 +166,16 @@ class LookaheadProposer(Proposer):
             tree, node_features = self.policy.choose(tree, node_features)
             origins = [any(f[3] for f in node) for node in node_features]
             self._sent = (tree, node_features, origins)
-            self._sent_window = fits and self._window_pays(len(tree))
+            self._sent_window = fits and self.window_source.should_run(self.policy, self._window_ms(len(tree)))
         self._guessed = len(tree) > 0
         self.window_steps += self._sent_window
         return Proposal(tree, self._branch() if self._sent_window else None)
 
-    def _window_pays(self, tree_size: int) -> bool:
-        """Whether the window's expected future tokens are worth its width in this pass."""
+    def _window_ms(self, tree_size: int) -> float:
+        """What the window adds to this pass's predicted time, beside a tree of ``tree_size`` nodes."""
         assert self.policy is not None
         cost, width = self.policy.pass_cost, tree_size + 1
-        self._window_ms = cost(width + self.window * (self.ngram - 1)) - cost(width)
-        return self.policy.gain("window").pays(self.policy.cost(1), self._window_ms)
+        return cost(width + self.window * (self.ngram - 1)) - cost(width)
 
     def _window_fits(self, context_len: int) -> bool:
         # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.
@@ -192,9 +192,8 @@ class LookaheadProposer(Proposer):
         if self.policy is not None and self._sent is not None:
             tree, features, origins = self._sent
             self.policy.learn(tree, features, outcome)
-            if self._sent_window:
-                gained = sum(origins[node] for node in outcome.accepted_nodes)
-                self.policy.gain("window").record(gained, self._window_ms)
+            if self._sent_window:  # credit the window with the accepted tokens of n-grams it found
+                self.window_source.credit(self.policy, sum(origins[node] for node in outcome.accepted_nodes))
             self._last = len(outcome.accepted) if len(tree) else None
         new = [*outcome.accepted, outcome.next_token]
         self.steps += 1

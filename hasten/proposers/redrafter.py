@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.costly import CostlySource
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
@@ -79,7 +79,7 @@ class ReDrafterProposer(Proposer):
         self.policy = policy
         self._hidden: torch.Tensor | None = None
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
-        self._beam_ms = 0.0  # this step's beam search
+        self.search = CostlySource("head")  # the beam search runs while its tokens are worth its time
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
@@ -90,11 +90,10 @@ class ReDrafterProposer(Proposer):
         length = min(self.beam_length - 1, max_depth)
         if length <= 0 or self._hidden is None:
             return Proposal(TokenTree())
-        if self.policy is not None and not self.policy.gain("beams").pays(self.policy.cost(1)):
+        if not self.search.should_run(self.policy):
             return Proposal(TokenTree())  # the beam search costs more than its tokens have been worth
-        began = time.perf_counter()
-        beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
-        self._beam_ms = (time.perf_counter() - began) * 1000
+        with self.search.timed():
+            beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
         if self.policy is None:
             tree = merge_beams(beams.tokens)
         else:  # each node's feature: its depth and its own draft probability, in tenths
@@ -119,7 +118,7 @@ class ReDrafterProposer(Proposer):
     def update(self, outcome: StepOutcome) -> None:
         if self.policy is not None and self._sent is not None:
             self.policy.learn(*self._sent, outcome)
-            self.policy.gain("beams").record(len(outcome.accepted), self._beam_ms)
+            self.search.credit(self.policy, len(outcome.accepted))
         self._sent = None
         self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
 

@@ -1,0 +1,59 @@
+"""What a benchmark run produces: the rows it runs and one record per method and question."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hasten.bench.anchors import ANCHORS
+
+BASELINE = "ar"
+
+QuestionId = str | int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the benchmark: a method (or anchor) on a backend, under its label."""
+
+    label: str
+    method: str
+    backend: str
+
+
+@dataclass
+class RunRecord:
+    """One method on one question (all its turns): what came out and how long it took."""
+
+    question_id: QuestionId
+    category: str
+    method: str  # the label, e.g. "pld" or "pld@transformers"
+    backend: str = ""
+    wall_s: float = 0.0
+    new_tokens: int = 0
+    target_passes: int | None = 0
+    drafted_tokens: int | None = 0
+    accepted_drafts: int | None = 0
+    draft_s: float | None = 0.0  # time in the proposer (DecodeStats.draft_s), None for anchors
+    prefill_s: float | None = 0.0
+    method_stats: dict[str, float] = field(default_factory=dict)  # the proposer's, weighted by passes over turns
+    token_ids: list[list[int]] = field(default_factory=list)  # one list per turn
+    prompt_ids: list[list[int]] = field(default_factory=list)  # one list per turn (kept in results for ar only)
+    exact: bool | None = None
+    error: str | None = None
+
+
+def label_for(method: str, backend: str, primary: str) -> str:
+    """``method`` on the primary backend, ``method@backend`` elsewhere; anchors keep their own name."""
+    return method if backend == primary or method in ANCHORS else f"{method}@{backend}"
+
+
+def add_stats(record: RunRecord, stats: dict[str, float], passes: int, passes_before: int) -> None:
+    """Fold one turn's proposer statistics into the record's, weighted by target passes."""
+    total = passes_before + passes
+    if not total:
+        return
+    merged = dict(record.method_stats)
+    for key, new in stats.items():
+        old = merged.get(key)  # a key only some turns have: keep what there is
+        merged[key] = new if old is None else (old * passes_before + new * passes) / total
+    record.method_stats = merged

@@ -171,7 +171,7 @@ def train(target: LoadedModel, data: DistillData | Corpus, out: str | Path, cfg:
             optimizer.step()
             step += 1
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             last = step % steps_per_epoch == 0
             if cfg.eval_every and step % cfg.eval_every == 0 and not last:
                 validate(losses, began)

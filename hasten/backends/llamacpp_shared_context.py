@@ -18,18 +18,7 @@ truncation, a target leaving) move to the garbage sequence instead of being free
 end; when the garbage outweighs the live cells or the end comes near, the cache is compacted (every member's
 cells copied out and back, each target contiguous and in order; K/V bytes, nothing recomputed).
 
-Three things cannot be bit-identical in a shared context; they run in the target's own context, where its cells
-sit exactly as in plain decoding (the cache migrates by a K/V copy of its cells, nothing evaluated twice):
-- a decode of 64+ tokens (a long prefill, a huge tree): flash attention tiles its queries (``GGML_FA_TILE_Q``)
-  and then its cells by cell index. Shared decodes are therefore cut to at most ``MAX_TOKENS``.
-- with more than one thread, a one-token pass once the target alone would see 512+ cells (llama.cpp pads
-  ``n_kv`` to 256, so once its cache holds 256 cells): ggml splits a lone query's cells across threads by cell
-  index (its split-KV path). A shared decode of two or more tokens never takes that path and so cannot
-  reproduce it. Likewise a shared decode of one token while the shared cache is 256+ cells long.
-- ``start`` (the prefill).
-Without flash attention (``flash_attn=False``) attention reduces over every cell, masked ones too, in blocks, so
-nothing is shared. F32/F16 weights are not batch-invariant in llama.cpp at all (trees and chains differ by
-~1e-3 there too); the standard stays "as exact as a tree pass is".
+Which passes can be exact here, and which run in the target's own context, is ``llamacpp_shared_exactness``.
 """
 
 from __future__ import annotations
@@ -45,6 +34,7 @@ import torch
 from hasten.backends.base import Scores
 from hasten.backends.llamacpp_batch import BatchArrays
 from hasten.backends.llamacpp_kv_inspection import caught_up_problems, kv_cells, layout_problems
+from hasten.backends.llamacpp_shared_exactness import MAX_TOKENS, lone_token_splits, shareable
 from hasten.backends.llamacpp_tree_layout import PassPlan, check_kept_path, kept_path_sequence
 from hasten.errors import HastenError
 
@@ -53,25 +43,9 @@ if TYPE_CHECKING:
     from hasten.backends.llamacpp_target import LlamaCppTarget
 
 GARBAGE = 0  # the sequence of cells no target needs any more (never attended to; freeing them would leave holes)
-MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
-KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multiple of this
-SPLIT_KV_CELLS = 512  # from this n_kv on, a one-token pass splits its cells across threads (split-KV path)
 MIN_GARBAGE = 256  # compact once the garbage exceeds this and the live cells
 
 Pass = tuple["LlamaCppTarget", list[int], list[int], Sequence[int] | None]  # target, tokens, parents, rows
-
-
-def n_kv(cells: int) -> int:
-    """The number of cells llama.cpp's attention spans when ``cells`` cells are in use."""
-    return max(KV_PAD, -(-cells // KV_PAD) * KV_PAD)
-
-
-def shareable(target: LlamaCppTarget, n: int) -> bool:
-    """Whether an ``n``-token pass of ``target`` scores bit-identically in a shared decode."""
-    model = target.model
-    if model.flash_attn is False or n > MAX_TOKENS:
-        return False
-    return not (n == 1 and model.threads > 1 and n_kv(target.cache_len + 1) >= SPLIT_KV_CELLS)
 
 
 def score_many(model: LlamaCppModel, passes: Sequence[Pass]) -> list[Scores]:
@@ -262,7 +236,7 @@ class SharedCache:
         """Score the passes ``chunk`` in one llama_decode, unless a lone token would take the split-KV path."""
         lib = self._lib
         width = sum(len(passes[i][1]) for i in chunk)
-        if width == 1 and self.model.threads > 1 and n_kv(self.end + 1) >= SPLIT_KV_CELLS:
+        if width == 1 and lone_token_splits(self.model, self.end):
             return  # a lone token here would take the split-KV path over shared cells: its own context scores it
         embeddings = any(passes[i][0].want_hidden for i in chunk)
         if embeddings != self.embeddings:
@@ -422,4 +396,4 @@ class SharedCache:
             raise HastenError("llama.cpp could not move a cache between contexts")
 
 
-__all__ = ["MAX_TOKENS", "SharedCache", "n_kv", "score_many", "shareable"]
+__all__ = ["SharedCache", "score_many"]

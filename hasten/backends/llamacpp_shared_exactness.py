@@ -1,0 +1,50 @@
+"""Which passes score bit-identically in a llama.cpp context shared by several targets.
+
+A shared decode is exact where ggml's CPU kernels treat each query row on its own and walk the cells in cell
+order (``llamacpp_shared_context``). Three things cannot be bit-identical in a shared context; they run in the
+target's own context, where its cells sit exactly as in plain decoding (the cache migrates by a K/V copy of its
+cells, nothing evaluated twice):
+- a decode of 64+ tokens (a long prefill, a huge tree): flash attention tiles its queries (``GGML_FA_TILE_Q``)
+  and then its cells by cell index. Shared decodes are therefore cut to at most ``MAX_TOKENS``.
+- with more than one thread, a one-token pass once the target alone would see 512+ cells (llama.cpp pads
+  ``n_kv`` to 256, so once its cache holds 256 cells): ggml splits a lone query's cells across threads by cell
+  index (its split-KV path). A shared decode of two or more tokens never takes that path and so cannot
+  reproduce it. Likewise a shared decode of one token while the shared cache is 256+ cells long.
+- ``start`` (the prefill).
+Without flash attention (``flash_attn=False``) attention reduces over every cell, masked ones too, in blocks, so
+nothing is shared. F32/F16 weights are not batch-invariant in llama.cpp at all (trees and chains differ by
+~1e-3 there too); the standard stays "as exact as a tree pass is".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp_target import LlamaCppTarget
+
+MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
+KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multiple of this
+SPLIT_KV_CELLS = 512  # from this n_kv on, a one-token pass splits its cells across threads (split-KV path)
+
+
+def n_kv(cells: int) -> int:
+    """The number of cells llama.cpp's attention spans when ``cells`` cells are in use."""
+    return max(KV_PAD, -(-cells // KV_PAD) * KV_PAD)
+
+
+def lone_token_splits(model: LlamaCppModel, cells: int) -> bool:
+    """Whether a one-token pass over ``cells`` cached cells takes the split-KV path (cells split across threads)."""
+    return model.threads > 1 and n_kv(cells + 1) >= SPLIT_KV_CELLS
+
+
+def shareable(target: LlamaCppTarget, n: int) -> bool:
+    """Whether an ``n``-token pass of ``target`` scores bit-identically in a shared decode."""
+    model = target.model
+    if model.flash_attn is False or n > MAX_TOKENS:
+        return False
+    return not (n == 1 and lone_token_splits(model, target.cache_len))
+
+
+__all__ = ["KV_PAD", "MAX_TOKENS", "SPLIT_KV_CELLS", "lone_token_splits", "n_kv", "shareable"]

@@ -7,6 +7,7 @@ before their children, so index order is a topological order.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,33 +53,13 @@ class TokenTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), draft_probs)
 
     @classmethod
-    def from_paths(cls, paths: list[list[int]]) -> TokenTree:
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> TokenTree:
         """Merge candidate continuations into one tree in which each distinct prefix appears once."""
-        tree = cls()
-        index: dict[tuple[int, ...], int] = {}
-        for path in paths:
-            parent = ROOT
-            for depth in range(len(path)):
-                prefix = tuple(path[: depth + 1])
-                node = index.get(prefix)
-                if node is None:
-                    node = len(tree.tokens)
-                    index[prefix] = node
-                    tree.tokens.append(path[depth])
-                    tree.parents.append(parent)
-                parent = node
-        return tree
+        return merge_paths(paths)[0]
 
     @property
     def is_chain(self) -> bool:
-        return all(parent == i - 1 for i, parent in enumerate(self.parents))
-
-    def depths(self) -> list[int]:
-        """Depth of every node, the root's children being at depth 1."""
-        depths: list[int] = []
-        for parent in self.parents:
-            depths.append(1 if parent == ROOT else depths[parent] + 1)
-        return depths
+        return is_chain(self.parents)
 
     def children(self) -> dict[int, list[int]]:
         """Children of every node (key ``ROOT`` for the root), in index order."""
@@ -87,22 +68,70 @@ class TokenTree:
             kids.setdefault(parent, []).append(i)
         return kids
 
-    def ancestor_mask(self) -> torch.Tensor:
-        """Bool (n+1, n+1) over [root, nodes...]: row i may attend to column j (j is i or an ancestor)."""
-        n = len(self.tokens) + 1
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, 0] = True
-        for i, parent in enumerate(self.parents, start=1):
-            if parent != ROOT:
-                mask[i] = mask[parent + 1]
-            mask[i, i] = True
-        mask[0, 0] = True
-        return mask
 
-    def path_to(self, node: int) -> list[int]:
-        """Node indices from the root's child down to ``node`` inclusive."""
-        path = []
-        while node != ROOT:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
+def merge_paths(paths: Sequence[Sequence[int]], features: Sequence[Sequence[Hashable]] | None = None
+                ) -> tuple[TokenTree, list[list[Hashable]]]:
+    """Candidate continuations merged into one tree in which each distinct prefix is one node (in the order
+    the paths first reach it); with ``features`` (one per token of each path), each node keeps the distinct
+    features of every path through it, in that order."""
+    tree = TokenTree()
+    node_features: list[list[Hashable]] = []
+    index: dict[tuple[int, ...], int] = {}
+    for p, path in enumerate(paths):
+        parent = ROOT
+        for depth, token in enumerate(path):
+            prefix = tuple(path[: depth + 1])
+            node = index.get(prefix)
+            if node is None:
+                node = index[prefix] = len(tree.tokens)
+                tree.tokens.append(token)
+                tree.parents.append(parent)
+                node_features.append([])
+            if features is not None and features[p][depth] not in node_features[node]:
+                node_features[node].append(features[p][depth])
+            parent = node
+    return tree, node_features
+
+
+def subtree(tree: TokenTree, keep: Sequence[int]) -> tuple[TokenTree, list[int]]:
+    """The tree of ``keep`` (node indices closed under parents, in index order) and the kept old indices."""
+    keep = sorted(keep)
+    new_index = {old: new for new, old in enumerate(keep)}
+    parents = [ROOT if tree.parents[old] == ROOT else new_index[tree.parents[old]] for old in keep]
+    probs = None if tree.draft_probs is None else tree.draft_probs[keep]
+    return TokenTree([tree.tokens[old] for old in keep], parents, probs), keep
+
+
+# Helpers over a parents list. A tree's own ``parents`` hang below the root (``ROOT``); a *pass* (what a target
+# scores) puts the root first as token 0, its parent -1, and every other token's parent among those before it.
+
+def is_chain(parents: Sequence[int]) -> bool:
+    """True when every token's parent is the token before it (plain causal order)."""
+    return all(parent == i - 1 for i, parent in enumerate(parents))
+
+
+def depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node of a tree, the root's children being at depth 1."""
+    out: list[int] = []
+    for parent in parents:
+        out.append(1 if parent == ROOT else out[parent] + 1)
+    return out
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every token of a pass (the root, token 0, at 0), refusing any other layout."""
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i or (parent == -1) != (i == 0):
+            raise ValueError(f"token {i} has parent {parent}: token 0 is the root and parents precede children")
+    return [depth - 1 for depth in depths(parents)]
+
+
+def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
+    """Bool (n, n) over a pass: token i may attend to token j when j is i or one of its ancestors."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] = mask[parent]
+        mask[i, i] = True
+    return mask

@@ -11,7 +11,7 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_mo
 from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
 from tiny_gguf import write_tiny_gguf
 
-from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, best_size, merge_paths, path_probabilities
+from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, best_size, path_probabilities
 from hasten.adaptive.cost import CostModel, cost_model_for, measure
 from hasten.api import generate
 from hasten.backends import TransformersModel
@@ -23,7 +23,7 @@ from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import LookaheadProposer
 from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
-from hasten.tree import ROOT, TokenTree
+from hasten.tree import ROOT, TokenTree, merge_paths
 
 GREEDY = SamplingParams()
 FLAT = CostModel([1, 64], [10.0, 10.0])  # a GPU-like curve: width is free

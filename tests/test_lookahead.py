@@ -18,12 +18,12 @@ from conftest import (
 )
 
 from hasten.api import generate
-from hasten.backends.base import tree_depths
-from hasten.backends.transformers_target import TransformersTarget, ancestor_mask
+from hasten.backends.transformers_target import TransformersTarget
 from hasten.engine import DecodeStats, decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_parents
 from hasten.sampling import SamplingParams
+from hasten.tree import ancestor_mask, tree_depths
 
 SIZES = [(4, 4, 3), (3, 2, 2), (5, 3, 5), (2, 6, 1)]  # (window, ngram, guesses)
 

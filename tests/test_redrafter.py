@@ -12,19 +12,17 @@ from conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts
 from scipy.stats import chisquare
 
 import hasten
-from hasten.backends.base import tree_depths
-from hasten.backends.transformers_target import TransformersTarget, ancestor_mask
+from hasten.backends.transformers_target import TransformersTarget
 from hasten.engine import decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal
 from hasten.proposers.redrafter import SHIPPED_HEAD, HeadDrafter, ReDrafterProposer
 from hasten.redrafter.beam import beam_search
 from hasten.redrafter.head import HeadConfig, ReDrafterHead
-from hasten.redrafter.tree import merge_beams
 from hasten.sampling import SamplingParams
 from hasten.training.redrafter import STATE_FILE, TrainConfig, train
 from hasten.training.selfdistill import DistillData, teacher_force
-from hasten.tree import ROOT, TokenTree
+from hasten.tree import ROOT, TokenTree, ancestor_mask, depths, tree_depths
 
 
 def random_head(vocab_size: int = 64, hidden: int = 32, draft_vocab: int = 48, seed: int = 1) -> ReDrafterHead:
@@ -97,12 +95,12 @@ def test_beam_scores_are_the_heads_own_sequence_log_probs():
             assert math.isclose(total, float(score), rel_tol=1e-4, abs_tol=1e-4)
 
 
-def test_merge_beams_hand_worked():
+def test_beams_merge_by_shared_prefix_hand_worked():
     beams = torch.tensor([[5, 6, 7], [5, 6, 8], [5, 9, 7], [4, 6, 7]])
-    tree = merge_beams(beams)
+    tree = TokenTree.from_paths(beams.tolist())  # nodes in beam-major order: the best beam's path comes first
     assert tree.tokens == [5, 6, 7, 8, 9, 7, 4, 6, 7]
     assert tree.parents == [ROOT, 0, 1, 1, 0, 4, ROOT, 6, 7]
-    assert tree.depths() == [1, 2, 3, 3, 2, 3, 1, 2, 3]
+    assert depths(tree.parents) == [1, 2, 3, 3, 2, 3, 1, 2, 3]
     layout = pass_layout(Proposal(tree), root=3)
     assert layout.tokens == [3, 5, 6, 7, 8, 9, 7, 4, 6, 7]
     assert tree_depths(layout.parents) == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]
@@ -116,18 +114,8 @@ def test_merge_beams_hand_worked():
         expected[row, cols] = True
     assert torch.equal(mask, expected)
     # Identical beams collapse to one path; a lone beam is a chain.
-    assert merge_beams(torch.tensor([[1, 2], [1, 2]])).tokens == [1, 2]
-    assert merge_beams(torch.tensor([[1, 2, 3]])).is_chain
-
-
-def test_merge_beams_matches_from_paths_on_random_beams():
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        width, length = int(torch.randint(1, 7, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
-        beams = torch.randint(0, 3, (width, length), generator=gen)
-        tree = merge_beams(beams)
-        reference = TokenTree.from_paths(beams.tolist())
-        assert (tree.tokens, tree.parents) == (reference.tokens, reference.parents)
+    assert TokenTree.from_paths([[1, 2], [1, 2]]).tokens == [1, 2]
+    assert TokenTree.from_paths([[1, 2, 3]]).is_chain
 
 
 def test_proposer_records_the_saving_of_merged_prefixes():
@@ -190,7 +178,7 @@ class OracleProposer(ReDrafterProposer):
             return Proposal(TokenTree())
         drafter = OracleDrafter(self.head, self._hidden, continuation)
         beams = beam_search(drafter, context[-1], self.beam_width, length)
-        return Proposal(merge_beams(beams.tokens))
+        return Proposal(TokenTree.from_paths(beams.tokens.tolist()))
 
 
 def test_greedy_exact_when_drafts_are_accepted():

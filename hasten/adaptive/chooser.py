@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from hasten.adaptive.cost import CostModel
 from hasten.proposers.base import StepOutcome
-from hasten.tree import ROOT, TokenTree
+from hasten.tree import ROOT, TokenTree, subtree
 
 Feature = Hashable
 
@@ -128,28 +128,6 @@ class AcceptanceModel:
                     self.record(feature, node in taken)
 
 
-def merge_paths(paths: Sequence[Sequence[int]], features: Sequence[Sequence[Feature]]
-                ) -> tuple[TokenTree, list[list[Feature]]]:
-    """Candidate continuations merged into one tree; each node keeps the features of every path through it."""
-    tree = TokenTree()
-    node_features: list[list[Feature]] = []
-    index: dict[tuple[int, ...], int] = {}
-    for path, path_features in zip(paths, features, strict=True):
-        parent = ROOT
-        for depth, token in enumerate(path):
-            prefix = tuple(path[: depth + 1])
-            node = index.get(prefix)
-            if node is None:
-                node = index[prefix] = len(tree.tokens)
-                tree.tokens.append(token)
-                tree.parents.append(parent)
-                node_features.append([])
-            if path_features[depth] not in node_features[node]:
-                node_features[node].append(path_features[depth])
-            parent = node
-    return tree, node_features
-
-
 def path_probabilities(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
     """P(the path to each node is accepted), from each node's conditional acceptance probability."""
     probs: list[float] = []
@@ -172,15 +150,6 @@ def best_size(path_probs: Sequence[float], cost: Callable[[int], float], extra: 
         if rate > best_rate:
             best_m, best_rate = m, rate
     return sorted(order[:best_m]), best_rate
-
-
-def subtree(tree: TokenTree, keep: Sequence[int]) -> tuple[TokenTree, list[int]]:
-    """The tree of ``keep`` (node indices closed under parents, in index order) and the kept old indices."""
-    keep = sorted(keep)
-    new_index = {old: new for new, old in enumerate(keep)}
-    parents = [ROOT if tree.parents[old] == ROOT else new_index[tree.parents[old]] for old in keep]
-    probs = None if tree.draft_probs is None else tree.draft_probs[keep]
-    return TokenTree([tree.tokens[old] for old in keep], parents, probs), keep
 
 
 @dataclass

@@ -15,6 +15,10 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
+# Re-exported for the backends that still import them from here; they live in ``hasten.tree``.
+from hasten.tree import is_chain as is_chain
+from hasten.tree import tree_depths as tree_depths
+
 
 @dataclass
 class Scores:
@@ -23,21 +27,6 @@ class Scores:
 
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
-
-
-def is_chain(parents: Sequence[int]) -> bool:
-    """True when every token's parent is the token before it (plain causal order)."""
-    return all(parent == i - 1 for i, parent in enumerate(parents))
-
-
-def tree_depths(parents: Sequence[int]) -> list[int]:
-    """Depth of every token of a pass (the root at 0)."""
-    depths: list[int] = []
-    for i, parent in enumerate(parents):
-        if not -1 <= parent < i or (parent == -1) != (i == 0):
-            raise ValueError(f"token {i} has parent {parent}: token 0 is the root and parents precede children")
-        depths.append(0 if parent == -1 else depths[parent] + 1)
-    return depths
 
 
 class Target(Protocol):

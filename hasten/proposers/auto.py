@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.proposers.draft_model import DraftModelProposer
@@ -26,7 +26,7 @@ from hasten.proposers.prompt_lookup import PromptLookupProposer, streak
 from hasten.proposers.redrafter import HeadDrafter
 from hasten.redrafter.beam import beam_search
 from hasten.redrafter.head import ReDrafterHead
-from hasten.tree import TokenTree
+from hasten.tree import TokenTree, merge_paths
 
 POOL_NGRAM = 5
 POOL_GUESSES = 3

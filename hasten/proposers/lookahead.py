@@ -19,12 +19,12 @@ from functools import cache
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.errors import HastenError
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
 from hasten.proposers.prompt_lookup import streak
-from hasten.tree import TokenTree
+from hasten.tree import TokenTree, merge_paths
 
 # The window scores W * (N - 1) = 8 tokens and the guesses at most G * (N - 1) = 8 (fewer once merged).
 DEFAULT_WINDOW = 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
-from hasten.tree import TokenTree
+from hasten.tree import TokenTree, merge_paths
 
 
 def streak(accepted: int | None) -> int:

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature, merge_paths
+from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.redrafter.beam import beam_search
 from hasten.redrafter.head import ReDrafterHead
-from hasten.redrafter.tree import merge_beams
-from hasten.tree import TokenTree
+from hasten.tree import TokenTree, merge_paths
 
 SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "artifacts" / "redrafter"
 
@@ -95,7 +94,7 @@ class ReDrafterProposer(Proposer):
         with self.search.timed():
             beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
         if self.policy is None:
-            tree = merge_beams(beams.tokens)
+            tree = TokenTree.from_paths(beams.tokens.tolist())
         else:  # each node's feature: its depth and its own draft probability, in tenths
             tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
             features = [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]

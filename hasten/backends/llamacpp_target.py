@@ -7,9 +7,9 @@ array and never work proportional to the context. After ``commit`` exactly the c
 sequence 0; nothing is ever evaluated twice.
 
 ``LlamaCppModel.score_many`` scores several targets' passes in one ``llama_decode``: their caches then live in
-one shared context, each under its own sequence ids (``llamacpp_shared_context``, which also says exactly which
-passes can be bit-identical there and which run in the target's own context). A target used on its own never
-leaves its own context.
+one shared context, each under its own sequence ids (``llamacpp_shared_context``; ``llamacpp_shared_exactness``
+says which passes can be bit-identical there and which run in the target's own context). A target used on its
+own never leaves its own context.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """Other libraries' own decoding as reference rows, on the same loaded model file and prompts.
 
-- transformers (on a model loaded on the transformers backend): plain ``generate`` (``hf_generate``), its prompt
-  lookup (``hf_pld``) and its assisted generation (``hf_assisted``).
+- transformers (on a model loaded on the transformers backend, on its device and dtype): plain ``generate``
+  (``hf_generate``), its prompt lookup (``hf_pld``), its assisted generation (``hf_assisted``) and plain greedy
+  over its static KV cache (``hf_static``). On CUDA transformers compiles that static-cache decoding with
+  ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs), the fastest plain decoding it offers; on a CPU it
+  compiles nothing (its automatic compilation is for accelerators only), so there ``hf_static`` is the static
+  cache run eagerly: it still runs, and ``static_mode`` says which of the two a run measured.
 - llama-cpp-python (on a model loaded on the llama.cpp backend): the high-level ``Llama.create_completion``
   greedy (``llamacpp_generate``) and with ``LlamaPromptLookupDecoding`` (``llamacpp_pld``).
 """
@@ -20,7 +24,7 @@ from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
 
-HF_ANCHORS = ("hf_generate", "hf_pld", "hf_assisted")
+HF_ANCHORS = ("hf_generate", "hf_pld", "hf_assisted", "hf_static")
 LLAMACPP_ANCHORS = ("llamacpp_generate", "llamacpp_pld")
 ANCHORS = (*HF_ANCHORS, *LLAMACPP_ANCHORS)
 HF_PLD_TOKENS = 10
@@ -52,6 +56,8 @@ def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel |
             return "hf_assisted needs a draft model (--draft-model)"
         if draft.backend.backend != "transformers":
             return "hf_assisted needs a draft model on transformers (a model folder)"
+        if draft.model.device != loaded.model.device:
+            return f"hf_assisted needs the draft on the target's device {loaded.model.device}, not {draft.model.device}"
     if backend == "llamacpp":
         try:
             import llama_cpp  # noqa: F401
@@ -60,18 +66,29 @@ def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel |
     return None
 
 
+def static_mode(loaded: LoadedModel) -> str:
+    """How ``hf_static`` decodes on this model's device: compiled (CUDA graphs) on an accelerator, else eager."""
+    if loaded.model.device.type == "cpu":
+        return "eager (transformers compiles its static cache on accelerators only)"
+    return "torch.compile, mode reduce-overhead (CUDA graphs)"
+
+
 def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: int, params: SamplingParams,
                   draft: LoadedModel | None = None) -> AnchorOutput:
-    """Run ``model.generate`` the way the anchor ``name`` says; counts target forward calls with a hook."""
-    tokenizer = loaded.tokenizer
-    eos = sorted(loaded.eos_token_ids) or None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              do_sample=not params.greedy, repetition_penalty=1.0)
-    if not params.greedy:  # set every processor explicitly: unset values would come from the model's config
-        config.temperature = params.temperature
-        config.top_k = params.top_k
-        config.top_p = params.top_p
+    """Run ``model.generate`` the way the anchor ``name`` says; counts target forward calls with a hook.
+
+    ``hf_static`` is counted without one (no hook inside compiled code): plain greedy decoding makes one forward
+    pass per new token, the prefill giving the first. Its failures (a compiler missing, say) become a
+    ``HastenError``, recorded as that run's error.
+    """
+    if name == "hf_static":
+        try:
+            tokens = _generate(loaded, ids, _generation_config(loaded, max_new_tokens, params, static=True), {},
+                               params.seed)
+        except Exception as error:  # torch.compile fails in many ways: the bench records which
+            raise HastenError(f"hf_static failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
+        return AnchorOutput(tokens, len(tokens))
+    config = _generation_config(loaded, max_new_tokens, params)
     extra: dict[str, Any] = {}
     if name == "hf_pld":
         config.prompt_lookup_num_tokens = HF_PLD_TOKENS
@@ -87,18 +104,43 @@ def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens
         nonlocal calls
         calls += 1
 
-    model = loaded.model
-    hook = torch.nn.Module.register_forward_pre_hook(model, count, with_kwargs=True)
+    hook = torch.nn.Module.register_forward_pre_hook(loaded.model, count, with_kwargs=True)
     try:
-        inputs = torch.tensor([ids], device=model.device)
-        if not params.greedy and params.seed is not None:
-            torch.manual_seed(params.seed)
-        with torch.inference_mode():
-            out = cast(Any, model).generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
-                                            **extra)
+        tokens = _generate(loaded, ids, config, extra, params.seed)
     finally:
         hook.remove()
-    return AnchorOutput(out[0, len(ids):].tolist(), calls)
+    return AnchorOutput(tokens, calls)
+
+
+def _generation_config(loaded: LoadedModel, max_new_tokens: int, params: SamplingParams,
+                       static: bool = False) -> GenerationConfig:
+    """``params`` as transformers' settings, every processor set (unset values would come from the model's
+    config); ``static``: its static KV cache, which transformers compiles on an accelerator."""
+    tokenizer = loaded.tokenizer
+    eos = sorted(loaded.eos_token_ids) or None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                              do_sample=not params.greedy, repetition_penalty=1.0)
+    if not params.greedy:
+        config.temperature = params.temperature
+        config.top_k = params.top_k
+        config.top_p = params.top_p
+    if static:
+        config.cache_implementation = "static"
+    return config
+
+
+def _generate(loaded: LoadedModel, ids: list[int], config: GenerationConfig, extra: dict[str, Any],
+              seed: int | None) -> list[int]:
+    """The new token ids of one ``generate`` call on the model's device (seeded first when sampling)."""
+    model = loaded.model
+    inputs = torch.tensor([ids], device=model.device)
+    if config.do_sample and seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = cast(Any, model).generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
+                                        **extra)
+    return out[0, len(ids):].tolist()
 
 
 @contextlib.contextmanager

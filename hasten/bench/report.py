@@ -101,6 +101,9 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         f"temperature={results['temperature']}, warm-up questions: {results['warmup']}",
         f"- machine: {machine['platform']}, {machine.get('cpus')} CPUs, torch {machine['torch']}, {threads}",
     ]
+    parts += [f"- {name}: {info['device']} ({info.get('device_name')}), dtype {info.get('dtype') or 'n/a'}, "
+              f"graphs: {info.get('graph_mode')}" + (f"; hf_static: {info['hf_static']}" if "hf_static" in info else "")
+              for name, info in backends.items() if "device" in info]
     if command:
         parts.append(f"- command: `{command}`")
     parts += [
@@ -133,6 +136,18 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         parts.append("## Across backends")
         parts += [f"- {m} gives the same tokens as {baseline} on {100 * share:.0f}% of the questions"
                   for m, share in same.items()]
+        parts.append("")
+    hf = {m: e["same_as_hf_generate"] for m, e in results["methods"].items()
+          if m != "hf_generate" and e.get("same_as_hf_generate") is not None}
+    if hf:
+        parts.append("## Against transformers' own greedy")
+        parts.append("")
+        parts.append("Exactness above is against each method's own backend's ar. transformers' `generate` may pick "
+                     "another token at a near-tie (other kernels, other pass widths); this is how often each "
+                     "method's whole answer equals hf_generate's.")
+        parts.append("")
+        parts += [f"- {m} gives the same tokens as hf_generate on {100 * share:.0f}% of the questions"
+                  for m, share in hf.items()]
         parts.append("")
     mismatched = {m: e for m, e in results["methods"].items() if e["mismatches"]}
     if mismatched:

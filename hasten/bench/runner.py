@@ -8,7 +8,6 @@ backend; ``speedup`` is against the primary backend's ``ar`` and ``speedup_own``
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from hasten.adaptive import adaptive_state
-from hasten.adaptive.cost import CostModel
+from hasten.adaptive.cost import CostModel, clock_for
 from hasten.api import generate, prompt_ids
 from hasten.bench.anchors import (
     ANCHORS,
@@ -30,7 +29,7 @@ from hasten.bench.machine import backend_info, machine_info
 from hasten.bench.oracle import source_for
 from hasten.bench.prompts import BenchPrompt
 from hasten.bench.records import BASELINE, Run, RunRecord, add_stats, label_for
-from hasten.bench.scoring import baselines_by_backend, score_exactness
+from hasten.bench.scoring import baselines_by_backend, hf_reference, score_exactness
 from hasten.bench.summary import References, oracle_runs, summarise_method
 from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
@@ -115,9 +114,11 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
                  label: str | None = None, llamacpp: LlamaCppAnchor | None = None) -> RunRecord:
     """All turns of one question with one method; each later turn sees the method's own earlier answers.
 
-    Only the generation call is timed (``perf_counter`` around it, prefill included), the same for every method.
+    Only the generation call is timed (``perf_counter`` around it, prefill included), the same for every method;
+    on CUDA the clock first waits for the device's queued work.
     """
     record = RunRecord(prompt.question_id, prompt.category, label or method, loaded.backend.backend)
+    clock = clock_for(getattr(loaded.backend, "device", "cpu"))
     anchor = method in ANCHORS
     passes_total = drafted = accepted = 0
     draft_total = prefill_total = 0.0
@@ -128,23 +129,23 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
         seed = None if params.seed is None else params.seed + turn_index
         turn_params = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
         if anchor:
-            began = time.perf_counter()
+            began = clock()
             if method in LLAMACPP_ANCHORS:
                 if llamacpp is None:
                     raise HastenError(f"{method} needs its llama_cpp.Llama")
                 out = llamacpp.run(ids, max_new_tokens, turn_params)
             else:
                 out = run_hf_anchor(method, loaded, ids, max_new_tokens, turn_params, draft)
-            record.wall_s += time.perf_counter() - began
+            record.wall_s += clock() - began
             tokens, passes = out.token_ids, out.target_passes
         else:
             forget_prompts = getattr(loaded.backend, "forget_prompts", None)
             if forget_prompts is not None:  # every run prefills its whole prompt, as the llama.cpp anchors do
                 forget_prompts()
-            began = time.perf_counter()
+            began = clock()
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
                               top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))
-            record.wall_s += time.perf_counter() - began
+            record.wall_s += clock() - began
             tokens, passes = result.token_ids, result.target_passes
             draft_total += result.draft_s
             prefill_total += result.prefill_s
@@ -246,7 +247,8 @@ def run_bench(
 
     ``loaded`` is one model or ``{backend: model}`` (the first is the primary backend). Runs every method
     (``run_all``), scores the outputs against ``ar`` (``score_exactness``) and summarises each method
-    (``summarise_method``), all in this process.
+    (``summarise_method``; beside exactness, how often each equals ``hf_generate`` when that anchor ran under
+    greedy decoding), all in this process.
     """
     _check_arguments(prompts, max_new_tokens, warmup)
     models = _as_models(loaded)
@@ -277,6 +279,7 @@ def run_bench(
     if exact_checked:
         score_exactness(records, by_label, baselines)
     categories = list(dict.fromkeys(p.category for p in prompts))
+    hf_greedy = hf_reference(records) if exact_checked else None
     summary: dict[str, Any] = {}
     for label, method_records in records.items():
         run = by_label[label]
@@ -284,7 +287,7 @@ def run_bench(
         source = source_for(run.method, models[run.backend], params, options_for(run.method, options)) \
             if exact_checked else None
         oracle = oracle_runs(source, records[own_label], calibrated[run.backend]) if source else None
-        refs = References(baselines[primary], baselines[run.backend], own_label)
+        refs = References(baselines[primary], baselines[run.backend], own_label, hf_greedy)
         summary[label] = summarise_method(run, method_records, refs, primary=primary, exact_checked=exact_checked,
                                           oracle=oracle, categories=categories)
     errors = sum(len(entry["errors"]) for entry in summary.values())

@@ -1,4 +1,5 @@
-"""Score a benchmark's outputs against references: each method against its own backend's ``ar``."""
+"""Score a benchmark's outputs against references: each method against its own backend's ``ar`` (exactness),
+and against transformers' own greedy decoding (``hf_generate``), which can differ from ``ar`` at near-ties."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping
 from hasten.bench.records import BASELINE, QuestionId, Run, RunRecord, label_for
 
 ByQuestion = dict[QuestionId, RunRecord]
+HF_REFERENCE = "hf_generate"
 
 
 def baselines_by_backend(records: Mapping[str, list[RunRecord]], backends: list[str],
@@ -34,3 +36,10 @@ def share_equal(records: list[RunRecord], reference: Mapping[QuestionId, RunReco
     same = [r.token_ids == reference[r.question_id].token_ids for r in records
             if r.error is None and r.question_id in reference and reference[r.question_id].error is None]
     return sum(same) / len(same) if same else None
+
+
+def hf_reference(records: Mapping[str, list[RunRecord]]) -> ByQuestion | None:
+    """transformers' own greedy records by question, None when that anchor did not run."""
+    if HF_REFERENCE not in records:
+        return None
+    return {r.question_id: r for r in records[HF_REFERENCE]}

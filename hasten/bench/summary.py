@@ -16,11 +16,13 @@ from hasten.bench.scoring import ByQuestion, share_equal
 
 @dataclass(frozen=True)
 class References:
-    """The ``ar`` records a method is measured against, by question: the primary backend's and its own's."""
+    """The records a method is measured against, by question: the primary backend's ``ar``, its own backend's,
+    and transformers' own greedy decoding (None when ``hf_generate`` did not run, or outputs are samples)."""
 
     primary_ar: ByQuestion
     own_ar: ByQuestion
     own_label: str  # the label of its own backend's ar
+    hf_generate: ByQuestion | None = None
 
 
 def _ratio(numerator: float, denominator: float | None) -> float | None:
@@ -122,6 +124,8 @@ def summarise_method(run: Run, records: list[RunRecord], refs: References, *, pr
     entry["errors"] = [{"question_id": r.question_id, "error": r.error} for r in records if r.error]
     if exact_checked and run.backend != primary:
         entry["same_as_primary_ar"] = share_equal(records, refs.primary_ar)
+    if exact_checked and refs.hf_generate is not None:
+        entry["same_as_hf_generate"] = share_equal(records, refs.hf_generate)
     entry |= _drafting(run, records, entry["target_passes"])
     entry |= oracle_bound(oracle, [r.question_id for r in records])
     parts: dict[str, Any] = {}

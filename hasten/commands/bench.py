@@ -9,8 +9,10 @@ import sys
 from hasten.bench import balanced_subset, read_prompts, run_bench, write_report
 from hasten.bench.report import table
 from hasten.errors import HastenError
-from hasten.models import BACKENDS, DEFAULT_MODEL
+from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
 from hasten.sampling import SamplingParams
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="JSONL prompts: Spec-Bench format or {\"prompt\", \"category\"} (default: shipped set)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods (each runs on every backend; name@backend for one) and "
-                             "anchors (hf_generate, hf_pld, hf_assisted, llamacpp_generate, llamacpp_pld); "
+                             "anchors (hf_generate, hf_pld, hf_assisted, hf_static, llamacpp_generate, "
+                             "llamacpp_pld); "
                              "default: all that can run. ar is always added as the baseline")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="'default', a model folder or a .gguf file")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
@@ -32,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare-backend", default=None, metavar="B[,B]",
                         help="also load the model on these backends and run every method there too, "
                              "labelled method@backend (e.g. transformers)")
+    parser.add_argument("--device", default=None,
+                        help="auto (CUDA where a GPU is present, else the CPU), cpu or cuda[:N]; every backend, the "
+                             "draft and the transformers anchors run there (default: auto)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="weights of the transformers backend (default: auto = bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--draft-model", default=None, help="draft model for draft and hf_assisted")
     parser.add_argument("--fixed-sizes", action="store_true",
                         help="every method drafts its fixed sizes (adaptive=False) instead of what the cost model says")
@@ -92,16 +100,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hasten.methods import load_draft
-    from hasten.models import choose_backend, load_model, resolve
+    from hasten.models import load_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # proposers on torch (draft, ReDrafter head) use it on any backend
-    gguf_file = resolve(args.model)[1]
-    chosen = [choose_backend(name, gguf_file) for name in backends]
-    if len(set(chosen)) < len(chosen):
-        raise HastenError(f"--compare-backend repeats the primary backend ({chosen[0]})")
-    models = {name: load_model(args.model, name, threads=args.threads) for name in chosen}
-    primary = models[chosen[0]]
+    # load_model resolves auto (the device, and the backend for it); only what was asked for is passed on.
+    placement = {key: value for key in ("device", "dtype") if (value := getattr(args, key)) is not None}
+    models: dict[str, LoadedModel] = {}
+    for name in backends:
+        loaded = load_model(args.model, name, threads=args.threads, **placement)
+        if loaded.backend.backend in models:
+            raise HastenError(f"--compare-backend repeats the primary backend ({loaded.backend.backend})")
+        models[loaded.backend.backend] = loaded
+    primary = next(iter(models.values()))
     draft = load_draft(primary, args.draft_model) if args.draft_model else None
     options = {"adaptive": False} if args.fixed_sizes else None
     results = run_bench(models, prompts, methods, draft=draft, max_new_tokens=args.max_new_tokens,

@@ -7,6 +7,7 @@ other rows hold. Tests marked ``cuda`` run only where torch sees a GPU.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from conftest import EOS, random_prompts, tiny_model
 
 from hasten.backends import TransformersModel
-from hasten.backends.static_kv import ancestor_mask
+from hasten.backends.static_kv import padded_ancestor_mask
 from hasten.engine import DecodeStats, Generation
 from hasten.proposers.base import Proposer
 from hasten.proposers.lookahead import LookaheadProposer
@@ -120,7 +121,7 @@ def test_the_cache_is_allocated_once_and_reused_by_the_next_target():
 
 
 def test_ancestor_mask_pads_rows_that_see_only_themselves():
-    mask = ancestor_mask([-1, 0, 0, 1], width=6)
+    mask = padded_ancestor_mask([-1, 0, 0, 1], width=6)
     assert mask.tolist()[3] == [True, True, False, True, False, False]
     assert mask[4].nonzero().flatten().tolist() == [4] and mask[5].nonzero().flatten().tolist() == [5]
 
@@ -166,14 +167,15 @@ def test_greedy_methods_equal_ar_in_bf16_on_cuda(method):
     """The default model dequantized to bf16 on CUDA: every greedy method's tokens equal ar's."""
     import hasten
     from hasten.bench import read_prompts
+    from hasten.errors import HastenError
 
-    loaded = hasten.load_model("default", device="cuda")
+    loaded = hasten.load_model(os.environ.get("HASTEN_CUDA_MODEL", "default"), device="cuda")
     assert loaded.dtype == torch.bfloat16 and loaded.backend.pass_width is not None
     for prompt in read_prompts(None)[:7]:
         text = prompt.turns[0]
         reference = hasten.generate(loaded, text, "ar", max_new_tokens=64).token_ids
         try:
             got = hasten.generate(loaded, text, method, max_new_tokens=64).token_ids
-        except RuntimeError as error:  # a drafter not yet on the GPU (another change makes them device-aware)
+        except (RuntimeError, HastenError) as error:  # a drafter not on the GPU yet, or not shipped for this model
             pytest.skip(f"{method} does not run on CUDA yet: {error}")
         assert got == reference, (method, text[:40])

@@ -18,19 +18,17 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from hasten.tree import ancestor_mask
 
-def ancestor_mask(parents: Sequence[int], width: int | None = None) -> torch.Tensor:
-    """Bool (w, w): token i may attend to token j when j is i or one of its ancestors. Rows past
-    ``len(parents)`` (padding up to ``width``) attend only to themselves."""
+
+def padded_ancestor_mask(parents: Sequence[int], width: int) -> torch.Tensor:
+    """``hasten.tree.ancestor_mask`` (bool (n, n)) padded to (width, width): pad rows attend only to themselves."""
     n = len(parents)
-    width = n if width is None else width
-    rows: list[list[bool]] = []
-    for i, parent in enumerate(parents):
-        row = list(rows[parent]) if parent >= 0 else [False] * width
-        row[i] = True
-        rows.append(row)
-    rows.extend([j == i for j in range(width)] for i in range(n, width))
-    return torch.tensor(rows, dtype=torch.bool).reshape(width, width)
+    if width == n:
+        return ancestor_mask(parents)
+    mask = torch.eye(width, dtype=torch.bool)
+    mask[:n, :n] = ancestor_mask(parents)
+    return mask
 
 
 class StaticKV(Cache):

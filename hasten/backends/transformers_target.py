@@ -26,11 +26,12 @@ from collections.abc import Sequence
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hasten.backends.base import Scores, tree_depths
+from hasten.backends.base import Scores
 from hasten.backends.cuda_graphs import GraphRunner, Outputs
 from hasten.backends.pass_inputs import PassInputs
-from hasten.backends.static_kv import StaticKV, TreeMask, ancestor_mask, causal_block, window_mask
+from hasten.backends.static_kv import StaticKV, TreeMask, causal_block, padded_ancestor_mask, window_mask
 from hasten.errors import HastenError
+from hasten.tree import ancestor_mask, tree_depths
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids (checked in the tests).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"})
@@ -39,6 +40,7 @@ DEFAULT_CONTEXT = 2048  # for a config without max_position_embeddings
 MAX_CAPACITY = 4096  # default cap of the cache slots per sequence
 CUDA_PASS_WIDTH = 64  # every pass on CUDA is padded to this width (wider ones to the next power of two)
 MAX_GRAPH_WIDTH = 256  # wider passes run eagerly
+SLOT_ALIGNMENT = 64  # cache slots (the mask's last dimension) rounded up: fused attention kernels want aligned rows
 
 __all__ = ["TransformersModel", "TransformersTarget", "ancestor_mask", "check_supported"]
 
@@ -126,7 +128,7 @@ class _SequenceState:
 
     def __init__(self, backend: TransformersModel, want_hidden: bool) -> None:
         reserve = MAX_GRAPH_WIDTH if backend.pass_width is not None else 0  # room for padded rows at the end
-        self.num_slots = backend.max_context + reserve
+        self.num_slots = -(-(backend.max_context + reserve) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
         self.want_hidden = want_hidden
         self.cache = StaticKV(backend.num_layers, self.num_slots, zero_fill=backend.static_span)
         self.mask = TreeMask(self.num_slots, backend.dtype, backend.device,
@@ -233,7 +235,7 @@ class TransformersTarget:
         pad = width - n
         inputs = self.state.inputs
         inputs.stage(list(tokens) + [0] * pad, [start + d for d in depths] + [start] * pad,
-                     range(start, start + width), ancestor_mask(parents, width))
+                     range(start, start + width), padded_ancestor_mask(parents, width))
         window = self.backend.sliding_window is not None
         self.state.mask.update(start, inputs.block(width), inputs.positions(width)[0] if window else None)
         padded = self.backend.pass_width is not None

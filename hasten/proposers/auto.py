@@ -23,22 +23,22 @@ from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import NgramPool
 from hasten.proposers.prompt_lookup import PromptLookupProposer, streak
-from hasten.proposers.redrafter import HeadDrafter
-from hasten.redrafter.beam import beam_search
+from hasten.proposers.redrafter import ReDrafterProposer
 from hasten.redrafter.head import ReDrafterHead
 from hasten.tree import TokenTree, merge_paths
 
 POOL_NGRAM = 5
 POOL_GUESSES = 3
 HEAD_BEAMS = 3
-HEAD_LENGTH = 4
+HEAD_LENGTH = 4  # tokens per beam after the root
 
 
 class AutoProposer(Proposer):
     """Prompt lookup + n-gram pool (+ draft chain, + ReDrafter beams), merged and pruned by a cost-aware policy.
 
     ``draft`` is a draft proposer built on the same policy; it drafts greedily here (its argmax chain is one
-    more deterministic candidate, verified like the others, under sampling too).
+    more deterministic candidate, verified like the others, under sampling too). A ``head`` drafts through a
+    ``ReDrafterProposer`` on the same policy (``HEAD_BEAMS`` beams of ``HEAD_LENGTH`` tokens).
     """
 
     name = "auto"
@@ -47,24 +47,23 @@ class AutoProposer(Proposer):
                  draft: DraftModelProposer | None = None) -> None:
         self.policy = policy
         self.draft = draft
-        self.head = head.eval() if head is not None else None
+        self.redrafter = None if head is None else ReDrafterProposer(head, HEAD_BEAMS, HEAD_LENGTH + 1, policy)
         self.needs_hidden = head is not None
         self.num_tokens = num_tokens
         self.lookup = PromptLookupProposer(num_tokens=num_tokens, max_ngram=4, min_ngram=1, branches=3)
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
         self.sources: Counter = Counter()
-        self._hidden: torch.Tensor | None = None
         self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
         self._last: int | None = None
         self._tail: list[int] = []
-        # The draft's chain and the head's beam search each run only while the tokens only they find pay.
-        self.draft_source, self.head_source = CostlySource("draft"), CostlySource("head")
+        self.draft_source = CostlySource("draft")  # the draft's chain runs while the tokens only it finds pay
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
         self.pool.add_sequence(context)
         self._tail = context[-(POOL_NGRAM - 1) :]
-        self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
+        if self.redrafter is not None:
+            self.redrafter.start(context, hidden)
         self._sent, self._last = None, None
         self.sources = Counter()
         if self.draft is not None:
@@ -93,14 +92,10 @@ class AutoProposer(Proposer):
             if chain:
                 paths.append(chain)
                 features.append([node[0] for node in chain_features])  # one feature per token
-        if self.head is not None and self._hidden is not None and self.head_source.should_run(self.policy):
-            with self.head_source.timed():
-                beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], HEAD_BEAMS,
-                                    min(HEAD_LENGTH, depth))
-            tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
-            for tokens, row in zip(beams.tokens.tolist(), tenths, strict=True):
-                paths.append(tokens)
-                features.append([("head", d + 1, bucket) for d, bucket in enumerate(row)])
+        if self.redrafter is not None:  # its beam search runs while the tokens only it finds pay
+            beams, beam_features = self.redrafter.draft_beams(context, depth)
+            paths += beams
+            features += beam_features
         tree, node_features = merge_paths(paths, features)
         tree, node_features = self.policy.choose(tree, node_features)
         for node in node_features:
@@ -112,7 +107,7 @@ class AutoProposer(Proposer):
         if self._sent is not None:
             tree, features = self._sent
             self.policy.learn(tree, features, outcome)
-            for source in (self.head_source, self.draft_source):  # credit each with the tokens only it proposed
+            for source in self._costly():  # credit each with the accepted tokens only it proposed
                 alone = sum(all(f[0] == source.name for f in features[node]) for node in outcome.accepted_nodes)
                 source.credit(self.policy, alone)
             self._last = len(outcome.accepted) if len(tree) else None
@@ -121,8 +116,11 @@ class AutoProposer(Proposer):
         new = [*outcome.accepted, outcome.next_token]
         self.pool.add_sequence(self._tail + new)
         self._tail = (self._tail + new)[-(POOL_NGRAM - 1) :]
-        if self.needs_hidden:
-            self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
+        if self.redrafter is not None:
+            self.redrafter.update(outcome)  # its new hidden state (it learns nothing: it offered no tree itself)
+
+    def _costly(self) -> list[CostlySource]:
+        return [self.draft_source] + ([self.redrafter.search] if self.redrafter is not None else [])
 
     def stats(self) -> dict[str, float]:
         steps = sum(self.policy.choices.values()) or 1

@@ -86,25 +86,28 @@ class ReDrafterProposer(Proposer):
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         self._sent = None
-        length = min(self.beam_length - 1, max_depth)
-        if length <= 0 or self._hidden is None:
+        paths, features = self.draft_beams(context, max_depth)
+        if not paths:
             return Proposal(TokenTree())
-        if not self.search.should_run(self.policy):
-            return Proposal(TokenTree())  # the beam search costs more than its tokens have been worth
-        with self.search.timed():
-            beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
-        if self.policy is None:
-            tree = TokenTree.from_paths(beams.tokens.tolist())
-        else:  # each node's feature: its depth and its own draft probability, in tenths
-            tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
-            features = [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]
-            tree, node_features = merge_paths(beams.tokens.tolist(), features)
+        tree, node_features = merge_paths(paths, features)
+        if self.policy is not None:
             tree, node_features = self.policy.choose(tree, node_features)
             self._sent = (tree, node_features)
         self.tree_stats.steps += 1
-        self.tree_stats.beam_tokens += beams.tokens.numel()
+        self.tree_stats.beam_tokens += sum(len(path) for path in paths)
         self.tree_stats.tree_tokens += len(tree)
         return Proposal(tree)
+
+    def draft_beams(self, context: list[int], depth: int) -> tuple[list[list[int]], list[list[Feature]]]:
+        """The beams after the root, no longer than ``depth``, and each token's feature: its depth and its own
+        draft probability, in tenths. None without a hidden state, or while the search does not pay."""
+        length = min(self.beam_length - 1, depth)
+        if length <= 0 or self._hidden is None or not self.search.should_run(self.policy):
+            return [], []
+        with self.search.timed():
+            beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
+        tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
+        return beams.tokens.tolist(), [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]
 
     def stats(self) -> dict[str, float]:
         steps = max(self.tree_stats.steps, 1)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, SourceGain
 from hasten.adaptive.cost import CostModel, cost_model_for
-from hasten.models import LoadedModel
+
+if TYPE_CHECKING:  # a type only: hasten.models sits above adaptive drafting (tests/test_architecture.py)
+    from hasten.models import LoadedModel
 
 
 @dataclass

@@ -24,7 +24,7 @@ class PassInputs:
         self._allocate(rows)
 
     def _allocate(self, rows: int) -> None:
-        self.rows = rows
+        self.size = rows
         # ids, positions, slots; two rows for moved cache slots (source, destination); the rows to return
         self.host_ints = torch.zeros(6, rows, dtype=torch.long, pin_memory=self.pinned)
         self.host_block = torch.zeros(rows * rows, dtype=torch.bool, pin_memory=self.pinned)
@@ -42,16 +42,19 @@ class PassInputs:
         if self.pinned:
             device.copy_(host, non_blocking=True)
 
-    def stage(self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], block: torch.Tensor) -> None:
-        """Fill the first ``w = len(ids)`` entries of each buffer; ``block`` is bool (w, w) on the host."""
+    def stage(self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], block: torch.Tensor,
+              rows: Sequence[int] = ()) -> None:
+        """Fill the first ``w = len(ids)`` entries of each buffer; ``block`` is bool (w, w) on the host; ``rows``
+        (at most w) are the rows whose outputs are read."""
         width = len(ids)
-        if width > self.rows:
-            self._allocate(max(width, 2 * self.rows))
+        if width > self.size:
+            self._allocate(max(width, 2 * self.size))
             self.generation += 1
         self._host_ready()
-        for row, values in enumerate((ids, positions, slots)):
-            self.host_ints[row, :width] = torch.as_tensor(values, dtype=torch.long)
-            self._send(self.host_ints[row, :width], self.ints[row, :width])
+        for row, values in ((0, ids), (1, positions), (2, slots), (5, rows)):
+            count = len(values)
+            self.host_ints[row, :count] = torch.as_tensor(values, dtype=torch.long)
+            self._send(self.host_ints[row, :count], self.ints[row, :count])
         self.host_block[: width * width] = block.reshape(-1)
         self._send(self.host_block[: width * width], self.block_flat[: width * width])
         if self._copied is not None:
@@ -60,8 +63,8 @@ class PassInputs:
     def stage_moves(self, source: Sequence[int], destination: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors of cache slots to move (a commit of a path that is not a prefix)."""
         count = len(source)
-        if count > self.rows:
-            self._allocate(max(count, 2 * self.rows))
+        if count > self.size:
+            self._allocate(max(count, 2 * self.size))
             self.generation += 1
         self._host_ready()
         for row, values in ((3, source), (4, destination)):
@@ -71,14 +74,8 @@ class PassInputs:
             self._copied.record()
         return self.ints[3, :count], self.ints[4, :count]
 
-    def stage_rows(self, rows: Sequence[int]) -> torch.Tensor:
-        """A device index tensor of the pass rows whose outputs are returned."""
-        count = len(rows)
-        self._host_ready()
-        self.host_ints[5, :count] = torch.as_tensor(rows, dtype=torch.long)
-        self._send(self.host_ints[5, :count], self.ints[5, :count])
-        if self._copied is not None:
-            self._copied.record()
+    def rows(self, count: int) -> torch.Tensor:
+        """The pass rows whose outputs are returned (staged with the pass)."""
         return self.ints[5, :count]
 
     def ids(self, width: int) -> torch.Tensor:

@@ -127,6 +127,7 @@ class _SequenceState:
     state goes back to its model for the next target, so the cache is allocated and the graphs captured once."""
 
     def __init__(self, backend: TransformersModel, want_hidden: bool) -> None:
+        self.backend = backend
         reserve = MAX_GRAPH_WIDTH if backend.pass_width is not None else 0  # room for padded rows at the end
         self.num_slots = -(-(backend.max_context + reserve) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
         self.want_hidden = want_hidden
@@ -136,6 +137,27 @@ class _SequenceState:
         self.inputs = PassInputs(backend.device, rows=CUDA_PASS_WIDTH)
         self.runner: GraphRunner | None = None
         self.layout = (0, 0)  # (mask, inputs) generations the graphs were captured with
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                keep: int | torch.Tensor) -> Outputs:
+        """One forward: rows written at ``slots``, attention through ``mask`` (w, span) over the first span slots."""
+        backend, span = self.backend, mask.shape[-1]
+        self.cache.slots, self.cache.span = slots, span
+        attention: torch.Tensor | dict[str, torch.Tensor] = mask[None, None]
+        if backend.sliding_window is not None:
+            near = window_mask(mask, positions[0], self.mask.slot_positions[:span], backend.sliding_window)
+            attention = {"full_attention": attention, "sliding_attention": near[None, None]}
+        out = backend.model(input_ids=ids, position_ids=positions, attention_mask=attention, use_cache=True,
+                            logits_to_keep=keep, output_hidden_states=self.want_hidden,
+                            **{backend.cache_argument: self.cache})
+        return out.logits[0], out.hidden_states[-1][0] if self.want_hidden else None
+
+    def staged_forward(self, width: int, span: int | None = None) -> Outputs:
+        """The forward of the staged pass of ``width`` rows over every slot (or ``span``), all rows' logits.
+        Reads only static buffers, so it can be captured (graphs hold this state, never a target)."""
+        inputs, span = self.inputs, span or self.num_slots
+        return self.forward(inputs.ids(width), inputs.positions(width), inputs.slots(width),
+                            self.mask.buffer[:width, :span], 0)
 
 
 class TransformersTarget:
@@ -165,20 +187,6 @@ class TransformersTarget:
         self.cache_len = 0
         self._pending = 0  # tokens appended by the last pass, not yet committed
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                 keep: int | torch.Tensor) -> Outputs:
-        """One forward over static inputs: rows at ``slots``, attention through ``mask`` (w, span)."""
-        span = mask.shape[-1]
-        self.cache.slots, self.cache.span = slots, span
-        attention: torch.Tensor | dict[str, torch.Tensor] = mask[None, None]
-        if self.backend.sliding_window is not None:
-            near = window_mask(mask, positions[0], self.state.mask.slot_positions[:span], self.backend.sliding_window)
-            attention = {"full_attention": attention, "sliding_attention": near[None, None]}
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention, use_cache=True,
-                         logits_to_keep=keep, output_hidden_states=self.want_hidden,
-                         **{self.backend.cache_argument: self.cache})
-        return out.logits[0], out.hidden_states[-1][0] if self.want_hidden else None
-
     @torch.inference_mode()
     def start(self, context: list[int]) -> Scores:
         self.cache_len = self.cache.length = 0
@@ -194,7 +202,7 @@ class TransformersTarget:
         mask = torch.full((n, span), closed, dtype=self.dtype, device=self.device)
         mask[:, :n] = torch.where(causal_block(n, self.device), 0.0, closed).to(self.dtype)
         arange = torch.arange(n, device=self.device)
-        logits, hidden = self._forward(torch.tensor([context], device=self.device), arange[None], arange, mask, 1)
+        logits, hidden = self.state.forward(torch.tensor([context], device=self.device), arange[None], arange, mask, 1)
         self.cache_len = self.cache.length = n
         return Scores(logits.float(), hidden[-1:] if hidden is not None else None)
 
@@ -206,19 +214,14 @@ class TransformersTarget:
         width = max(minimum, 1 << (n - 1).bit_length())
         return width if self.cache_len + width <= self.state.num_slots else n
 
-    def _run(self, width: int, padded: bool) -> Outputs:
-        """The forward of a staged pass: a graph replay where graphs are on, else eager."""
-        state, inputs = self.state, self.state.inputs
-        span = state.num_slots if self.backend.static_span else self.cache_len + width
-
-        def forward(w: int) -> Outputs:
-            return self._forward(inputs.ids(w), inputs.positions(w), inputs.slots(w), state.mask.buffer[:w, :span], 0)
-
-        if not (self.backend.graphs and padded and width <= MAX_GRAPH_WIDTH):
-            return forward(width)
-        layout = (state.mask.generation, inputs.generation)
+    def _run(self, width: int) -> Outputs:
+        """The forward of a staged padded pass: a graph replay where graphs are on, else eager."""
+        state = self.state
+        if not (self.backend.graphs and width <= MAX_GRAPH_WIDTH):
+            return state.staged_forward(width, None if self.backend.static_span else self.cache_len + width)
+        layout = (state.mask.generation, state.inputs.generation)
         if state.runner is None or state.layout != layout:
-            state.runner, state.layout = GraphRunner(forward, self.device), layout
+            state.runner, state.layout = GraphRunner(state.staged_forward, self.device), layout
         return state.runner.run(width)
 
     @torch.inference_mode()
@@ -233,23 +236,25 @@ class TransformersTarget:
         n, start = len(tokens), self.cache_len
         width = self._width(n)
         pad = width - n
-        inputs = self.state.inputs
-        inputs.stage(list(tokens) + [0] * pad, [start + d for d in depths] + [start] * pad,
-                     range(start, start + width), padded_ancestor_mask(parents, width))
-        window = self.backend.sliding_window is not None
-        self.state.mask.update(start, inputs.block(width), inputs.positions(width)[0] if window else None)
+        state, inputs = self.state, self.state.inputs
         padded = self.backend.pass_width is not None
+        rows = list(range(n)) if logits_rows is None else list(logits_rows)
+        inputs.stage(list(tokens) + [0] * pad, [start + d for d in depths] + [start] * pad,
+                     range(start, start + width), padded_ancestor_mask(parents, width), rows)
+        window = self.backend.sliding_window is not None
+        state.mask.update(start, inputs.block(width), inputs.positions(width)[0] if window else None)
+        span = state.num_slots if self.backend.static_span else start + width
         if padded:  # every row through the output head: one kernel shape for every pass
-            logits, hidden = self._run(width, padded)
-            rows = self.state.inputs.stage_rows(range(n) if logits_rows is None else list(logits_rows))
-            logits, hidden = logits.index_select(0, rows), hidden.index_select(0, rows) if hidden is not None else None
-        else:
-            rows = None if logits_rows is None else torch.tensor(list(logits_rows), dtype=torch.long)
-            logits, hidden = self._forward(inputs.ids(width), inputs.positions(width), inputs.slots(width),
-                                           self.state.mask.buffer[:width, : start + width],
-                                           0 if rows is None else rows.to(self.device))
-            if hidden is not None and rows is not None:
-                hidden = hidden.index_select(0, rows.to(self.device))
+            logits, hidden = self._run(width)
+            picked = inputs.rows(len(rows))
+            logits = logits.index_select(0, picked)
+            hidden = hidden.index_select(0, picked) if hidden is not None else None
+        else:  # the output head only for the rows read, as plain decoding does
+            keep = 0 if logits_rows is None else inputs.rows(len(rows))
+            logits, hidden = state.forward(inputs.ids(width), inputs.positions(width), inputs.slots(width),
+                                           state.mask.buffer[:width, :span], keep)
+            if hidden is not None and logits_rows is not None:
+                hidden = hidden.index_select(0, inputs.rows(len(rows)))
         self._pending = n
         return Scores(logits.float(), hidden)
 

@@ -48,9 +48,9 @@ def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict
     policy = _policy(target, "draft", params, options)
     num_tokens = options.get("num_tokens") or (8 if policy is not None else None)
     if draft is None:  # the draft distilled from the default model ships with hasten
-        from hasten.draft_head import shipped_draft_proposer
+        from hasten.proposers.reduced_draft import shipped_draft_proposer
 
-        return shipped_draft_proposer(target, params, num_tokens, generator, policy)
+        return shipped_draft_proposer(target.backend, params, num_tokens, generator, policy)
     return DraftModelProposer(draft.backend, params, num_tokens=num_tokens or 6, generator=generator, policy=policy)
 
 

@@ -7,8 +7,9 @@ import torch
 from tiny_gguf import write_tiny_gguf
 
 from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
-from hasten.draft_gguf import cached_export
-from hasten.draft_head import build_draft, load_draft_backend, load_draft_on, save_draft
+from hasten.draft.backend import load_draft_backend
+from hasten.draft.gguf_export import cached_export
+from hasten.draft.model import build_draft, load_draft_on, save_draft
 from hasten.errors import HastenError
 from hasten.models import load_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hasten.draft_head import load_draft_dir, trainable_state
+from hasten.draft.model import load_draft_dir, trainable_state
 from hasten.errors import HastenError
 from hasten.training import draft as draft_training
 from hasten.training import draft_batches

@@ -6,6 +6,7 @@ import torch
 
 from hasten.adaptive.chooser import DraftPolicy
 from hasten.backends.base import ModelBackend
+from hasten.draft.backend import shipped_draft
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.sampling import SamplingParams
 
@@ -33,3 +34,13 @@ class ReducedVocabDraftProposer(DraftModelProposer):
         full = torch.full((self.vocab_size,), float("-inf"), dtype=logits.dtype)
         full[self.vocab_ids] = logits
         return full
+
+
+def shipped_draft_proposer(target: ModelBackend, params: SamplingParams, num_tokens: int | None,
+                           generator: torch.Generator | None,
+                           policy: DraftPolicy | None = None) -> ReducedVocabDraftProposer:
+    """``--method draft`` on the default model without ``--draft-model``: the shipped draft (loaded once)."""
+    draft, vocab_ids, config = shipped_draft(target)
+    return ReducedVocabDraftProposer(draft, vocab_ids, target.vocab_size, params,
+                                     num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator,
+                                     policy=policy)

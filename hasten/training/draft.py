@@ -1,4 +1,4 @@
-"""``hasten train draft``: distil a small reduced-vocabulary draft (``hasten.draft_head``) from the target's answers.
+"""``hasten train draft``: distil a small reduced-vocabulary draft (``hasten.draft``) from the target's answers.
 
 Data is either a ``hasten train data`` directory (soft labels: the target's top-K log-probs) or a directory of
 token-only answer files such as ``../shared/data/distill-smollm2`` (hard labels: the target's own next token),
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hasten.draft_head import CONFIG, WEIGHTS, build_draft, load_draft_dir, read_draft_dir, save_draft, trainable_state
+from hasten.draft.model import CONFIG, WEIGHTS, build_draft, load_draft_dir, read_draft_dir, save_draft, trainable_state
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.training.draft_batches import batch_loss, collate, evaluate, length_batches

@@ -4,12 +4,12 @@ The draft shares the target's input embeddings (not stored) and its output head 
 restricted to ``vocab_ids``, the most frequent tokens of the target's answers (not stored either: only the ids).
 What is stored is the trained layers and final norm (safetensors) plus a JSON config, a few MB in fp16.
 Its logits cover ``vocab_ids`` only; ``ReducedVocabDraftProposer`` maps them back to the full vocabulary.
+``hasten.draft.backend`` runs it (torch, or its GGUF export on llama.cpp).
 """
 
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from hasten.adaptive.chooser import DraftPolicy
 from hasten.backends.base import ModelBackend
 from hasten.backends.transformers_target import TransformersModel
 from hasten.errors import HastenError
-from hasten.models import LoadedModel
-from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
-from hasten.sampling import SamplingParams
 
-SHIPPED_DRAFT = Path(__file__).parent / "artifacts" / "draft"
+SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "artifacts" / "draft"
 WEIGHTS = "draft.safetensors"
 CONFIG = "config.json"
-GGUF_WEIGHTS = "f16"  # the exported draft's layer weights on llama.cpp (f16: the stored precision)
 
 
 DRAFT_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -122,7 +117,7 @@ def _load_layers(draft: LlamaForCausalLM, tensors: dict[str, torch.Tensor], dire
     draft.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
 
 
-def _check_fits(config: dict[str, Any], vocab_ids: torch.Tensor, hidden: int, vocab: int, directory) -> None:
+def check_fits(config: dict[str, Any], vocab_ids: torch.Tensor, hidden: int, vocab: int, directory) -> None:
     if config["hidden_size"] != hidden or int(vocab_ids.max()) >= vocab:
         raise HastenError(f"the draft in {directory} was not trained for this target (hidden size or vocabulary)")
 
@@ -130,7 +125,7 @@ def _check_fits(config: dict[str, Any], vocab_ids: torch.Tensor, hidden: int, vo
 def load_draft_dir(target: PreTrainedModel, directory: str | Path) -> tuple[LlamaForCausalLM, torch.Tensor, dict]:
     """Rebuild a saved draft on a transformers ``target``: returns (draft model, vocab ids, config)."""
     tensors, vocab_ids, config = read_draft_dir(directory)
-    _check_fits(config, vocab_ids, target.config.hidden_size, target.get_output_embeddings().weight.shape[0],
+    check_fits(config, vocab_ids, target.config.hidden_size, target.get_output_embeddings().weight.shape[0],
                 directory)
     draft = build_draft(target, vocab_ids, config["init_layers"])
     _load_layers(draft, tensors, directory)
@@ -142,43 +137,8 @@ def load_draft_on(target: ModelBackend, directory: str | Path) -> tuple[LlamaFor
     if isinstance(target, TransformersModel):
         return load_draft_dir(target.model, directory)
     tensors, vocab_ids, config = read_draft_dir(directory)
-    _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
+    check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
     head_rows = target.output_embeddings()[vocab_ids].contiguous()
     draft = assemble_draft(target.transformers_config(), target.input_embeddings(), head_rows, config["num_layers"])
     _load_layers(draft, tensors, directory)
     return draft.eval(), vocab_ids, config
-
-
-def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRAFT,
-                       weights: str = GGUF_WEIGHTS) -> tuple[ModelBackend, torch.Tensor, dict]:
-    """A saved draft as a backend the draft proposer runs: (backend, vocab ids, config).
-
-    On a llama.cpp target it is the draft exported to a reduced GGUF (written once to a cache) in its own llama.cpp
-    context, fed the target's token embeddings; on transformers, the torch draft.
-    """
-    if target.backend != "llamacpp":
-        draft, vocab_ids, config = load_draft_on(target, directory)
-        return TransformersModel(draft), vocab_ids, config
-    from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
-    from hasten.draft_gguf import cached_export
-
-    tensors, vocab_ids, config = read_draft_dir(directory)
-    _check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
-    path = target.path  # type: ignore[attr-defined]
-    exported = cached_export(directory, path, weights)
-    return ReducedDraftModel(exported, path, threads=getattr(target, "threads", None)), vocab_ids, config
-
-
-_SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def shipped_draft_proposer(target: LoadedModel, params: SamplingParams, num_tokens: int | None,
-                           generator: torch.Generator | None,
-                           policy: DraftPolicy | None = None) -> ReducedVocabDraftProposer:
-    """``--method draft`` on the default model without ``--draft-model``: the shipped draft (loaded once)."""
-    if target.backend not in _SHIPPED:
-        _SHIPPED[target.backend] = load_draft_backend(target.backend, SHIPPED_DRAFT)
-    draft, vocab_ids, config = _SHIPPED[target.backend]
-    return ReducedVocabDraftProposer(draft, vocab_ids, target.vocab_size, params,
-                                     num_tokens=num_tokens or config.get("num_tokens", 4), generator=generator,
-                                     policy=policy)

@@ -113,8 +113,8 @@ def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, targ
 def cached_export(directory: str | Path, target: str | Path, weights: str = "f16", cache: Path | None = None
                   ) -> Path:
     """The draft in ``directory`` exported onto ``target``, from the cache when it was written before."""
-    from hasten.draft_head import CONFIG, read_draft_dir
-    from hasten.draft_head import WEIGHTS as STORED
+    from hasten.draft.model import CONFIG, read_draft_dir
+    from hasten.draft.model import WEIGHTS as STORED
 
     directory, target = Path(directory), Path(target)
     digest = hashlib.sha256()

@@ -1,0 +1,44 @@
+"""The distilled draft as a backend the draft proposer runs: torch on transformers, its GGUF export on llama.cpp."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+
+from hasten.backends.base import ModelBackend
+from hasten.backends.transformers_target import TransformersModel
+from hasten.draft.model import SHIPPED_DRAFT, check_fits, load_draft_on, read_draft_dir
+
+GGUF_WEIGHTS = "f16"  # the exported draft's layer weights on llama.cpp (f16: the stored precision)
+
+
+def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRAFT,
+                       weights: str = GGUF_WEIGHTS) -> tuple[ModelBackend, torch.Tensor, dict]:
+    """A saved draft as a backend the draft proposer runs: (backend, vocab ids, config).
+
+    On a llama.cpp target it is the draft exported to a reduced GGUF (written once to a cache) in its own llama.cpp
+    context, fed the target's token embeddings; on transformers, the torch draft.
+    """
+    if target.backend != "llamacpp":
+        draft, vocab_ids, config = load_draft_on(target, directory)
+        return TransformersModel(draft), vocab_ids, config
+    from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
+    from hasten.draft.gguf_export import cached_export
+
+    tensors, vocab_ids, config = read_draft_dir(directory)
+    check_fits(config, vocab_ids, target.hidden_size, target.vocab_size, directory)
+    path = target.path  # type: ignore[attr-defined]
+    exported = cached_export(directory, path, weights)
+    return ReducedDraftModel(exported, path, threads=getattr(target, "threads", None)), vocab_ids, config
+
+
+_SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shipped_draft(target: ModelBackend) -> tuple[ModelBackend, torch.Tensor, dict]:
+    """The draft that ships with hasten, distilled from the default model, on ``target`` (loaded once per model)."""
+    if target not in _SHIPPED:
+        _SHIPPED[target] = load_draft_backend(target, SHIPPED_DRAFT)
+    return _SHIPPED[target]

@@ -9,7 +9,7 @@ one after another inside the step, which keeps the outputs and the bookkeeping t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from hasten.adaptive.chooser import DraftPolicy
 from hasten.backends.base import Scores, Target
@@ -67,8 +67,3 @@ class BatchDecoder:
             generation.stats.wall_s += elapsed
         self.active = [g for g in self.active if not g.finished]
         return out
-
-    def run(self) -> Iterator[list[tuple[Generation, list[int]]]]:
-        """Step until every generation has finished."""
-        while self.active:
-            yield self.step()

@@ -68,10 +68,6 @@ class CostModel:
         self.millis[i] += ONLINE_WEIGHT * (millis - self.millis[i])
         self.millis = shaped(self.widths, self.millis)
 
-    def relative(self) -> dict[int, float]:
-        """Cost of each measured width relative to a one-token pass."""
-        return {w: m / self.millis[0] for w, m in zip(self.widths, self.millis, strict=True)}
-
     def to_json(self) -> dict:
         return {"key": self.key, "widths": self.widths, "millis": self.millis}
 

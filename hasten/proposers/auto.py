@@ -19,10 +19,10 @@ import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
-from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.base import Proposal, Proposer, StepOutcome, accepted_if_drafted, last_accepted_capped
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import NgramPool
-from hasten.proposers.prompt_lookup import PromptLookupProposer, streak
+from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.proposers.redrafter import ReDrafterProposer
 from hasten.redrafter.head import ReDrafterHead
 from hasten.tree import TokenTree, merge_paths
@@ -53,8 +53,8 @@ class AutoProposer(Proposer):
         self.lookup = PromptLookupProposer(num_tokens=num_tokens, max_ngram=4, min_ngram=1, branches=3)
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
         self.sources: Counter = Counter()
-        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
-        self._last: int | None = None
+        self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
+        self._last_accepted: int | None = None  # the last step's accepted count (None: it drafted nothing)
         self._tail: list[int] = []
         self.draft_source = CostlySource("draft")  # the draft's chain runs while the tokens only it finds pay
 
@@ -64,18 +64,18 @@ class AutoProposer(Proposer):
         self._tail = context[-(POOL_NGRAM - 1) :]
         if self.redrafter is not None:
             self.redrafter.start(context, hidden)
-        self._sent, self._last = None, None
+        self._offered, self._last_accepted = None, None
         self.sources = Counter()
         if self.draft is not None:
             self.draft.start(context, None)
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        self._sent = None
+        self._offered = None
         depth = min(self.num_tokens, max_depth)
         if depth <= 0:
             return Proposal(TokenTree())
-        last = streak(self._last)
+        last = last_accepted_capped(self._last_accepted)
         paths: list[list[int]] = []
         features: list[list[Feature]] = []
         ngram, found = self.lookup.matches(context, depth)
@@ -100,17 +100,17 @@ class AutoProposer(Proposer):
         tree, node_features = self.policy.choose(tree, node_features)
         for node in node_features:
             self.sources.update({feature[0] for feature in node})
-        self._sent = (tree, node_features)
+        self._offered = (tree, node_features)
         return Proposal(tree)
 
     def update(self, outcome: StepOutcome) -> None:
-        if self._sent is not None:
-            tree, features = self._sent
+        if self._offered is not None:
+            tree, features = self._offered
             self.policy.learn(tree, features, outcome)
             for source in self._costly():  # credit each with the accepted tokens only it proposed
                 alone = sum(all(f[0] == source.name for f in features[node]) for node in outcome.accepted_nodes)
                 source.credit(self.policy, alone)
-            self._last = len(outcome.accepted) if len(tree) else None
+            self._last_accepted = accepted_if_drafted(tree, outcome)
         if self.draft is not None:
             self.draft.rollback(outcome.accepted)
         new = [*outcome.accepted, outcome.next_token]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hasten.tree import TokenTree
+
+if TYPE_CHECKING:
+    from hasten.adaptive.chooser import DraftPolicy
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Proposer:
 
     name = "ar"
     needs_hidden = False  # ask the target for last-layer hidden states
+    policy: DraftPolicy | None = None  # an adaptive proposer's policy (None: fixed sizes)
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         """A new sequence: ``context`` ends with the root; ``hidden`` is the target's state before the root."""
@@ -58,4 +63,19 @@ class Proposer:
 
     def stats(self) -> dict[str, float]:
         """Method-specific statistics of the generation so far (reported beside the common ones)."""
-        return {}
+        return self.policy.stats() if self.policy is not None else {}
+
+
+def accepted_if_drafted(tree: TokenTree, outcome: StepOutcome) -> int | None:
+    """A step's accepted count, None when it drafted nothing (what the next step's features are told)."""
+    return len(outcome.accepted) if len(tree) else None
+
+
+def last_accepted_capped(accepted: int | None) -> int:
+    """The last step's accepted count as a feature: -1 when it drafted nothing, else capped at 3."""
+    return -1 if accepted is None else min(accepted, 3)
+
+
+def last_hidden(hidden: torch.Tensor | None) -> torch.Tensor | None:
+    """The target's hidden state at the last scored row, None if it gave none."""
+    return None if hidden is None or hidden.numel() == 0 else hidden[-1]

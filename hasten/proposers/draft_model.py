@@ -48,19 +48,19 @@ class DraftModelProposer(Proposer):
         self.draft_ms = 0.0
         self._drafted = 0
         self._chain: list[int] = []  # the tokens drafted this step
-        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
+        self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
         self._drafted, self._chain = 0, []
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        self._sent = None
+        self._offered = None
         tokens, rows, features = self.draft_chain(context, min(self.num_tokens, max_depth), self.params.greedy)
         tree = TokenTree.chain(tokens, torch.stack(rows) if rows else None)
         if self.policy is not None:
             tree, features = self.policy.choose(tree, features)
-            self._sent = (tree, features)
+            self._offered = (tree, features)
         return Proposal(tree)
 
     def draft_chain(self, context: list[int], k: int, greedy: bool
@@ -121,12 +121,9 @@ class DraftModelProposer(Proposer):
         return logits
 
     def update(self, outcome: StepOutcome) -> None:
-        if self.policy is not None and self._sent is not None:
-            self.policy.learn(*self._sent, outcome)
+        if self.policy is not None and self._offered is not None:
+            self.policy.learn(*self._offered, outcome)
         self.rollback(outcome.accepted)
-
-    def stats(self) -> dict[str, float]:
-        return self.policy.stats() if self.policy is not None else {}
 
     def rollback(self, accepted: list[int]) -> None:
         """Keep the draft's cache for the drafted tokens the target accepted (a prefix of the chain; another

@@ -22,8 +22,14 @@ import torch
 from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.errors import HastenError
-from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
-from hasten.proposers.prompt_lookup import streak
+from hasten.proposers.base import (
+    ExtraBranch,
+    Proposal,
+    Proposer,
+    StepOutcome,
+    accepted_if_drafted,
+    last_accepted_capped,
+)
 from hasten.tree import TokenTree, merge_paths
 
 # The window scores W * (N - 1) = 8 tokens and the guesses at most G * (N - 1) = 8 (fewer once merged).
@@ -124,7 +130,7 @@ class LookaheadProposer(Proposer):
     def stats(self) -> dict[str, float]:
         stats = {"pool_hit_rate": self.hit_rate, "guess_rate": self.guess_rate, "pool_ngrams": float(len(self.pool)),
                  "window_rate": self.window_steps / self.steps if self.steps else 0.0}
-        return stats | (self.policy.stats() if self.policy is not None else {})
+        return stats | super().stats()
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._rng = random.Random(self.seed)
@@ -134,9 +140,9 @@ class LookaheadProposer(Proposer):
         self.columns = [self._seed_column() for _ in range(self.window)]
         self._sent_window = False
         self._guessed = False
-        self._sent: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None
+        self._offered: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None  # + each node's origin
         self.window_source = CostlySource("window")  # the window costs pass width; pooled guesses pay it back
-        self._last: int | None = None
+        self._last_accepted: int | None = None
         self.steps = self.guess_steps = self.hit_steps = self.accepted = self.window_steps = 0
 
     def _seed_column(self) -> list[int]:
@@ -149,7 +155,7 @@ class LookaheadProposer(Proposer):
         return history[start : start + height]
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        self._sent = None
+        self._offered = None
         if max_depth <= 0:
             self._sent_window = self._guessed = False
             return Proposal(TokenTree())
@@ -160,12 +166,13 @@ class LookaheadProposer(Proposer):
             tree = TokenTree.from_paths(paths)
             self._sent_window = fits
         else:
-            features = [[("pool", d, rank, origin == "window", streak(self._last)) for d in range(1, len(path) + 1)]
+            last = last_accepted_capped(self._last_accepted)
+            features = [[("pool", d, rank, origin == "window", last) for d in range(1, len(path) + 1)]
                         for rank, (path, origin) in enumerate(found)]
             tree, node_features = merge_paths(paths, features)
             tree, node_features = self.policy.choose(tree, node_features)
             origins = [any(f[3] for f in node) for node in node_features]
-            self._sent = (tree, node_features, origins)
+            self._offered = (tree, node_features, origins)
             self._sent_window = fits and self.window_source.should_run(self.policy, self._window_ms(len(tree)))
         self._guessed = len(tree) > 0
         self.window_steps += self._sent_window
@@ -189,12 +196,12 @@ class LookaheadProposer(Proposer):
                            list(range(top, top + self.window)))
 
     def update(self, outcome: StepOutcome) -> None:
-        if self.policy is not None and self._sent is not None:
-            tree, features, origins = self._sent
+        if self.policy is not None and self._offered is not None:
+            tree, features, origins = self._offered
             self.policy.learn(tree, features, outcome)
             if self._sent_window:  # credit the window with the accepted tokens of n-grams it found
                 self.window_source.credit(self.policy, sum(origins[node] for node in outcome.accepted_nodes))
-            self._last = len(outcome.accepted) if len(tree) else None
+            self._last_accepted = accepted_if_drafted(tree, outcome)
         new = [*outcome.accepted, outcome.next_token]
         self.steps += 1
         self.guess_steps += self._guessed

@@ -6,13 +6,8 @@ import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.errors import HastenError
-from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.base import Proposal, Proposer, StepOutcome, accepted_if_drafted, last_accepted_capped
 from hasten.tree import TokenTree, merge_paths
-
-
-def streak(accepted: int | None) -> int:
-    """How the last step went, as a feature: -1 nothing drafted, else its accepted drafts (capped at 3)."""
-    return -1 if accepted is None else min(accepted, 3)
 
 
 class PromptLookupProposer(Proposer):
@@ -38,14 +33,14 @@ class PromptLookupProposer(Proposer):
         self.min_ngram = min_ngram
         self.branches = branches
         self.policy = policy
-        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
-        self._last: int | None = None
+        self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
+        self._last_accepted: int | None = None  # the last step's accepted count (None: it drafted nothing)
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
-        self._sent, self._last = None, None
+        self._offered, self._last_accepted = None, None
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        self._sent = None
+        self._offered = None
         depth = min(self.num_tokens, max_depth)
         if depth <= 0:
             return Proposal(TokenTree())
@@ -55,27 +50,20 @@ class PromptLookupProposer(Proposer):
         features = [[self.feature(d, ngram, rank) for d in range(1, len(path) + 1)] for rank, path in enumerate(paths)]
         tree, node_features = merge_paths(paths, features)
         tree, node_features = self.policy.choose(tree, node_features)
-        self._sent = (tree, node_features)
+        self._offered = (tree, node_features)
         return Proposal(tree)
 
     def feature(self, depth: int, ngram: int, rank: int) -> Feature:
-        return ("pld", depth, ngram, min(rank, 2), streak(self._last))
+        return ("pld", depth, ngram, min(rank, 2), last_accepted_capped(self._last_accepted))
 
     def update(self, outcome: StepOutcome) -> None:
-        if self._sent is None:
-            self._last = None
+        if self._offered is None:
+            self._last_accepted = None
             return
-        tree, features = self._sent
+        tree, features = self._offered
         if self.policy is not None:
             self.policy.learn(tree, features, outcome)
-        self._last = len(outcome.accepted) if len(tree) else None
-
-    def stats(self) -> dict[str, float]:
-        return self.policy.stats() if self.policy is not None else {}
-
-    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
-        """Continuations after the most recent matches of the longest matching tail n-gram."""
-        return self.matches(context, depth)[1]
+        self._last_accepted = accepted_if_drafted(tree, outcome)
 
     def matches(self, context: list[int], depth: int) -> tuple[int, list[list[int]]]:
         """The longest matching tail n-gram's length and the continuations after its most recent matches."""

@@ -12,7 +12,7 @@ from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
-from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.base import Proposal, Proposer, StepOutcome, last_hidden
 from hasten.redrafter.beam import beam_search
 from hasten.redrafter.head import ReDrafterHead
 from hasten.tree import TokenTree, merge_paths
@@ -77,22 +77,22 @@ class ReDrafterProposer(Proposer):
         self.tree_stats = TreeStats()
         self.policy = policy
         self._hidden: torch.Tensor | None = None
-        self._sent: tuple[TokenTree, list[list[Feature]]] | None = None
+        self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
         self.search = CostlySource("head")  # the beam search runs while its tokens are worth its time
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
-        self._hidden = None if hidden is None or hidden.numel() == 0 else hidden[-1]
+        self._hidden = last_hidden(hidden)
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
-        self._sent = None
+        self._offered = None
         paths, features = self.draft_beams(context, max_depth)
         if not paths:
             return Proposal(TokenTree())
         tree, node_features = merge_paths(paths, features)
         if self.policy is not None:
             tree, node_features = self.policy.choose(tree, node_features)
-            self._sent = (tree, node_features)
+            self._offered = (tree, node_features)
         self.tree_stats.steps += 1
         self.tree_stats.beam_tokens += sum(len(path) for path in paths)
         self.tree_stats.tree_tokens += len(tree)
@@ -115,14 +115,14 @@ class ReDrafterProposer(Proposer):
             "beam_tokens_per_step": self.tree_stats.beam_tokens / steps,
             "tree_tokens_per_step": self.tree_stats.tree_tokens / steps,
             "tree_saving": self.tree_stats.saving,
-        } | (self.policy.stats() if self.policy is not None else {})
+        } | super().stats()
 
     def update(self, outcome: StepOutcome) -> None:
-        if self.policy is not None and self._sent is not None:
-            self.policy.learn(*self._sent, outcome)
+        if self.policy is not None and self._offered is not None:
+            self.policy.learn(*self._offered, outcome)
             self.search.credit(self.policy, len(outcome.accepted))
-        self._sent = None
-        self._hidden = None if outcome.hidden is None else outcome.hidden[-1]
+        self._offered = None
+        self._hidden = last_hidden(outcome.hidden)
 
 
 _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

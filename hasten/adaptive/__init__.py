@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, SourceGain
 from hasten.adaptive.cost import CostModel, cost_model_for
+from hasten.backends.base import ModelBackend
 
-if TYPE_CHECKING:  # a type only: hasten.models sits above adaptive drafting (tests/test_architecture.py)
-    from hasten.models import LoadedModel
+
+class NamedModel(Protocol):
+    """What adaptive drafting needs of a loaded model (``hasten.models.LoadedModel`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def backend(self) -> ModelBackend: ...
+
+    @property
+    def path(self) -> Path | None: ...
 
 
 @dataclass
@@ -33,7 +45,7 @@ class AdaptiveState:
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def adaptive_state(loaded: LoadedModel) -> AdaptiveState:
+def adaptive_state(loaded: NamedModel) -> AdaptiveState:
     """The adaptive state of ``loaded``'s model; its cost curve is calibrated, or read from disk, on first use."""
     state = _STATES.get(loaded.backend)
     if state is None:
@@ -44,7 +56,7 @@ def adaptive_state(loaded: LoadedModel) -> AdaptiveState:
     return state
 
 
-def draft_policy(loaded: LoadedModel, source: str, greedy: bool) -> DraftPolicy:
+def draft_policy(loaded: NamedModel, source: str, greedy: bool) -> DraftPolicy:
     """A fresh policy for one generation over the model's cost curve and the source's acceptance model."""
     state = adaptive_state(loaded)
     assert state.cost is not None

@@ -18,12 +18,25 @@ import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hasten.adaptive.cost import CostModel
-from hasten.proposers.base import StepOutcome
 from hasten.tree import ROOT, TokenTree, subtree
 
 Feature = Hashable
+
+
+class VerifiedStep(Protocol):
+    """What a policy learns from one verified step (``hasten.proposers.base.StepOutcome`` is one)."""
+
+    @property
+    def accepted_nodes(self) -> list[int]: ...  # tree indices of the accepted tokens
+
+    @property
+    def pass_width(self) -> int: ...  # tokens the target pass scored
+
+    @property
+    def pass_ms(self) -> float: ...  # its wall time
 
 
 EXPLORE = 0.5  # width of the optimism bonus, in standard errors
@@ -181,7 +194,7 @@ class DraftPolicy:
         """Predicted ms of a pass where this sequence scores ``width`` tokens (a batch's others included)."""
         return self.cost(width + self.batch_width)
 
-    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: StepOutcome) -> None:
+    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: VerifiedStep) -> None:
         """Learn from one verified step: acceptance of what was sent, and the pass's real cost."""
         self.acceptance.learn(tree, features, outcome.accepted_nodes)
         if outcome.pass_ms > 0:

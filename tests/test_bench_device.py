@@ -129,3 +129,29 @@ def test_the_bench_runs_on_cuda_with_the_anchors():
     for label, entry in res["methods"].items():
         assert entry["errors"] == [] and entry["exact"] is True, (label, entry["errors"], entry["mismatches"])
         assert entry["same_as_hf_generate"] is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_device_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
+    from hasten.cli import main
+
+    assert main(["bench", "--device", "cuda", "--methods", "ar", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hasten: error:") and "no CUDA GPU" in err[0]
+
+
+def test_bench_passes_the_device_and_dtype_to_the_model(tmp_path, capsys):
+    import json
+
+    from hasten.cli import main
+
+    folder = tmp_path / "tiny"
+    loaded = tiny_loaded(seed=4)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(folder), "--device", "cpu", "--dtype", "bfloat16", "--methods",
+                 "ar,hf_generate", "--limit", "1", "--max-new-tokens", "4", "--warmup", "0", "--no-progress",
+                 "--out", str(out)]) == 0
+    info = json.loads((out / "results.json").read_text())["backends"]["transformers"]
+    assert info["device"] == "cpu" and info["dtype"] == "bfloat16"

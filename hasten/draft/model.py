@@ -77,7 +77,7 @@ def build_draft(target: PreTrainedModel, vocab_ids: torch.Tensor, init_layers: l
     draft.model.norm.load_state_dict(target.model.norm.state_dict())
     draft.model.embed_tokens.weight.requires_grad_(False)
     draft.generation_config.eos_token_id = target.generation_config.eos_token_id
-    return draft.to(target.dtype).eval()
+    return draft.to(device=target.device, dtype=target.dtype).eval()  # beside the target's shared embeddings
 
 
 def trainable_state(draft: LlamaForCausalLM) -> dict[str, torch.Tensor]:

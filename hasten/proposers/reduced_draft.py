@@ -31,7 +31,9 @@ class ReducedVocabDraftProposer(DraftModelProposer):
         self.vocab_size = vocab_size
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        full = torch.full((self.vocab_size,), float("-inf"), dtype=logits.dtype)
+        if self.vocab_ids.device != logits.device:
+            self.vocab_ids = self.vocab_ids.to(logits.device)
+        full = torch.full((self.vocab_size,), float("-inf"), dtype=logits.dtype, device=logits.device)
         full[self.vocab_ids] = logits
         return full
 

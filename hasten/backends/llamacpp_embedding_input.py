@@ -1,6 +1,6 @@
 """A llama.cpp model fed input embeddings instead of token ids: the reduced-vocabulary distilled draft.
 
-The exported draft (``hasten/draft_gguf.py``) holds only its 8192 output rows; its inputs are the target GGUF's
+The exported draft (``hasten/draft/gguf_export.py``) holds only its 8192 output rows; its inputs are the target GGUF's
 token embeddings, read here and passed through ``llama_batch.embd``.
 """
 

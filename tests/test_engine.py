@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from conftest import EOS, greedy_reference, random_prompts, tiny_model
 
-from hasten.backends.base import tree_depths
-from hasten.backends.transformers_target import TransformersModel, ancestor_mask
+from hasten.backends.transformers_target import TransformersModel
 from hasten.engine import DecodeStats, Generation, pass_layout, run
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer
 from hasten.sampling import SamplingParams
-from hasten.tree import ROOT, TokenTree
+from hasten.tree import ROOT, TokenTree, ancestor_mask, tree_depths
 
 GREEDY = SamplingParams()
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 from tiny_gguf import EOS, write_tiny_gguf
 
-from hasten.backends.base import tree_depths
 from hasten.backends.llamacpp_model import LlamaCppModel
 from hasten.backends.llamacpp_tree_layout import kept_path_sequence, tree_sequences
 from hasten.errors import HastenError
+from hasten.tree import tree_depths
 
 VOCAB = 96
 

@@ -28,7 +28,8 @@ ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of i
 OUTLIER = 3.0  # a pass this many times off its prediction (preempted, or a cold cache) teaches nothing
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -87,16 +88,17 @@ class CostModel:
             return None
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU model."""
+    return torch.cuda.getdevice_name(device) if device.type == "cuda" else cpu_name()
 
 
 def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str:
     """What a cost curve depends on: backend, model, threads, CPU, and the device, dtype, attention
     implementation and graph mode it runs with (so a CPU curve is never reused on a GPU, nor fp32 for bf16)."""
     device = torch.device(getattr(backend, "device", "cpu"))
-    parts = [backend.backend, model_name, str(threads), _cpu_name(), str(os.cpu_count()), str(device),
-             _device_name(device), str(getattr(backend, "dtype", torch.float32)),
+    parts = [backend.backend, model_name, str(threads), cpu_name(), str(os.cpu_count()), str(device),
+             device_name(device), str(getattr(backend, "dtype", torch.float32)),
              str(getattr(backend, "attention", "")), f"graphs={bool(getattr(backend, 'graphs', False))}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 

@@ -15,10 +15,6 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
-# Re-exported for the backends that still import them from here; they live in ``hasten.tree``.
-from hasten.tree import is_chain as is_chain
-from hasten.tree import tree_depths as tree_depths
-
 
 @dataclass
 class Scores:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from hasten.backends.base import is_chain, tree_depths
+from hasten.tree import is_chain, tree_depths
 
 
 class PassPlan(NamedTuple):

@@ -31,7 +31,7 @@ from hasten.backends.cuda_graphs import GraphRunner, Outputs
 from hasten.backends.pass_inputs import PassInputs
 from hasten.backends.static_kv import StaticKV, TreeMask, causal_block, padded_ancestor_mask, window_mask
 from hasten.errors import HastenError
-from hasten.tree import ancestor_mask, tree_depths
+from hasten.tree import tree_depths
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids (checked in the tests).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"})
@@ -42,7 +42,7 @@ CUDA_PASS_WIDTH = 64  # every pass on CUDA is padded to this width (wider ones t
 MAX_GRAPH_WIDTH = 256  # wider passes run eagerly
 SLOT_ALIGNMENT = 64  # cache slots (the mask's last dimension) rounded up: fused attention kernels want aligned rows
 
-__all__ = ["TransformersModel", "TransformersTarget", "ancestor_mask", "check_supported"]
+__all__ = ["TransformersModel", "TransformersTarget", "check_supported"]
 
 
 def check_supported(model: PreTrainedModel) -> None:

@@ -6,26 +6,14 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from hasten.adaptive.cost import CostModel
+from hasten.adaptive.cost import CostModel, cpu_name, device_name
 from hasten.bench.anchors import static_mode
 from hasten.bench.records import BASELINE, label_for
 from hasten.models import LoadedModel
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_info(model: LoadedModel) -> dict[str, Any]:
@@ -36,7 +24,7 @@ def device_info(model: LoadedModel) -> dict[str, Any]:
     dtype = getattr(backend, "dtype", None)
     info = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None,
         "graph_mode": "cuda-graphs" if getattr(backend, "graphs", False) else "eager",
     }
@@ -66,7 +54,7 @@ def machine_info(primary: str, backends: Mapping[str, dict[str, Any]]) -> dict[s
     """The platform, Python, torch, threads, the CPU model and the GPU (None without one), and the backends."""
     return {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(),
+            "cpu_model": cpu_name(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cuda": torch.version.cuda,
             "backend": primary, "backends": list(backends),

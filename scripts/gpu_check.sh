@@ -70,15 +70,18 @@ step install-hasten python -m pip install --no-deps --no-build-isolation -e .
 
 # The CUDA-marked tests (the slow one loads the default model; HASTEN_CUDA_MODEL points it at the GGUF).
 export HASTEN_CUDA_MODEL="$MODEL"
+# The files that hold CUDA-marked tests and import nothing of llama.cpp (the GPU machine has no llama-cpp-python).
+CUDA_TESTS=(tests/test_static_cache.py tests/test_device.py tests/test_verify.py tests/test_sampling.py
+            tests/test_device_sampling.py tests/test_redrafter_device.py tests/test_bench_device.py)
 step pytest-cuda timeout "$TEST_TIMEOUT" python -m pytest -q -m cuda -p no:cacheprovider \
-    --junitxml="$OUT/pytest-cuda.xml" tests/test_static_cache.py tests/test_device.py \
+    --junitxml="$OUT/pytest-cuda.xml" "${CUDA_TESTS[@]}" \
     > >(tee "$OUT/pytest-cuda.txt") 2>&1
 
 # The bench: hasten's methods against ar and transformers' anchors, on the GPU.
 help=$(hasten bench --help 2>/dev/null || true)
 device_flag=()
 grep -q -- "--device" <<<"$help" && device_flag=(--device cuda)  # else load_model's auto picks the GPU anyway
-methods="ar,pld,lookahead,auto,hf_generate"
+methods="ar,pld,lookahead,draft,redrafter,auto,hf_generate,hf_pld"
 grep -q "hf_static" <<<"$help" && methods="$methods,hf_static"
 step bench timeout "$BENCH_TIMEOUT" hasten bench --model "$MODEL" --backend transformers "${device_flag[@]}" \
     --methods "$methods" --limit "$BENCH_LIMIT" --max-new-tokens 128 --warmup 1 --no-progress --out "$OUT/bench" \
@@ -87,7 +90,7 @@ step bench timeout "$BENCH_TIMEOUT" hasten bench --model "$MODEL" --backend tran
 # Always possible: the script's own syntax and the CPU side of the marked tests (they skip without a GPU).
 if [ "$DRY_RUN" = 1 ]; then
     bash -n "$0" && echo "syntax: ok" >> "$OUT/summary.txt"
-    python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_cache.py tests/test_device.py 2>&1 \
+    python -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TESTS[@]}" 2>&1 \
         | tail -1 | sed 's/^/cpu-side cuda-marked tests: /' >> "$OUT/summary.txt"
 fi
 cat "$OUT/summary.txt"

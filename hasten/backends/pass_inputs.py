@@ -47,32 +47,38 @@ class PassInputs:
         """Fill the first ``w = len(ids)`` entries of each buffer; ``block`` is bool (w, w) on the host; ``rows``
         (at most w) are the rows whose outputs are read."""
         width = len(ids)
-        if width > self.size:
-            self._allocate(max(width, 2 * self.size))
-            self.generation += 1
-        self._host_ready()
+        self._reserve(width)
         for row, values in ((0, ids), (1, positions), (2, slots), (5, rows)):
-            count = len(values)
-            self.host_ints[row, :count] = torch.as_tensor(values, dtype=torch.long)
-            self._send(self.host_ints[row, :count], self.ints[row, :count])
+            self._write(row, values)
         self.host_block[: width * width] = block.reshape(-1)
         self._send(self.host_block[: width * width], self.block_flat[: width * width])
-        if self._copied is not None:
-            self._copied.record()
+        self._sent()
 
     def stage_moves(self, source: Sequence[int], destination: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors of cache slots to move (a commit of a path that is not a prefix)."""
         count = len(source)
+        self._reserve(count)
+        self._write(3, source)
+        self._write(4, destination)
+        self._sent()
+        return self.ints[3, :count], self.ints[4, :count]
+
+    def _reserve(self, count: int) -> None:
+        """Room for ``count`` entries (regrown if needed), and host buffers free to write."""
         if count > self.size:
             self._allocate(max(count, 2 * self.size))
             self.generation += 1
         self._host_ready()
-        for row, values in ((3, source), (4, destination)):
-            self.host_ints[row, :count] = torch.as_tensor(values, dtype=torch.long)
-            self._send(self.host_ints[row, :count], self.ints[row, :count])
+
+    def _write(self, row: int, values: Sequence[int]) -> None:
+        count = len(values)
+        self.host_ints[row, :count] = torch.as_tensor(values, dtype=torch.long)
+        self._send(self.host_ints[row, :count], self.ints[row, :count])
+
+    def _sent(self) -> None:
+        """Mark the copies just queued, so the next staging waits for them before writing the host buffers."""
         if self._copied is not None:
             self._copied.record()
-        return self.ints[3, :count], self.ints[4, :count]
 
     def rows(self, count: int) -> torch.Tensor:
         """The pass rows whose outputs are returned (staged with the pass)."""

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hasten.errors import HastenError
+from hasten.server.unsupported import refusal
 
 log = logging.getLogger("hasten.server")
 
@@ -56,7 +57,11 @@ def generation_error(error: Exception) -> APIError:
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """FastAPI's 422 details turned into one OpenAI-style 400."""
+    """FastAPI's 422 details turned into one OpenAI-style 400 (unsupported fields first, all of them named)."""
+    extra = [tuple(error["loc"][1:]) for error in errors if error.get("type") == "extra_forbidden"]
+    if extra:
+        message, param, code = refusal(extra)
+        return APIError(400, message, param=param, code=code)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")

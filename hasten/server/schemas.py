@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hasten.server.unsupported import MESSAGE, REQUEST, Unsupported, drop_neutral
 
 MAX_N = 16  # choices per request: bounds the work one request can queue
 MAX_STOP = 4  # stop strings, as OpenAI allows
@@ -14,8 +16,16 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class _Strict(BaseModel):
-    # Unknown fields (logprobs, presence_penalty, tools, ...) are ignored, as many OpenAI-compatible servers do.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    """No coercion and no unknown field; an ``UNSUPPORTED`` field is dropped when its value asks for nothing,
+    and refused (as unknown) otherwise."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    UNSUPPORTED: ClassVar[dict[str, Unsupported]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        return drop_neutral(data, cls.UNSUPPORTED)
 
 
 class ContentPart(_Strict):
@@ -24,6 +34,8 @@ class ContentPart(_Strict):
 
 
 class Message(_Strict):
+    UNSUPPORTED = MESSAGE
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart]
     name: str | None = None
@@ -36,10 +48,20 @@ class Message(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted; no obfuscation field is sent
+
+
+class Prediction(_Strict):
+    """A predicted output: it only speeds generation up at OpenAI, never changes it; accepted and ignored."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
 
 
 class GenerationRequest(_Strict):
     """Fields shared by chat and text completions, plus hasten's ``method`` and ``top_k``."""
+
+    UNSUPPORTED = REQUEST
 
     model: str | None = None
     max_tokens: PositiveInt | None = None
@@ -53,6 +75,16 @@ class GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     method: str | None = None
+    # Accepted and ignored: they cannot change the generated text.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None  # without tools (refused) it means nothing
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    prediction: Prediction | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -96,10 +96,11 @@ def test_empty_or_missing_file_is_an_error(tmp_path):
 def test_shipped_prompt_set():
     assert shipped_prompts_path().is_file()
     prompts = read_prompts()
-    assert len(prompts) == 42
+    assert len(prompts) == 52
     categories = {p.category for p in prompts}
-    assert categories == {"chat", "code", "summarization", "math", "translation", "rag", "qa"}
+    assert categories == {"chat", "code", "summarization", "math", "translation", "rag", "qa", "structured"}
     assert sum(len(p.turns) > 1 for p in prompts) >= 3
+    assert {p.category for p in prompts if p.response_format is not None} == {"structured"}
 
 
 def test_balanced_subset_covers_categories_in_file_order():

@@ -1,12 +1,15 @@
-"""Benchmark prompts: Spec-Bench JSONL (``question_id``, ``category``, ``turns``) or the simple ``prompt`` form."""
+"""Benchmark prompts: Spec-Bench JSONL (``question_id``, ``category``, ``turns``) or the simple ``prompt`` form,
+each with an optional ``response_format`` (the OpenAI object) that constrains its answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from hasten.bench.structured import ResponseFormat, check_response_format
 from hasten.errors import HastenError
 
 SHIPPED = "bench_prompts.jsonl"
@@ -15,11 +18,13 @@ DEFAULT_CATEGORY = "general"
 
 @dataclass(frozen=True)
 class BenchPrompt:
-    """One benchmark question: its id, category and user turns (more than one turn = a conversation)."""
+    """One benchmark question: its id, category and user turns (more than one turn = a conversation), and the
+    ``response_format`` every answer must follow (None: free text)."""
 
     question_id: str | int
     category: str
     turns: tuple[str, ...]
+    response_format: ResponseFormat | None = field(default=None, hash=False)
 
 
 def shipped_prompts_path() -> Path:
@@ -51,7 +56,13 @@ def _parse(record: object, where: str, line_number: int) -> BenchPrompt:
     category = record.get("category", DEFAULT_CATEGORY)
     if not isinstance(category, str) or not category.strip():
         raise HastenError(f"{where}: 'category' must be a non-empty string")
-    return BenchPrompt(question_id, category.strip(), tuple(turns))
+    response_format = record.get("response_format")
+    if response_format is not None:
+        try:
+            check_response_format(response_format)
+        except HastenError as error:
+            raise HastenError(f"{where}: {error}") from None
+    return BenchPrompt(question_id, category.strip(), tuple(turns), response_format)
 
 
 def read_prompts(path: str | Path | None = None) -> list[BenchPrompt]:
@@ -105,3 +116,24 @@ def balanced_subset(prompts: list[BenchPrompt], limit: int | None) -> list[Bench
                 chosen.append(queue[depth])
         depth += 1
     return [prompts[index] for index in sorted(chosen)]
+
+
+def select_categories(prompts: list[BenchPrompt], categories: list[str] | None) -> list[BenchPrompt]:
+    """The prompts of the given categories (all when None), in file order; an unknown category is an error."""
+    if categories is None:
+        return list(prompts)
+    known = list(dict.fromkeys(p.category for p in prompts))
+    unknown = [c for c in categories if c not in known]
+    if unknown or not categories:
+        raise HastenError(f"--category: no prompts in {', '.join(map(repr, unknown)) or 'an empty list'} "
+                          f"(categories: {', '.join(known)})")
+    return [p for p in prompts if p.category in categories]
+
+
+def with_response_format(prompts: list[BenchPrompt], response_format: ResponseFormat | None) -> list[BenchPrompt]:
+    """``response_format`` given to every prompt without its own (prompts with their own keep theirs)."""
+    if response_format is None:
+        return list(prompts)
+    check_response_format(response_format)
+    return [p if p.response_format is not None else dataclasses.replace(p, response_format=response_format)
+            for p in prompts]

@@ -45,6 +45,9 @@ MALFORMED: list[tuple[str, str]] = [  # (endpoint, raw body): each must get a 4x
     ("/v1/completions", '{"prompt": ""}'),
     ("/v1/completions", '{"prompt": "hi", "top_p": 2}'),
     ("/v1/completions", '{"prompt": [999999999]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}'),
+    ("/v1/completions", '{"prompt": "hi", "echo": true, "stream": true}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}'),
 ]
 
 
@@ -266,8 +269,9 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace, max_batch: int, port: int) -> subprocess.Popen:
     """``hasten serve`` in a subprocess (its standard error to a temporary file); returns once ``/health`` answers."""
     command = [sys.executable, "-m", "hasten.cli", "serve", "--model", args.model, "--backend", args.backend,
-               "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(args.max_queue or args.clients),
-               "--method", args.method, "--log-level", "warning"]
+               "--port", str(port), "--max-batch", str(max_batch), "--method", args.method, "--log-level", "warning"]
+    if args.max_queue:
+        command += ["--max-queue", str(args.max_queue)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     log = tempfile.TemporaryFile("w+")
@@ -334,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated: one server and run per value, in order (8,1 or 1,8,1,8)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed requests, one at a time, before each run (first-use costs)")
-    parser.add_argument("--max-queue", type=int, default=None, help="the server's queue (default: --clients)")
+    parser.add_argument("--max-queue", type=int, default=None, help="the server's queue (default: hasten serve's)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32, help="requests to send in all (each run)")
     parser.add_argument("--duration", type=float, default=None, help="seconds after which no request starts")

@@ -289,6 +289,7 @@ def test_load_queue_full_is_a_clean_503(slow_base):
             assert response.status_code == 503
             error = response.json()["error"]
             assert error["code"] == "queue_full" and set(error) == {"message", "type", "param", "code"}
+            assert int(response.headers["retry-after"]) >= 1
     assert ok + rejected == len(prompts) and ok >= 1 and rejected >= 1
 
     assert httpx.get(f"{slow_base}/health", timeout=10).json()["status"] == "ok"

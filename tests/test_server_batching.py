@@ -212,6 +212,7 @@ def test_a_full_queue_behind_a_full_batch_is_a_503(tiny):
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": prompts[0], "max_tokens": 4}, timeout=30)
         assert time.monotonic() - began < 2.0
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
         assert health(url)["batch_size"] == 2  # --max-batch holds while two wait
         for thread in threads:
             thread.join(60)

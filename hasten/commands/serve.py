@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from hasten.commands.common import add_model_options, load_options, method_options
 from hasten.errors import HastenError
 from hasten.models import load_model
-from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+from hasten.server.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 
 if TYPE_CHECKING:
     import uvicorn
@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-queue", type=int, default=8,
-                        help="requests that may wait for room in the batch; more get 503 at once")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait for room in the batch (default {DEFAULT_MAX_QUEUE}); more get "
+                             "503 with Retry-After at once")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help=f"generations decoded together, one shared pass per step (default {DEFAULT_MAX_BATCH}; "
                              "1 = one at a time)")

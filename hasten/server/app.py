@@ -21,7 +21,7 @@ from hasten.sampling import SamplingParams
 from hasten.server.errors import APIError, add_error_handlers, queue_full
 from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
 from hasten.server.jobs import Closed, Delta, Failed, Finished, Job, Message, Started
-from hasten.server.limits import DEFAULT_MAX_BATCH, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+from hasten.server.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 from hasten.server.metrics import Metrics
 from hasten.server.middleware import BodyLimit, RequestCounter
 from hasten.server.schemas import ChatRequest, CompletionRequest, GenerationRequest
@@ -73,7 +73,7 @@ class ClientGone(Exception):
 
 
 def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedModel | None = None,
-               max_queue: int = 8, *, default_max_tokens: int = 256, model_name: str | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, *, default_max_tokens: int = 256, model_name: str | None = None,
                method_options: dict[str, Any] | None = None, max_generations: int = MAX_GENERATIONS,
                max_tokens_limit: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                keepalive_s: float = KEEPALIVE_S, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
@@ -81,7 +81,7 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
 
     The worker batches continuously: up to ``max_batch`` generations (choices of the running requests) advance
     together, one shared target pass per step; new requests join at the next step while there is room.
-    ``max_queue`` requests may wait for room; more are refused with 503 at once. One request may ask
+    ``max_queue`` requests may wait for room; more are refused at once with 503 and ``Retry-After``. One request may ask
     for at most ``max_generations`` generations (prompts x n) of at most ``max_tokens_limit`` tokens each (default
     and ceiling: the context minus 1; a request without max_tokens gets ``default_max_tokens`` within it), in a
     body of at most ``max_body_bytes`` (413 beyond). A stream waiting in the queue gets an SSE comment every

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hasten.errors import HastenError
+from hasten.server.limits import RETRY_AFTER_S
 from hasten.server.unsupported import refusal
 
 log = logging.getLogger("hasten.server")
@@ -32,7 +33,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        """The JSON response; a 503 (an overloaded or stopping server) says when to retry."""
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def queue_full(max_queue: int) -> APIError:

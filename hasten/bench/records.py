@@ -40,6 +40,8 @@ class RunRecord:
     prompt_ids: list[list[int]] = field(default_factory=list)  # one list per turn (kept in results for ar only)
     exact: bool | None = None
     error: str | None = None
+    json_valid: bool | None = None  # every answer parses and validates (None: the question is not constrained)
+    json_error: str | None = None  # why the first answer that does not (its turn, when there are several)
 
 
 def label_for(method: str, backend: str, primary: str) -> str:

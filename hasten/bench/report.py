@@ -28,11 +28,17 @@ def _primary_baseline(results: dict[str, Any]) -> str:
     return f"{backend} ar" if backend else "ar"
 
 
+def _valid(part: dict[str, Any] | None) -> str:
+    return "n/a" if part is None else f"{part['valid']}/{part['answers']}"
+
+
 def table(results: dict[str, Any]) -> str:
-    """The leaderboard: one row per method, the speedup over the primary ``ar`` per category, then overall figures."""
+    """The leaderboard: one row per method, the speedup over the primary ``ar`` per category, then overall figures
+    (and, when some questions are constrained, how many of their answers are valid)."""
     categories = results["categories"]
+    constrained = bool(results.get("constrained"))
     header = ["method", *categories, "overall", "vs own ar", "oracle", "tokens/pass", "tokens/s", "draft ms/step",
-              "drafted/step", "plain steps", "exact"]
+              "drafted/step", "plain steps", "exact", *(["valid JSON"] if constrained else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in results["methods"].items():
         cells = [method]
@@ -41,6 +47,7 @@ def table(results: dict[str, Any]) -> str:
                   _num(entry.get("oracle"), suffix="x"), _num(entry["mean_accepted"]),
                   _num(entry["tokens_per_s"], 1), _num(entry.get("draft_ms_per_step"), 2),
                   _num(entry.get("mean_drafted")), _share(entry.get("plain_steps")), _exact(entry["exact"])]
+        cells += [_valid(entry.get("structured"))] if constrained else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,6 +156,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         parts += [f"- {m} gives the same tokens as hf_generate on {100 * share:.0f}% of the questions"
                   for m, share in hf.items()]
         parts.append("")
+    parts += structured_section(results)
     mismatched = {m: e for m, e in results["methods"].items() if e["mismatches"]}
     if mismatched:
         parts.append("## Outputs that differ from their backend's ar")
@@ -160,6 +168,23 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         parts += [f"- {warning}" for warning in results["warnings"]]
         parts.append("")
     return "\n".join(parts)
+
+
+def structured_section(results: dict[str, Any]) -> list[str]:
+    """The constrained questions' answers that do not parse or validate, per method (no lines when none are
+    constrained)."""
+    constrained = results.get("constrained")
+    if not constrained:
+        return []
+    lines = ["## Structured answers", "",
+             f"{len(constrained)} question(s) carry a response_format; `valid JSON` above counts the answers that "
+             "parse and validate against it.", ""]
+    invalid = {m: e["structured"]["invalid"] for m, e in results["methods"].items()
+               if e.get("structured") and e["structured"]["invalid"]}
+    if not invalid:
+        return [*lines, "Every answer checked is valid.", ""]
+    lines += [f"- {m}: question {bad['question_id']}: {bad['error']}" for m, rows in invalid.items() for bad in rows]
+    return [*lines, ""]
 
 
 def _pyplot() -> Any:

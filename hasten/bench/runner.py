@@ -30,6 +30,7 @@ from hasten.bench.oracle import source_for
 from hasten.bench.prompts import BenchPrompt
 from hasten.bench.records import BASELINE, Run, RunRecord, add_stats, label_for
 from hasten.bench.scoring import baselines_by_backend, hf_reference, score_exactness
+from hasten.bench.structured import answer_error, is_constrained
 from hasten.bench.summary import References, oracle_runs, summarise_method
 from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
@@ -115,11 +116,17 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     """All turns of one question with one method; each later turn sees the method's own earlier answers.
 
     Only the generation call is timed (``perf_counter`` around it, prefill included), the same for every method;
-    on CUDA the clock first waits for the device's queued work.
+    on CUDA the clock first waits for the device's queued work. A question with a ``response_format`` passes it to
+    every turn's generation, and each answer is checked against it (``json_valid``, ``json_error``).
     """
     record = RunRecord(prompt.question_id, prompt.category, label or method, loaded.backend.backend)
     clock = clock_for(getattr(loaded.backend, "device", "cpu"))
     anchor = method in ANCHORS
+    constrained = is_constrained(prompt.response_format)
+    if anchor and constrained:
+        raise HastenError(f"{method} cannot follow a response_format (question {prompt.question_id!r})")
+    formats = {} if prompt.response_format is None else {"response_format": prompt.response_format}
+    invalid: list[str] = []
     passes_total = drafted = accepted = 0
     draft_total = prefill_total = 0.0
     messages: list[dict[str, str]] = []
@@ -144,7 +151,8 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
                 forget_prompts()
             began = clock()
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
-                              top_k=params.top_k, top_p=params.top_p, seed=seed, **options_for(method, options))
+                              top_k=params.top_k, top_p=params.top_p, seed=seed, **formats,
+                              **options_for(method, options))
             record.wall_s += clock() - began
             tokens, passes = result.token_ids, result.target_passes
             draft_total += result.draft_s
@@ -158,7 +166,11 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
         passes_total += passes
         answer = str(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
         messages.append({"role": "assistant", "content": answer})
+        if constrained and (why := answer_error(answer, prompt.response_format or {})) is not None:
+            invalid.append(why if len(prompt.turns) == 1 else f"turn {turn_index + 1}: {why}")
     record.target_passes = passes_total
+    if constrained:
+        record.json_valid, record.json_error = not invalid, (invalid[0] if invalid else None)
     if anchor:
         record.drafted_tokens = record.accepted_drafts = record.draft_s = record.prefill_s = None
     else:
@@ -184,13 +196,16 @@ def run_all(runs: list[Run], models: Mapping[str, LoadedModel], prompts: list[Be
             max_new_tokens: int, temperature: float, seed: int, options: dict[str, Any], draft: LoadedModel | None,
             progress: bool) -> dict[str, list[RunRecord]]:
     """Every run on every question, by label: after ``warmup`` untimed questions, each question is run by every
-    run in turn, the order rotating from one question to the next. A run that fails records its error."""
+    run in turn, the order rotating from one question to the next. A run that fails records its error. Anchors
+    leave out constrained questions (``unconstrained_anchors``): they get no record there."""
     by_label = {run.label: run for run in runs}
     llamacpp = {run.label: LlamaCppAnchor(run.method, models[run.backend]) for run in runs
                 if run.method in LLAMACPP_ANCHORS}
 
-    def one(label: str, prompt: BenchPrompt, index: int) -> RunRecord:
+    def one(label: str, prompt: BenchPrompt, index: int) -> RunRecord | None:
         spec = by_label[label]
+        if spec.method in ANCHORS and is_constrained(prompt.response_format):
+            return None
         question_params = SamplingParams(temperature, 0, 1.0, seed + 1000 * index)
         try:
             return run_question(spec.method, models[spec.backend], prompt, max_new_tokens, question_params, options,
@@ -212,13 +227,32 @@ def run_all(runs: list[Run], models: Mapping[str, LoadedModel], prompts: list[Be
         for index, prompt in enumerate(prompts):
             for label in rotated(labels, index):
                 bar.set_postfix_str(f"{prompt.question_id} {label}")
-                records[label].append(one(label, prompt, index))
+                if (record := one(label, prompt, index)) is not None:
+                    records[label].append(record)
                 bar.update()
     finally:
         bar.close()
         for anchor in llamacpp.values():
             anchor.close()
     return records
+
+
+def unconstrained_anchors(runs: list[Run], prompts: list[BenchPrompt], skipped: dict[str, str],
+                          warnings: list[str]) -> list[Run]:
+    """The runs, anchors left out of constrained questions: other libraries' decoding is not constrained by a
+    ``response_format``. With only constrained questions the anchors are skipped; else a warning says which
+    questions they leave out (their rows measure the others)."""
+    constrained = [p.question_id for p in prompts if is_constrained(p.response_format)]
+    anchors = [run.label for run in runs if run.method in ANCHORS]
+    if not constrained or not anchors:
+        return runs
+    reason = "its library's decoding does not follow a response_format"
+    if len(constrained) == len(prompts):
+        skipped.update({label: f"{reason}, and every question has one" for label in anchors})
+        return [run for run in runs if run.method not in ANCHORS]
+    warnings.append(f"{', '.join(anchors)} left out the {len(constrained)} question(s) with a response_format "
+                    f"({', '.join(map(str, constrained))}): {reason}")
+    return runs
 
 
 def _check_arguments(prompts: list[BenchPrompt], max_new_tokens: int, warmup: int) -> None:
@@ -258,7 +292,9 @@ def run_bench(
     if draft is not None:
         options.setdefault("draft", draft)
     runs, skipped = resolve_methods(methods, models, params, options, draft)
-    warnings = [f"skipped {name}: {reason}" for name, reason in skipped.items()]
+    anchor_notes: list[str] = []
+    runs = unconstrained_anchors(runs, prompts, skipped, anchor_notes)
+    warnings = [f"skipped {name}: {reason}" for name, reason in skipped.items()] + anchor_notes
     if methods is not None and not any(name.partition("@")[0] == BASELINE for name in methods):
         warnings.append(f"added {BASELINE}: it is the baseline every speedup is measured against")
     if not params.greedy:
@@ -306,6 +342,7 @@ def run_bench(
         "warmup": len(prompts[:warmup]),
         "prompts": len(prompts),
         "categories": categories,
+        "constrained": [p.question_id for p in prompts if is_constrained(p.response_format)],
         "exactness_checked": exact_checked,
         "methods": summary,
         "skipped": skipped,

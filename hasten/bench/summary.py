@@ -112,6 +112,16 @@ def _drafting(run: Run, records: list[RunRecord], passes: int | None) -> dict[st
     return entry
 
 
+def structured(records: list[RunRecord]) -> dict[str, Any] | None:
+    """How many of the constrained questions' answers parse and validate, and why the others do not (None when
+    no question that ran was constrained)."""
+    checked = [r for r in records if r.error is None and r.json_valid is not None]
+    if not checked:
+        return None
+    return {"answers": len(checked), "valid": sum(bool(r.json_valid) for r in checked),
+            "invalid": [{"question_id": r.question_id, "error": r.json_error} for r in checked if not r.json_valid]}
+
+
 def summarise_method(run: Run, records: list[RunRecord], refs: References, *, primary: str, exact_checked: bool,
                      oracle: Mapping[QuestionId, OracleRun] | None, categories: list[str]) -> dict[str, Any]:
     """One method's entry of ``results.json``: overall figures, exactness, drafting, the oracle bound (``oracle``
@@ -128,6 +138,7 @@ def summarise_method(run: Run, records: list[RunRecord], refs: References, *, pr
         entry["same_as_hf_generate"] = share_equal(records, refs.hf_generate)
     entry |= _drafting(run, records, entry["target_passes"])
     entry |= oracle_bound(oracle, [r.question_id for r in records])
+    entry["structured"] = structured(records)
     parts: dict[str, Any] = {}
     for category in categories:
         chosen = [r for r in records if r.category == category]

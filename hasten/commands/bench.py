@@ -6,8 +6,9 @@ import argparse
 import shlex
 import sys
 
-from hasten.bench import balanced_subset, read_prompts, run_bench, write_report
+from hasten.bench import balanced_subset, read_prompts, run_bench, select_categories, with_response_format, write_report
 from hasten.bench.report import table
+from hasten.bench.structured import read_response_format
 from hasten.errors import HastenError
 from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
 from hasten.sampling import SamplingParams
@@ -44,7 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fixed-sizes", action="store_true",
                         help="every method drafts its fixed sizes (adaptive=False) instead of what the cost model says")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per turn")
+    parser.add_argument("--category", default=None, metavar="C[,C]",
+                        help="only the prompts of these categories (e.g. structured)")
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts, taken evenly across categories")
+    parser.add_argument("--response-format", default=None, metavar="json_object|FILE",
+                        help="constrain the answers of every prompt without its own response_format: json_object, "
+                             "or a JSON file holding a response_format object or a bare JSON schema; each answer "
+                             "is checked against it. Anchors leave those prompts out")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exactness is checked)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed questions run by every method first")
@@ -62,6 +69,15 @@ def parse_methods(text: str | None) -> list[str] | None:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise HastenError("--methods is empty")
+    return names
+
+
+def parse_categories(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise HastenError("--category is empty")
     return names
 
 
@@ -95,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     SamplingParams(args.temperature, 0, 1.0, args.seed)
     methods = parse_methods(args.methods)
     backends = parse_backends(args.backend, args.compare_backend)
-    prompts = balanced_subset(read_prompts(args.prompts), args.limit)
+    response_format = None if args.response_format is None else read_response_format(args.response_format)
+    prompts = select_categories(read_prompts(args.prompts), parse_categories(args.category))
+    prompts = with_response_format(balanced_subset(prompts, args.limit), response_format)
 
     import torch
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hasten.batching import BatchDecoder
 from hasten.engine import DecodeStats, Generation, run
 from hasten.errors import HastenError
+from hasten.grammar import Grammar, compile_constraint
+from hasten.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from hasten.methods import build_proposer
 from hasten.models import LoadedModel, encode_messages, encode_prompt
+from hasten.penalties import Penalties, PenaltyState
+from hasten.proposers.base import Proposer
 from hasten.sampling import SamplingParams
+from hasten.shaping import Shaper
 from hasten.text import IncrementalDetokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -36,6 +41,7 @@ class GenerationResult:
     draft_s: float = 0.0  # time in the proposer in all (its draft model's passes included)
     prefill_s: float = 0.0  # time of the prompt's pass
     method_stats: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,11 +49,13 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """A piece of a streamed generation; the last event carries ``result``."""
+    """A piece of a streamed generation; the last event carries ``result``. ``logprobs`` (when asked for)
+    has one entry per token id of the event."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def prompt_ids(loaded: LoadedModel, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -78,27 +86,52 @@ class Request:
     max_new_tokens: int
     stops: list[str]
     options: dict[str, Any]
+    penalties: Penalties = field(default_factory=Penalties)
+    constraint: Grammar | None = None
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: no logprobs
+
+
+def _top_logprobs(logprobs: bool, top_logprobs: int) -> int | None:
+    if not isinstance(logprobs, bool):
+        raise HastenError(f"logprobs must be true or false, got {logprobs!r}")
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or \
+            not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise HastenError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise HastenError("top_logprobs needs logprobs")
+    return top_logprobs if logprobs else None
 
 
 def make_request(loaded: LoadedModel, prompt: Prompt, method: str = "auto", *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0, logit_bias: Mapping[int, float] | None = None,
+                 response_format: Mapping[str, Any] | None = None, regex: str | None = None,
+                 grammar: str | None = None, logprobs: bool = False, top_logprobs: int = 0,
                  stop: Sequence[str] = (), chat: bool = True, **method_options: Any) -> Request:
     """Validate and tokenize one request (every error is a ``HastenError``, raised before any work)."""
-    params = SamplingParams(temperature, top_k, top_p, seed)
+    params = SamplingParams(temperature, top_k, top_p, seed, min_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise HastenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    penalties = Penalties(presence_penalty, frequency_penalty, repetition_penalty, dict(logit_bias or {}))
+    penalties.check_vocabulary(loaded.vocab_size)
+    constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, response_format, regex, grammar)
     return Request(prompt_ids(loaded, prompt, chat), method, params, max_new_tokens, [s for s in stop if s],
-                   method_options)
+                   method_options, penalties, constraint, _top_logprobs(logprobs, top_logprobs))
 
 
 def start_generation(loaded: LoadedModel, request: Request) -> Generation:
-    """The engine's state for a request: its proposer, its own target sequence, its generator."""
+    """The engine's state for a request: its proposer, its own target sequence, its generator, its shaper."""
     params = request.params
     generator = None if params.greedy else params.generator(getattr(loaded.backend, "device", "cpu"))
     proposer = build_proposer(request.method, loaded, params, generator, **request.options)
     target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
+    penalties = PenaltyState(request.penalties, request.ids, loaded.vocab_size) if request.penalties.active else None
+    grammar = request.constraint.matcher() if request.constraint is not None else None
+    jump_forward = type(proposer) is not Proposer  # ``ar`` stays plain decoding: one token a pass
+    shaper = Shaper(penalties, grammar, jump_forward) if penalties is not None or grammar is not None else None
     return Generation(target, proposer, request.ids, request.max_new_tokens, params, loaded.eos_token_ids,
-                      DecodeStats(), generator)
+                      DecodeStats(), generator, shaper, request.logprobs)
 
 
 class TextOutput:
@@ -108,8 +141,8 @@ class TextOutput:
     streamed answer never differs from the non-streamed one.
     """
 
-    def __init__(self, loaded: LoadedModel, request: Request) -> None:
-        self.loaded, self.request = loaded, request
+    def __init__(self, loaded: LoadedModel, request: Request, generation: Generation | None = None) -> None:
+        self.loaded, self.request, self.generation = loaded, request, generation
         self.detok = IncrementalDetokenizer(loaded.tokenizer)
         self.longest_stop = max((len(s) for s in request.stops), default=0)
         self.sent = 0  # characters of text already handed out
@@ -133,9 +166,14 @@ class TextOutput:
         ready = len(text) - max(self.longest_stop - 1, 0) if self.finish == "length" else len(text)
         if ready <= self.sent:
             return None
-        event = StreamEvent(text[self.sent : ready], self.detok.tokens[self.sent_tokens :])
+        event = StreamEvent(text[self.sent : ready], self.detok.tokens[self.sent_tokens :],
+                            logprobs=self._logprobs(self.sent_tokens, len(self.detok.tokens)))
         self.sent, self.sent_tokens = ready, len(self.detok.tokens)
         return event
+
+    def _logprobs(self, start: int, end: int) -> list[TokenLogprob]:
+        """The generation's logprobs of tokens ``start:end`` (empty when none were asked for)."""
+        return self.generation.logprobs[start:end] if self.generation is not None else []
 
     @property
     def stopped(self) -> bool:
@@ -166,19 +204,23 @@ class TextOutput:
             draft_s=stats.draft_s,
             prefill_s=stats.prefill_s,
             method_stats=generation.proposer.stats(),
+            logprobs=generation.logprobs[: len(tokens)] if generation.want_logprobs is not None else None,
         )
-        return StreamEvent(text[self.sent :], tokens[self.sent_tokens :], result)
+        return StreamEvent(text[self.sent :], tokens[self.sent_tokens :], result,
+                           generation.logprobs[self.sent_tokens : len(tokens)])
 
 
 def stream(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: Any) -> Iterator[StreamEvent]:
     """Generate with speculative decoding, yielding text as soon as it is final; the last event has the result.
 
-    Keyword arguments: ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``,
+    Keyword arguments: ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``min_p``,
+    ``seed``, ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``, ``logit_bias`` (token id ->
+    bias), ``response_format`` (OpenAI's), ``regex`` or ``grammar`` (Lark), ``logprobs`` and ``top_logprobs``,
     ``stop`` (strings), ``chat`` (apply the chat template to a string prompt), and the method's own options.
     """
     request = make_request(loaded, prompt, method, **kwargs)
     generation = start_generation(loaded, request)
-    output = TextOutput(loaded, request)
+    output = TextOutput(loaded, request, generation)
     first = generation.prefill()
     for chunk in run(generation, first):
         event = output.add(chunk)
@@ -208,7 +250,7 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[Prompt], method: str =
     outputs: dict[int, tuple[Generation, TextOutput]] = {}
     for request in requests:
         generation = start_generation(loaded, request)
-        output = TextOutput(loaded, request)
+        output = TextOutput(loaded, request, generation)
         outputs[id(generation)] = (generation, output)
         output.add(batch.add(generation))
         if output.stopped:

@@ -10,8 +10,10 @@ import torch
 
 from hasten.backends.base import Scores, Target
 from hasten.errors import HastenError
+from hasten.logprobs import TokenLogprob, token_logprobs
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams
+from hasten.shaping import PreparedTree, Shaper
 from hasten.tree import ROOT, TokenTree
 from hasten.verify import verify
 
@@ -81,11 +83,15 @@ class Generation:
     keeps the accepted path in the cache, tells the proposer, and returns the new tokens. The root, the last
     context token, is never in the cache before a pass: each pass scores it and the drafted tree, and the
     accepted path (root included) is what stays.
+
+    A ``shaper`` (penalties, a grammar) reshapes each verified row by its own path and prepares the tree;
+    ``logprobs`` (the number of alternatives, 0 included) records each new token's ``TokenLogprob``.
     """
 
     def __init__(self, target: Target, proposer: Proposer, prompt_ids: list[int], max_new_tokens: int,
                  params: SamplingParams, eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                 stats: DecodeStats | None = None, generator: torch.Generator | None = None) -> None:
+                 stats: DecodeStats | None = None, generator: torch.Generator | None = None,
+                 shaper: Shaper | None = None, logprobs: int | None = None) -> None:
         if not prompt_ids:
             raise HastenError("the prompt is empty")
         if max_new_tokens < 1:
@@ -103,7 +109,11 @@ class Generation:
         self.context = list(prompt_ids)
         self.produced = 0
         self.finished = False
+        self.shaper = shaper
+        self.want_logprobs = logprobs
+        self.logprobs: list[TokenLogprob] = []
         self._proposal: Proposal | None = None
+        self._prepared: PreparedTree | None = None
         self._layout: PassLayout | None = None
 
     def prefill(self) -> list[int]:
@@ -115,10 +125,10 @@ class Generation:
         self.stats.prefill_s += elapsed
         self.stats.wall_s += elapsed
         self.stats.target_passes += 1
-        first = verify(TokenTree(), scores.logits[-1:], self.params, self.generator).next_token
+        first = verify(TokenTree(), scores.logits[-1:], self.params, self.generator, self.shaper).next_token
         hidden = scores.hidden[-1:] if scores.hidden is not None else None
         self.proposer.start([*self.context, first], hidden)
-        return self._append([first])
+        return self._append([first], scores.logits[-1:])
 
     def begin_step(self) -> PassLayout:
         """The proposer's tree for this step, laid out as one target pass."""
@@ -126,18 +136,27 @@ class Generation:
         began = time.perf_counter()
         self._proposal = self.proposer.propose(self.context, room)
         self.stats.draft_s += time.perf_counter() - began
-        self._layout = pass_layout(self._proposal, self.context[-1])
+        prepared = self._prepare(self._proposal.tree, room)
+        self._prepared = prepared
+        self._layout = pass_layout(Proposal(prepared.tree, self._proposal.extra), self.context[-1])
         return self._layout
+
+    def _prepare(self, tree: TokenTree, room: int) -> PreparedTree:
+        """The tree the target scores: the proposer's, or the shaper's version of it (forced tokens, pruning)."""
+        if self.shaper is None:
+            return PreparedTree(tree, list(range(len(tree))))
+        return self.shaper.prepare(tree, room)
 
     def end_step(self, scores: Scores, pass_ms: float, pass_width: int | None = None) -> list[int]:
         """Verify the pass, keep the accepted path, update the proposer; the step's new tokens.
 
         ``pass_width`` is the width of the whole pass when other sequences shared it (default: this one's).
         """
-        assert self._proposal is not None and self._layout is not None, "begin_step() first"
+        assert self._proposal is not None and self._prepared is not None and self._layout is not None, \
+            "begin_step() first"
         proposal, layout, stats = self._proposal, self._layout, self.stats
-        tree = proposal.tree
-        verdict = verify(tree, scores.logits[: len(tree) + 1], self.params, self.generator)
+        tree, origin = self._prepared.tree, self._prepared.origin
+        verdict = verify(tree, scores.logits[: len(tree) + 1], self.params, self.generator, self.shaper)
         keep = [0, *(node + 1 for node in verdict.accepted)]
         self.target.commit(keep)
         accepted = [tree.tokens[node] for node in verdict.accepted]
@@ -152,18 +171,26 @@ class Generation:
         hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
         extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
         began = time.perf_counter()
-        self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, verdict.accepted,
+        # The proposer hears of its own nodes only (forced tokens it did not draft are accepted tokens all the same).
+        own = [origin[node] for node in verdict.accepted]
+        own_nodes = [node for node in own[: own.index(None) if None in own else len(own)] if node is not None]
+        self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, own_nodes,
                                          pass_width or len(layout.tokens), pass_ms))
         stats.draft_s += time.perf_counter() - began
-        self._proposal = self._layout = None
-        return self._append(new)
+        self._proposal = self._prepared = self._layout = None
+        return self._append(new, scores.logits[keep])
 
-    def _append(self, new: list[int]) -> list[int]:
-        """Add a pass's new tokens to the context, cut at an end of sequence and at ``max_new_tokens``."""
+    def _append(self, new: list[int], rows: torch.Tensor) -> list[int]:
+        """Add a pass's new tokens to the context, cut at an end of sequence and at ``max_new_tokens``;
+        ``rows`` holds the target's logits that produced each of them."""
         ended = next((i for i, tok in enumerate(new) if tok in self.eos_token_ids), None)
         if ended is not None:
             new = new[: ended + 1]
         new = new[: self.max_new_tokens - self.produced]
+        if self.want_logprobs is not None:
+            self.logprobs += token_logprobs(rows[: len(new)], new, self.want_logprobs)
+        if self.shaper is not None:
+            self.shaper.commit(new)
         self.context.extend(new)
         if self.target.cache_len > len(self.context) - 1:  # tokens after an end or the length cut: not kept
             self.target.truncate(len(self.context) - 1)
@@ -186,9 +213,11 @@ def decode(
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
     stats: DecodeStats | None = None,
     generator: torch.Generator | None = None,
+    shaper: Shaper | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step until ``max_new_tokens``, an end-of-sequence token or the context ends."""
-    generation = Generation(target, proposer, prompt_ids, max_new_tokens, params, eos_token_ids, stats, generator)
+    generation = Generation(target, proposer, prompt_ids, max_new_tokens, params, eos_token_ids, stats, generator,
+                            shaper)
     first = generation.prefill()
     return run(generation, first)
 

@@ -18,13 +18,15 @@ _BIN, _BINS = 0.125, 256
 class SamplingParams:
     """Greedy decoding when ``temperature < MIN_TEMPERATURE`` (1e-5, so 0 included, as vLLM treats them);
     otherwise sampling from the temperature / top-k / top-p distribution (``top_k == 0`` and ``top_p == 1``
-    disable those filters; they act as transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``).
+    disable those filters; they act as transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``), then
+    ``min_p`` (0 disables it): tokens less likely than ``min_p`` times the most likely one go (``MinPLogitsWarper``).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
@@ -35,6 +37,8 @@ class SamplingParams:
             raise HastenError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise HastenError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise HastenError(f"min_p must be in [0, 1], got {self.min_p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -57,9 +61,17 @@ class SamplingParams:
             return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         logits = logits / self.temperature
         if logits.dim() == 1:
-            return self._row_probs(logits)
+            return self._min_p(self._row_probs(logits))
         rows = logits.reshape(-1, logits.shape[-1])
-        return torch.stack([self._row_probs(row) for row in rows]).reshape(logits.shape)
+        return torch.stack([self._min_p(self._row_probs(row)) for row in rows]).reshape(logits.shape)
+
+    def _min_p(self, probs: torch.Tensor) -> torch.Tensor:
+        """Drop tokens below ``min_p`` times the top probability and renormalize (a ratio, so the same whether
+        taken before or after top-k / top-p renormalized the row)."""
+        if self.min_p <= 0:
+            return probs
+        kept = torch.where(probs >= self.min_p * probs.max(), probs, probs.new_zeros(()))
+        return kept / kept.sum()
 
     def _row_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """One row, without sorting the vocabulary: top-k through ``topk`` (ties at the k-th value kept, as in

@@ -16,12 +16,20 @@ from the root; at each node try its children in order:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from hasten.sampling import SamplingParams, sample, uniform
 from hasten.tree import ROOT, TokenTree
+
+
+class RowShaper(Protocol):
+    """Reshapes one row of the target's logits given the drafted tokens on the path to it (``Shaper``)."""
+
+    def shape(self, logits: torch.Tensor, path: Sequence[int]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -37,14 +45,38 @@ def verify(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    shaper: RowShaper | None = None,
 ) -> Verdict:
-    """Accept a root-to-node path of ``tree``; ``logits`` has one row for the root then one per node."""
+    """Accept a root-to-node path of ``tree``; ``logits`` has one row for the root then one per node.
+
+    With a ``shaper`` (penalties, grammar), each visited row is first reshaped by the tokens on its own path.
+    """
     children = tree.children()
-    if params.greedy:
+    if params.greedy and shaper is None:
         return _verify_greedy(tree, children, logits)
+    rows = _ShapedRows(tree, logits, shaper)
+    if params.greedy:
+        return _verify_greedy_shaped(tree, children, rows)
     if generator is None:
         raise ValueError("sampling needs a generator")
-    return _verify_sampling(tree, children, logits, params, generator)
+    return _verify_sampling(tree, children, rows, params, generator)
+
+
+class _ShapedRows:
+    """The row of each tree node as the sampler sees it (reshaped by its path when there is a shaper)."""
+
+    def __init__(self, tree: TokenTree, logits: torch.Tensor, shaper: RowShaper | None) -> None:
+        self.tree, self.logits, self.shaper = tree, logits, shaper
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        row = self.logits[node + 1]
+        if self.shaper is None:
+            return row
+        path: list[int] = []
+        while node != ROOT:
+            path.append(self.tree.tokens[node])
+            node = self.tree.parents[node]
+        return self.shaper.shape(row, path[::-1])
 
 
 def _verify_greedy(tree: TokenTree, children: dict[int, list[int]], logits: torch.Tensor) -> Verdict:
@@ -60,17 +92,30 @@ def _verify_greedy(tree: TokenTree, children: dict[int, list[int]], logits: torc
         node = match
 
 
+def _verify_greedy_shaped(tree: TokenTree, children: dict[int, list[int]], rows: _ShapedRows) -> Verdict:
+    """The greedy walk one row at a time: each row is reshaped by its own path before its argmax."""
+    accepted: list[int] = []
+    node = ROOT
+    while True:
+        wanted = int(rows[node].argmax())
+        match = next((c for c in children.get(node, ()) if tree.tokens[c] == wanted), None)
+        if match is None:
+            return Verdict(accepted, wanted)
+        accepted.append(match)
+        node = match
+
+
 def _verify_sampling(
     tree: TokenTree,
     children: dict[int, list[int]],
-    logits: torch.Tensor,
+    rows: _ShapedRows,
     params: SamplingParams,
     generator: torch.Generator,
 ) -> Verdict:
     accepted: list[int] = []
     node = ROOT
     while True:
-        q = params.probs(logits[node + 1])
+        q = params.probs(rows[node])
         chosen = None
         for child in children.get(node, ()):
             token = tree.tokens[child]

@@ -30,11 +30,15 @@ LAYERS: dict[str, int] = {
     "hasten.errors": 1,
     "hasten.tree": 1,
     "hasten.sampling": 1,
+    "hasten.penalties": 1,
+    "hasten.logprobs": 1,
+    "hasten.grammar": 1,
     "hasten.backends.base": 1,
     # 2. The backends: llama.cpp and transformers behind that protocol.
     "hasten.backends": 2,
     # 3. The pieces proposers are made of: verification, the adaptive chooser, ReDrafter's head, the draft model.
     "hasten.verify": 3,
+    "hasten.shaping": 3,
     "hasten.adaptive": 3,
     "hasten.redrafter": 3,
     **{module: 3 for module in DRAFT_MODEL_MODULES},

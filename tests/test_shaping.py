@@ -1,0 +1,202 @@
+"""Penalties, logit bias, min_p and grammars under speculation: each row shaped by its own path, losslessly."""
+
+import llguidance
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from test_sampling_lossless import assert_same_distribution
+
+from hasten.backends import TransformersModel, TransformersTarget
+from hasten.engine import DecodeStats, decode
+from hasten.errors import HastenError
+from hasten.grammar import Grammar
+from hasten.logprobs import token_logprobs
+from hasten.penalties import Penalties, PenaltyState
+from hasten.proposers.base import Proposer
+from hasten.proposers.draft_model import DraftModelProposer
+from hasten.proposers.prompt_lookup import PromptLookupProposer
+from hasten.sampling import SamplingParams
+from hasten.shaping import Shaper
+from hasten.tree import ROOT, TokenTree
+
+VOCAB = 12
+EOS = 1
+PROMPT = [3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 3, 4]
+DRAWS = 3000
+# A byte per token: ids 2..11 are the letters a..j (0 and 1 are specials, 1 the end of sequence).
+LETTERS = [b"<s>", b"</s>", *(bytes([ord("a") + i]) for i in range(VOCAB - 2))]
+
+
+class _LetterTokenizer:
+    """The smallest tokenizer llguidance reads: one letter per token."""
+
+    eos_token_id, bos_token_id = EOS, 0
+    tokens = LETTERS
+    special_token_ids = [0, 1]
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        return [LETTERS.index(bytes([b])) for b in data if bytes([b]) in LETTERS]
+
+
+def letter_grammar(regex: str) -> Grammar:
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_LetterTokenizer()))
+    return Grammar(llguidance.LLMatcher.grammar_from_regex(regex), tokenizer, VOCAB)
+
+
+def ids(letters: str) -> list[int]:
+    return [LETTERS.index(letter.encode()) for letter in letters]
+
+
+# --- the rules, one row at a time ---------------------------------------------------------------------------
+
+def test_penalties_follow_their_definitions_on_each_path():
+    rules = Penalties(presence=0.5, frequency=0.25, repetition=2.0, logit_bias={9: 3.0, 10: -100.0})
+    state = PenaltyState(rules, prompt=[2, 3], vocab_size=VOCAB)
+    state.commit([4, 4])
+    logits = torch.linspace(-3, 3, VOCAB)
+    shaped = state.shape(logits.clone(), path=[5, 4])
+    expected = logits.clone()
+    for token in (2, 3, 4, 5):  # prompt and answer (path included) for the repetition penalty
+        expected[token] = expected[token] / 2 if expected[token] > 0 else expected[token] * 2
+    expected[4] -= 0.25 * 3 + 0.5  # three times in the answer so far (two committed, one on the path)
+    expected[5] -= 0.25 + 0.5
+    expected[9] += 3.0
+    expected[10] -= 100.0
+    torch.testing.assert_close(shaped, expected)
+    assert torch.equal(state.shape(logits.clone(), path=[]), state.shape(logits.clone(), path=[]))
+    assert not torch.equal(state.shape(logits.clone(), path=[]), shaped)  # the path counts
+
+
+@pytest.mark.parametrize("bad", [dict(presence=3.0), dict(frequency=float("nan")), dict(repetition=0.0),
+                                 dict(logit_bias={-1: 1.0}), dict(logit_bias={3: 101.0}), dict(logit_bias={"3": 1})])
+def test_bad_penalties_are_refused(bad):
+    with pytest.raises(HastenError):
+        Penalties(**bad)
+
+
+def test_min_p_drops_the_unlikely_and_renormalizes():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = SamplingParams(temperature=1.0, min_p=0.2).probs(logits)
+    torch.testing.assert_close(probs, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+    with pytest.raises(HastenError):
+        SamplingParams(temperature=1.0, min_p=1.5)
+
+
+def test_logprobs_are_the_raw_log_softmax():
+    rows = torch.randn(3, VOCAB)
+    found = token_logprobs(rows, [4, 5, 6], top=2)
+    reference = rows.log_softmax(-1)
+    for i, entry in enumerate(found):
+        assert entry.token_id == 4 + i
+        assert entry.logprob == pytest.approx(float(reference[i, 4 + i]), abs=1e-6)
+        best = reference[i].topk(2)
+        assert [t for t, _ in entry.top] == best.indices.tolist()
+
+
+def test_the_grammar_masks_each_row_by_its_path():
+    shaper = Shaper(grammar=letter_grammar("ab(c|d)e").matcher())
+    row = torch.zeros(VOCAB)
+    assert torch.isfinite(shaper.shape(row, [])).nonzero().flatten().tolist() == ids("a")
+    assert torch.isfinite(shaper.shape(row, ids("ab"))).nonzero().flatten().tolist() == ids("cd")
+    assert torch.isfinite(shaper.shape(row, ids("a"))).nonzero().flatten().tolist() == ids("b")
+
+
+def test_prepare_puts_forced_tokens_first_merges_agreeing_drafts_and_prunes_rejected_ones():
+    shaper = Shaper(grammar=letter_grammar("ab(c|d)e").matcher())
+    # The proposer drafted a-b-c (agrees with the forced a-b, then c is allowed), a-c (rejected) and b (rejected).
+    proposed = TokenTree([*ids("abc"), ids("c")[0], ids("b")[0]], [ROOT, 0, 1, 0, ROOT])
+    prepared = shaper.prepare(proposed, room=8)
+    assert prepared.tree.tokens == ids("abc")
+    assert prepared.tree.parents == [ROOT, 0, 1]
+    assert prepared.origin == [0, 1, 2]  # every kept node is the proposer's own (merged with the forced chain)
+    unshaped = Shaper(grammar=letter_grammar("ab(c|d)e").matcher(), jump_forward=False)
+    assert unshaped.prepare(TokenTree(), room=8).tree.tokens == []  # ``ar``: no forced draft
+
+
+def test_pruned_sampled_rows_are_restricted_to_the_grammar():
+    shaper = Shaper(grammar=letter_grammar("(a|b)c").matcher())
+    rows = torch.full((2, VOCAB), 1.0 / VOCAB)
+    tree = TokenTree(ids("a") + ids("e"), [ROOT, ROOT], rows)
+    prepared = shaper.prepare(tree, room=4)
+    assert prepared.tree.tokens == ids("a") and prepared.origin == [0]
+    row = prepared.tree.draft_probs[0]
+    assert row[ids("a")[0]] == pytest.approx(0.5) and row[ids("b")[0]] == pytest.approx(0.5)
+    assert row.sum() == pytest.approx(1.0)
+
+
+# --- lossless end to end on a tiny model -----------------------------------------------------------------------
+
+def makers(params, draft_model):
+    return {
+        "ar": lambda gen: Proposer(),
+        "pld": lambda gen: PromptLookupProposer(num_tokens=3, branches=2),
+        "draft": lambda gen: DraftModelProposer(TransformersModel(draft_model), params, num_tokens=3, generator=gen),
+    }
+
+
+def shaped_decode(model, proposer, params, shaper_factory, generator=None, max_new_tokens=3, stats=None, eos=(EOS,)):
+    target = TransformersTarget(model)
+    shaper = shaper_factory()
+    chunks = decode(target, proposer, PROMPT, max_new_tokens, params, set(eos), stats, generator, shaper)
+    return [t for chunk in chunks for t in chunk]
+
+
+def penalty_shaper():
+    return Shaper(PenaltyState(Penalties(0.3, 0.2, 1.1, {5: 1.0, 8: -2.0}), PROMPT, VOCAB))
+
+
+def grammar_shaper():
+    return Shaper(grammar=letter_grammar("(de|f|bc|g)+").matcher())
+
+
+@pytest.mark.parametrize("shaper_factory", [penalty_shaper, grammar_shaper])
+@pytest.mark.parametrize("method", ["pld", "draft"])
+def test_greedy_shaped_output_equals_plain_shaped_decoding(method, shaper_factory):
+    params = SamplingParams()
+    stats = DecodeStats()
+    for seed in range(3):
+        model = tiny_model("llama", 30 + seed, vocab_size=VOCAB, init_std=0.3)
+        draft = tiny_model("llama", 30 + seed, vocab_size=VOCAB, init_std=0.3)  # the target's twin, unshaped
+        plain = shaped_decode(model, Proposer(), params, shaper_factory, max_new_tokens=24, eos=())
+        fast = shaped_decode(model, makers(params, draft)[method](None), params, shaper_factory,
+                             max_new_tokens=24, stats=stats, eos=())
+        assert fast == plain
+    assert stats.accepted_drafts > 0  # drafts were really verified and kept
+
+
+@torch.inference_mode()
+def exact_shaped_joint(model, params, shaper_factory) -> np.ndarray:
+    """P(first two tokens) from the model's rows, each shaped by its own path, then processed."""
+    shaper = shaper_factory()
+    first = params.probs(shaper.shape(model(torch.tensor([PROMPT])).logits[0, -1], []))
+    joint = np.zeros((VOCAB, VOCAB))
+    for x in range(VOCAB):
+        if first[x] == 0:
+            continue
+        row = model(torch.tensor([PROMPT + [x]])).logits[0, -1]
+        if x == EOS:  # the answer ends after one token: counted as (EOS, 0)
+            joint[x, 0] = float(first[x])
+            continue
+        joint[x] = (first[x] * params.probs(shaper.shape(row, [x]))).double().numpy()
+    return joint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shaper_factory", [penalty_shaper, grammar_shaper])
+@pytest.mark.parametrize("method", ["ar", "pld", "draft"])
+def test_sampled_shaped_output_has_the_shaped_distribution(method, shaper_factory):
+    params = SamplingParams(temperature=1.0, min_p=0.05)
+    model = tiny_model("llama", 21, vocab_size=VOCAB, init_std=0.1)
+    draft = tiny_model("llama", 22, vocab_size=VOCAB, layers=1, init_std=0.1)
+    generator = torch.Generator().manual_seed(7)
+    counts = np.zeros((VOCAB, VOCAB))
+    stats = DecodeStats()
+    for _ in range(DRAWS):
+        tokens = shaped_decode(model, makers(params, draft)[method](generator), params, shaper_factory, generator,
+                               stats=stats)
+        counts[tokens[0], (tokens + [0])[1]] += 1
+    assert_same_distribution(counts, exact_shaped_joint(model, params, shaper_factory))
+    if method != "ar":  # drafts were verified, some kept (with the grammar, ``ar`` too: its forced tokens)
+        assert stats.accepted_drafts > 0

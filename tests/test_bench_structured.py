@@ -293,3 +293,20 @@ def test_cli_passes_the_chosen_prompts_and_their_formats_to_the_runner(tmp_path,
         (1, "json_schema"), (2, "json_object"), (3, "json_schema")]
     assert captured["prompts"][0].response_format["json_schema"] == {"name": "person", "schema": SCHEMA,
                                                                       "strict": True}
+
+
+# ---------------------------------------------------------------- the real model, constrained by llguidance
+
+
+@pytest.mark.slow
+def test_default_model_structured_answers_validate_and_match_ar(default_model):
+    prompts = [p for p in read_prompts() if p.category == "structured"][:2]
+    res = run_bench(default_model, prompts, ["ar", "pld", "auto", "llamacpp_generate"], max_new_tokens=128,
+                    warmup=0, progress=False)
+    assert list(res["methods"]) == ["ar", "pld", "auto"]
+    assert "every question has one" in res["skipped"]["llamacpp_generate"]
+    for method, entry in res["methods"].items():
+        assert entry["errors"] == [], method
+        assert entry["structured"] == {"answers": 2, "valid": 2, "invalid": []}, method
+        assert entry["exact"] is True, (method, entry["mismatches"])
+    assert res["methods"]["auto"]["mean_accepted"] > 1.0  # forced keys and punctuation get drafted

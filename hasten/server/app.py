@@ -18,10 +18,11 @@ from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
-from hasten.server.errors import APIError, add_error_handlers, queue_full
+from hasten.server.errors import APIError, add_error_handlers, invalid_input, queue_full
 from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
-from hasten.server.jobs import Closed, Delta, Failed, Finished, Job, Message, Started
+from hasten.server.jobs import Closed, Delta, Failed, Finished, Job, Message, Started, choices
 from hasten.server.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
+from hasten.server.logprobs import TokenTexts
 from hasten.server.metrics import Metrics
 from hasten.server.middleware import BodyLimit, RequestCounter
 from hasten.server.schemas import ChatRequest, CompletionRequest, GenerationRequest
@@ -111,6 +112,7 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
     if draft is not None:
         pool["draft"] = draft
     unavailable = _probe_methods(loaded, default_method, pool)
+    texts = TokenTexts(loaded.tokenizer)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -127,7 +129,8 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
     add_error_handlers(app)
 
     async def make_job(body: GenerationRequest, prompts: list[Prompt], chat: bool) -> Job:
-        """Check everything a request asks for, then tokenize: a queued stream must not fail for its input."""
+        """Check everything a request asks for, tokenize and prepare its generations: a queued stream must not
+        fail for its input."""
         if body.model is not None and body.model not in (served, loaded.name):
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
                            param="model", code="model_not_found")
@@ -155,8 +158,12 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
             if len(tokens) >= context:
                 raise APIError(400, f"the prompt has {len(tokens)} tokens; this model's context is {context} tokens",
                                param=param, code="context_length_exceeded")
-        return Job(prompts=ids, chat=chat, n=body.n, method=method, sampling=sampling, seed=body.seed,
-                   options=options_for(method, pool))
+        options = options_for(method, pool)
+        try:
+            requests = await asyncio.to_thread(choices, loaded, ids, body.n, method, body.seed, **sampling, **options)
+        except HastenError as error:  # a logit_bias id outside the vocabulary, a bad grammar, ...
+            raise invalid_input(error, body.model_fields_set) from None
+        return Job(requests=requests, chat=chat, n=body.n, method=method)
 
     async def answer(request: Request, body: GenerationRequest, job: Job) -> Any:
         job.loop = asyncio.get_running_loop()
@@ -165,7 +172,8 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
         except queue.Full:
             raise queue_full(max_queue) from None
         inbox = Inbox(job, request)
-        reply = Reply(chat=job.chat, model=served, method=job.method, n=job.n)
+        reply = Reply(chat=job.chat, model=served, method=job.method, n=job.n,
+                      texts=texts if body.logprob_options()[0] else None)
         if body.stream:  # headers at once; from here on the SSE body owns the job
             return StreamingResponse(stream_events(inbox, reply, body.include_usage()),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -182,7 +190,7 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
             return JSONResponse({}, status_code=499)  # nobody reads it; /metrics counts it
         finally:
             inbox.close()  # a no-op when the job is over; cancels it if this handler was interrupted
-        if len(results) != len(job.prompts) * job.n:
+        if len(results) != job.size:
             raise APIError(503, "the generation was interrupted", type="server_error")
         return reply.response(results)
 
@@ -197,10 +205,10 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
                 elif isinstance(message, Closed):
                     break
                 elif isinstance(message, Started) and reply.chat:
-                    for index in range(len(inbox.job.prompts) * inbox.job.n):
+                    for index in range(inbox.job.size):
                         yield sse(reply.chunk(index, role=True))
                 elif isinstance(message, Delta):
-                    yield sse(reply.chunk(message.index, message.text))
+                    yield sse(reply.chunk(message.index, message.text, logprobs=message.logprobs))
                 elif isinstance(message, Finished):
                     results[message.index] = message.result
                     chunk = reply.chunk(message.index, finish_reason=message.result.finish_reason)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,6 +49,14 @@ def shutting_down() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error")
 
 
+def invalid_input(error: HastenError, fields: Iterable[str]) -> APIError:
+    """A 400 for a request the API refused; ``param`` is the field its message names first (None if none)."""
+    message = " ".join(str(error).split())
+    found = [(match.start(), name) for name in fields
+             if (match := re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message))]
+    return APIError(400, message, param=min(found)[1] if found else None)
+
+
 def generation_error(error: Exception) -> APIError:
     """What the client is told when running its request raised ``error``: bad input (a ``HastenError``) is a 400;
     anything else is a bug, logged with its traceback and answered 500 (it must not kill the worker)."""
@@ -74,7 +84,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return APIError(400, "the request body is empty; send a JSON object")
     if not loc:
         return APIError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
-    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', '')}", param=loc[0])
+    detail = str(first.get("msg", "")).removeprefix("Value error, ")
+    return APIError(400, f"invalid value for '{'.'.join(loc)}': {detail}", param=loc[0])
 
 
 def add_error_handlers(app: FastAPI) -> None:

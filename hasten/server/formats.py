@@ -8,7 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from hasten.api import GenerationResult
+from hasten.api import GenerationResult, TokenLogprob
+from hasten.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, connections and proxies stay open
 
@@ -44,7 +45,8 @@ def statistics(results: dict[int, GenerationResult], method: str) -> dict[str, A
 
 @dataclass
 class Reply:
-    """Builds the objects of one request's answer; ``chat`` picks the chat or the text-completion shape."""
+    """Builds the objects of one request's answer; ``chat`` picks the chat or the text-completion shape.
+    With ``texts`` (the tokenizer's token texts), choices carry their tokens' log-probabilities."""
 
     chat: bool
     model: str
@@ -52,10 +54,22 @@ class Reply:
     n: int
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    texts: TokenTexts | None = None
+    _offsets: dict[int, int] = field(default_factory=dict)  # per streamed text choice: its characters so far
 
     def __post_init__(self) -> None:
         if not self.id:
             self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """A choice's (or a chunk's) ``logprobs`` object; None when none were asked for."""
+        if self.texts is None or entries is None:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.texts)
+        shaped = completion_logprobs(entries, self.texts, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(token) for token in shaped["tokens"])
+        return shaped
 
     def _head(self, object: str) -> dict[str, Any]:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model}
@@ -69,15 +83,16 @@ class Reply:
                 choice["message"] = {"role": "assistant", "content": result.text}
             else:
                 choice["text"] = result.text
-            choice.update(logprobs=None, finish_reason=result.finish_reason)
+            choice.update(logprobs=self._logprobs(index, result.logprobs), finish_reason=result.finish_reason)
             choices.append(choice)
         head = self._head("chat.completion" if self.chat else "text_completion")
         return {**head, "choices": choices, "usage": usage(results, self.n),
                 "hasten": statistics(results, self.method)}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
-        """A streamed piece of choice ``index``: text, the opening role (chat) or the finish reason."""
+              role: bool = False, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        """A streamed piece of choice ``index``: text (and its tokens' ``logprobs``), the opening role (chat) or
+        the finish reason."""
         choice: dict[str, Any] = {"index": index}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -86,7 +101,7 @@ class Reply:
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
-        choice.update(logprobs=None, finish_reason=finish_reason)
+        choice.update(logprobs=self._logprobs(index, logprobs), finish_reason=finish_reason)
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
 
     def usage_chunk(self, results: dict[int, GenerationResult]) -> dict[str, Any]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hasten.api import GenerationResult
+from hasten.api import GenerationResult, Request, TokenLogprob, make_request
+from hasten.models import LoadedModel
 from hasten.server.errors import APIError
 
-__all__ = ["Closed", "Delta", "Failed", "Finished", "Job", "Message", "Started"]
+__all__ = ["Closed", "Delta", "Failed", "Finished", "Job", "Message", "Started", "choices"]
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Started:
 class Delta:
     index: int
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens behind the text, when asked for
 
 
 @dataclass
@@ -46,18 +48,13 @@ Message = Started | Delta | Finished | Failed | Closed
 
 @dataclass
 class Job:
-    """One request: ``n`` generations for each prompt (token ids, checked), choice ``i * n + j`` with seed ``seed + j``.
+    """One request: ``n`` generations for each prompt; ``requests[i * n + j]`` (checked, tokenized) is choice
+    ``j`` of prompt ``i``."""
 
-    ``options`` are the method's own.
-    """
-
-    prompts: list[list[int]]
+    requests: list[Request]
     chat: bool
     n: int
     method: str
-    sampling: dict[str, Any]
-    seed: int | None
-    options: dict[str, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     out: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -79,4 +76,18 @@ class Job:
 
     @property
     def size(self) -> int:
-        return len(self.prompts) * self.n
+        return len(self.requests)
+
+
+def choices(loaded: LoadedModel, prompts: list[list[int]], n: int, method: str, seed: int | None,
+            **kwargs: Any) -> list[Request]:
+    """Every generation of a request, choice ``j`` of prompt ``i`` at ``i * n + j`` with seed ``seed + j``; each
+    prompt is checked (and its constraint compiled) once, so a bad request fails here, before it is queued."""
+    requests = []
+    for tokens in prompts:
+        first = make_request(loaded, tokens, method, seed=seed, **kwargs)
+        requests.append(first)
+        for j in range(1, n):
+            params = replace(first.params, seed=None if seed is None else (seed + j) % 2**63)
+            requests.append(replace(first, params=params))
+    return requests

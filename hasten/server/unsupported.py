@@ -47,12 +47,6 @@ REQUEST: dict[str, Unsupported] = {
     "best_of": Unsupported("best-of-n ranking is not implemented; use n", (None, 1)),
     "echo": Unsupported("echoing the prompt is not implemented", (None, False)),
     "suffix": Unsupported("insertion (text after the completion) is not implemented", (None, "")),
-    "logprobs": Unsupported("log-probabilities are not implemented", (None, False)),
-    "top_logprobs": Unsupported("log-probabilities are not implemented", (None, 0)),
-    "presence_penalty": Unsupported("penalties are not implemented", (None, 0)),
-    "frequency_penalty": Unsupported("penalties are not implemented", (None, 0)),
-    "logit_bias": Unsupported("logit bias is not implemented", (None, {})),
-    "response_format": Unsupported("structured output is not implemented", (None, {"type": "text"})),
 }
 
 # Fields of a chat message (a client that sends back the assistant message it got includes them, empty).

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from hasten.api import Request, TextOutput, make_request, start_generation
+from hasten.api import Request, TextOutput, start_generation
 from hasten.batching import BatchDecoder
 from hasten.engine import Generation
 from hasten.errors import HastenError
@@ -189,22 +189,13 @@ class Worker:
                 self._close(admitted)
 
     def _take(self, job: Job) -> None:
-        """Admit a job from the queue: its choices checked into requests (a bad one fails the whole job before any
-        runs); a job whose client already left is closed at once."""
+        """Admit a job from the queue (its requests were checked before it was queued); a job whose client
+        already left is closed at once."""
         if job.cancelled.is_set():
             self.metrics.count_cancelled()
             self._send(job, Closed())
             return
-        try:
-            waiting = deque(
-                (p * job.n + j, make_request(self.loaded, tokens, job.method, seed=self._seed(job.seed, j),
-                                             **job.sampling, **job.options))
-                for p, tokens in enumerate(job.prompts) for j in range(job.n))
-        except Exception as error:
-            self._fail_job(job, error)
-            self._send(job, Closed())
-            return
-        self.admitted.append(Admitted(job, waiting))
+        self.admitted.append(Admitted(job, deque(enumerate(job.requests))))
 
     def _join(self, admitted: Admitted, index: int, request: Request) -> None:
         """Prefill one choice, send its first token at once and put it in the batch (a choice that token
@@ -212,7 +203,7 @@ class Worker:
         job = admitted.job
         try:
             generation = start_generation(self.loaded, request)
-            output = TextOutput(self.loaded, request)
+            output = TextOutput(self.loaded, request, generation)
             first = self.batch.add(generation)
         except Exception as error:
             self._abort(admitted, error)
@@ -258,7 +249,7 @@ class Worker:
             if slot.output.stopped:
                 self.batch.remove(generation)
             elif event is not None and event.text:
-                self._post(slot.job, Delta(slot.index, event.text))
+                self._post(slot.job, Delta(slot.index, event.text, event.logprobs))
             if slot.output.stopped or generation.finished:
                 self._finish(slot)
         except Exception as error:
@@ -271,8 +262,8 @@ class Worker:
         final = slot.output.close(slot.generation)
         self._release(slot)
         assert final.result is not None
-        if final.text:
-            self._post(slot.job, Delta(slot.index, final.text))
+        if final.text or final.logprobs:
+            self._post(slot.job, Delta(slot.index, final.text, final.logprobs))
         self.metrics.count_generation(final.result)
         self._post(slot.job, Finished(slot.index, final.result))
         admitted = self._admitted(slot.job)
@@ -360,10 +351,6 @@ class Worker:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 for job, _ in messages:
                     job.cancelled.set()
-
-    @staticmethod
-    def _seed(seed: int | None, j: int) -> int | None:
-        return None if seed is None else (seed + j) % 2**63
 
 
 def _put_all(messages: list[tuple[Job, Message]]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 from hasten.errors import HastenError
@@ -161,6 +162,6 @@ class GrammarState:
 
 
 def _unpack(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """llguidance's packed int32 bitmask as one bool per token."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(-1)[:vocab_size]
+    """llguidance's packed int32 bitmask (bit ``i % 32`` of word ``i // 32``) as one bool per token."""
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+    return torch.from_numpy(unpacked.astype(bool))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from hasten.errors import HastenError
 from hasten.methods import METHODS, load_draft
 from hasten.models import BACKENDS, DEFAULT_MODEL, DTYPES, LoadedModel
 
@@ -52,6 +54,52 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+
+
+def add_shaping_options(parser: argparse.ArgumentParser) -> None:
+    """Penalties, bias, min_p, structured output and logprobs (what reshapes the target's distribution)."""
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top probability")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' rule (1 = off)")
+    parser.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
+    parser.add_argument("--response-format", default=None, metavar="json_object|FILE",
+                        help="constrain the answer: json_object, or a JSON file with a response_format or a schema")
+    parser.add_argument("--regex", default=None, help="constrain the answer to a regular expression")
+    parser.add_argument("--grammar", default=None, metavar="FILE", help="constrain the answer to a Lark grammar")
+    parser.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help="report each token's log-probability and the N most likely alternatives (--json)")
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise HastenError(f"--logit-bias takes ID=BIAS (an integer and a number), got {item!r}") from None
+    return bias
+
+
+def shaping_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``make_request`` keyword arguments from ``add_shaping_options``' flags (files read, values checked later)."""
+    from hasten.bench.structured import read_response_format
+
+    grammar = None
+    if args.grammar is not None:
+        try:
+            grammar = Path(args.grammar).read_text(encoding="utf-8")
+        except OSError as error:
+            raise HastenError(f"cannot read --grammar {args.grammar}: {error.strerror}") from None
+    return {
+        "min_p": args.min_p, "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty, "logit_bias": _logit_bias(args.logit_bias),
+        "response_format": None if args.response_format is None else read_response_format(args.response_format),
+        "regex": args.regex, "grammar": grammar,
+        "logprobs": args.logprobs is not None, "top_logprobs": args.logprobs or 0,
+    }
 
 
 def method_options(args: argparse.Namespace, target: LoadedModel) -> dict[str, Any]:

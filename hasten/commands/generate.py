@@ -8,9 +8,17 @@ import sys
 from pathlib import Path
 
 from hasten.api import GenerationResult, generate_batch, stream
-from hasten.commands.common import add_model_options, add_sampling_options, load_options, method_options
+from hasten.commands.common import (
+    add_model_options,
+    add_sampling_options,
+    add_shaping_options,
+    load_options,
+    method_options,
+    shaping_options,
+)
 from hasten.errors import HastenError
 from hasten.models import load_model
+from hasten.penalties import Penalties
 from hasten.sampling import SamplingParams
 
 
@@ -21,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a file of prompts, one per line (or JSONL with a \"prompt\" field), decoded as one batch")
     add_model_options(parser)
     add_sampling_options(parser)
+    add_shaping_options(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -58,27 +67,25 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise HastenError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validate before the slow load
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.min_p)  # validate before the load
+    shaping = shaping_options(args)
+    Penalties(shaping["presence_penalty"], shaping["frequency_penalty"], shaping["repetition_penalty"],
+              shaping["logit_bias"])
     if args.threads is not None and args.threads < 1:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
     loaded = load_model(args.model, args.backend, **load_options(args))
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat}
+                "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat, **shaping}
     if prompts is not None:
         results = generate_batch(loaded, prompts, args.method, **sampling, **method_options(args, loaded))
         for prompt, result in zip(prompts, results, strict=True):
             if args.json:
-                print(json.dumps({"prompt": prompt} | {key: result.to_dict()[key] for key in JSON_KEYS}))
+                print(json.dumps({"prompt": prompt} | as_json(result)))
             else:
                 print(result.text)
                 print(summary(result), file=sys.stderr)
         return 0
-    events = stream(
-        loaded, args.prompt, args.method,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stop=args.stop, chat=not args.no_chat,
-        **method_options(args, loaded),
-    )
+    events = stream(loaded, args.prompt, args.method, **sampling, **method_options(args, loaded))
     result = None
     for event in events:
         if not args.json:
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         result = event.result or result
     assert result is not None
     if args.json:
-        print(json.dumps({key: result.to_dict()[key] for key in JSON_KEYS}))
+        print(json.dumps(as_json(result)))
     else:
         sys.stdout.write("\n")
         print(summary(result), file=sys.stderr)
@@ -96,6 +103,15 @@ def run(args: argparse.Namespace) -> int:
 
 JSON_KEYS = ("text", "token_ids", "method", "target_passes", "mean_accepted", "tokens_per_s", "prompt_tokens",
              "finish_reason", "wall_s", "draft_ms_per_step", "method_stats")
+
+
+def as_json(result: GenerationResult) -> dict:
+    """The ``--json`` record: the result's main fields, and its logprobs when asked for."""
+    record = {key: getattr(result, key) for key in JSON_KEYS}
+    if result.logprobs is not None:
+        record["logprobs"] = [{"token_id": entry.token_id, "logprob": entry.logprob,
+                               "top": [[token, value] for token, value in entry.top]} for entry in result.logprobs]
+    return record
 
 
 def summary(result: GenerationResult) -> str:

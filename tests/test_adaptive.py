@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_mo
 from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
 from tiny_gguf import write_tiny_gguf
 
+from hasten.adaptive import cost
 from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, best_size, path_probabilities
 from hasten.adaptive.cost import CostModel, cost_model_for, measure
 from hasten.api import generate
@@ -91,13 +93,36 @@ def test_measure_takes_the_fastest_round_and_keeps_the_cache_clean():
     assert target.cache_len == 20
 
 
-def test_cost_curve_is_cached_on_disk(tmp_path):
+def test_cost_curve_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost, "machine_is_busy", lambda: False)
     loaded = tiny_loaded("llama", 0)
     first = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1
     again = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
     assert again.millis == first.millis and again.key == first.key
     assert cost_model_for(loaded.backend, "tiny", 2, tmp_path).key != first.key  # threads are part of the key
+
+
+def test_a_busy_machine_or_an_old_curve_is_not_remembered(tmp_path, monkeypatch):
+    loaded = tiny_loaded("llama", 0)
+    monkeypatch.setattr(cost, "machine_is_busy", lambda: True)
+    cost_model_for(loaded.backend, "tiny", 1, tmp_path)
+    assert list(tmp_path.glob("*.json")) == []  # measured under load: used now, never saved
+    monkeypatch.setattr(cost, "machine_is_busy", lambda: False)
+    cost_model_for(loaded.backend, "tiny", 1, tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    assert CostModel.load(path) is not None
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "measured_at": record["measured_at"] - cost.MAX_AGE_S - 1}))
+    assert CostModel.load(path) is None  # a week old: measured again
+    path.write_text(json.dumps({key: value for key, value in record.items() if key != "measured_at"}))
+    assert CostModel.load(path) is None  # saved before curves carried their date
+
+
+def test_device_name_asks_cuda_for_the_gpus_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert cost.device_name(torch.device("cuda", 0)) == "NVIDIA H200"
+    assert cost.device_name(torch.device("cpu")) == cost.cpu_name()
 
 
 # --- the chooser ----------------------------------------------------------------------------------------------

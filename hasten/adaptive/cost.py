@@ -25,6 +25,7 @@ CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
 ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of its width
+MAX_AGE_S = 7 * 24 * 3600.0  # a saved curve is measured again after a week (drivers, builds and loads change)
 OUTLIER = 3.0  # a pass this many times off its prediction (preempted, or a cold cache) teaches nothing
 
 
@@ -70,7 +71,7 @@ class CostModel:
         self.millis = shaped(self.widths, self.millis)
 
     def to_json(self) -> dict:
-        return {"key": self.key, "widths": self.widths, "millis": self.millis}
+        return {"key": self.key, "widths": self.widths, "millis": self.millis, "measured_at": time.time()}
 
     def save(self, path: Path) -> None:
         try:
@@ -80,17 +81,29 @@ class CostModel:
             pass  # a read-only home: calibrate again next time
 
     @classmethod
-    def load(cls, path: Path) -> CostModel | None:
+    def load(cls, path: Path, max_age_s: float = MAX_AGE_S) -> CostModel | None:
+        """The curve saved at ``path``; None when there is none, it is unreadable, or older than ``max_age_s``."""
         try:
             data = json.loads(path.read_text())
+            if not time.time() - float(data["measured_at"]) <= max_age_s:
+                return None
             return cls(data["widths"], data["millis"], data.get("key", ""))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
 
+def machine_is_busy() -> bool:
+    """Whether other work competes for the CPU now (the 1-minute load average is over the core count): a curve
+    measured then is used by this process but not saved, so a busy moment is not remembered for days."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name on CUDA, else the CPU model."""
-    return torch.cuda.getdevice_name(device) if device.type == "cuda" else cpu_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str:
@@ -159,5 +172,6 @@ def cost_model_for(backend: ModelBackend, model_name: str, threads: int | None =
     if model is None or model.key != key:
         model = measure(backend.new_target(), clock=clock_for(getattr(backend, "device", "cpu")))
         model.key = key
-        model.save(path)
+        if not machine_is_busy():
+            model.save(path)
     return model

@@ -29,7 +29,11 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
     """llguidance's view of a transformers tokenizer (built once per tokenizer: about half a second)."""
     key = (id(tokenizer), vocab_size)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        try:
+            _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise HastenError(f"structured output is not available for this model's tokenizer: {_one_line(error)}"
+                              ) from None
     return _TOKENIZERS[key]
 
 

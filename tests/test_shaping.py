@@ -200,3 +200,12 @@ def test_sampled_shaped_output_has_the_shaped_distribution(method, shaper_factor
     assert_same_distribution(counts, exact_shaped_joint(model, params, shaper_factory))
     if method != "ar":  # drafts were verified, some kept (with the grammar, ``ar`` too: its forced tokens)
         assert stats.accepted_drafts > 0
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_one_line_error():
+    from conftest import tiny_tokenizer
+
+    from hasten.grammar import compile_constraint
+
+    with pytest.raises(HastenError, match="not available for this model's tokenizer"):
+        compile_constraint(tiny_tokenizer(), 64, {"type": "json_object"})

@@ -97,6 +97,7 @@ class TreeMask:
 
     def reset(self) -> None:
         self.buffer.fill_(self.closed)
+        self.slot_positions.copy_(self.arange)  # the last pass's block held tree positions
         self.open_to, self.block = 0, (0, 0)
 
     def _ensure_rows(self, rows: int) -> None:
@@ -104,8 +105,7 @@ class TreeMask:
             return
         grown = torch.full((rows, self.num_slots), self.closed, dtype=self.dtype, device=self.device)
         grown[:, : self.open_to] = 0
-        self.buffer = grown
-        self.block = (0, 0)
+        self.buffer = grown  # the last block stays remembered: ``update`` restores its slots' positions
         self.generation += 1
 
     def update(self, cache_len: int, block: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from conftest import EOS, random_prompts, tiny_model
 
 from hasten.backends import TransformersModel
-from hasten.backends.static_kv import padded_ancestor_mask
+from hasten.backends.pass_inputs import PassInputs
+from hasten.backends.static_kv import TreeMask, padded_ancestor_mask
 from hasten.engine import DecodeStats, Generation
 from hasten.proposers.base import Proposer
 from hasten.proposers.lookahead import LookaheadProposer
@@ -124,6 +125,40 @@ def test_ancestor_mask_pads_rows_that_see_only_themselves():
     mask = padded_ancestor_mask([-1, 0, 0, 1], width=6)
     assert mask.tolist()[3] == [True, True, False, True, False, False]
     assert mask[4].nonzero().flatten().tolist() == [4] and mask[5].nonzero().flatten().tolist() == [5]
+
+
+def test_tree_positions_do_not_outlive_their_pass_in_the_slot_positions():
+    """``slot_positions`` (what sliding-window layers compare) hold a pass's tree positions only while its block
+    is open: they return to each slot's own position when a wider pass regrows the rows, and on a reset."""
+    mask = TreeMask(16, torch.float32, torch.device("cpu"), rows=1)
+    parents = [-1, 0, 0, 2]  # positions 4, 5, 5, 6 from cache length 4
+    mask.update(4, padded_ancestor_mask(parents, 4), torch.tensor([4, 5, 5, 6]))
+    # commit the path 0, 2, 3 (not a prefix): slots 4, 5, 6 now hold positions 4, 5, 6; a wider pass follows
+    mask.update(7, padded_ancestor_mask([-1, 0, 1, 2, 3], 5), torch.tensor([7, 8, 9, 10, 11]))
+    assert mask.slot_positions[:7].tolist() == list(range(7))
+    mask.reset()  # the next sequence's prefill reads the positions before any pass writes them
+    assert torch.equal(mask.slot_positions, torch.arange(16))
+
+
+def test_staging_waits_for_the_copies_on_its_own_devices_stream(monkeypatch):
+    """The event that guards the pinned host buffers is recorded on the stream of the buffers' device, where the
+    non-blocking copies queue, not on the current device's (another GPU with ``--device cuda:1``). No GPU here:
+    the event and the streams are stand-ins, the buffers stay on the host."""
+    recorded = []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    inputs = PassInputs(torch.device("cpu"), rows=4)
+    inputs.device, inputs._copied = torch.device("cuda", 1), Event()
+    inputs.stage([1, 2], [5, 6], [5, 6], torch.ones(2, 2, dtype=torch.bool), [1])
+    inputs.stage_moves([6], [5])
+    assert recorded == [("stream of", torch.device("cuda", 1))] * 2
 
 
 def test_graphs_are_refused_without_cuda():

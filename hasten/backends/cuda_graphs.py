@@ -59,7 +59,7 @@ class GraphRunner:
                 self.forward(width)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):  # on this device (the default is the current one's)
             outputs = self.forward(width)
         self.pool = graph.pool()
         return graph, outputs

@@ -77,8 +77,8 @@ class PassInputs:
 
     def _sent(self) -> None:
         """Mark the copies just queued, so the next staging waits for them before writing the host buffers."""
-        if self._copied is not None:
-            self._copied.record()
+        if self._copied is not None:  # on the stream of the buffers' device (the copies' stream), not the current one's
+            self._copied.record(torch.cuda.current_stream(self.device))
 
     def rows(self, count: int) -> torch.Tensor:
         """The pass rows whose outputs are returned (staged with the pass)."""

@@ -6,11 +6,14 @@ On a machine without a GPU the ``meta`` device stands in for one: a CPU tensor m
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from test_redrafter import random_head
 
-from hasten.proposers.redrafter import HeadDrafter
+import hasten.proposers.redrafter as redrafter
+from hasten.proposers.redrafter import HeadDrafter, ReDrafterProposer
 from hasten.redrafter.beam import beam_search
 
 VOCAB, HIDDEN = 64, 32
@@ -85,3 +88,25 @@ def test_the_device_drafts_the_cpus_beams(device, width):
         assert got.tokens.device.type == device
         assert torch.equal(got.tokens.cpu(), want.tokens)
         torch.testing.assert_close(got.scores.cpu(), want.scores)
+
+
+def test_the_search_is_timed_until_its_beams_are_read_back(monkeypatch):
+    """On CUDA ``beam_search`` only queues kernels: its cost, which decides whether it runs, is the time until
+    its beams reach the host. Here the read-back of a stand-in tensor takes the 50 ms the queued work would."""
+
+    class Queued(torch.Tensor):
+        def tolist(self):
+            time.sleep(0.05)
+            return super().tolist()
+
+    real = redrafter.beam_search
+
+    def queued_search(*args):
+        beams = real(*args)
+        return type(beams)(beams.tokens.as_subclass(Queued), beams.scores, beams.token_log_probs)
+
+    monkeypatch.setattr(redrafter, "beam_search", queued_search)
+    proposer = ReDrafterProposer(random_head().attach(FakeTarget()), beam_width=2, beam_length=3)
+    proposer.start([1, 2, 3], torch.zeros(1, HIDDEN))
+    paths, _ = proposer.draft_beams([1, 2, 3], 4)
+    assert len(paths) == 2 and proposer.search.cost_ms >= 50

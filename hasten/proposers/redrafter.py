@@ -104,10 +104,11 @@ class ReDrafterProposer(Proposer):
         length = min(self.beam_length - 1, depth)
         if length <= 0 or self._hidden is None or not self.search.should_run(self.policy):
             return [], []
-        with self.search.timed():
+        with self.search.timed():  # the read-back inside: on CUDA the search only queues work until it
             beams = beam_search(HeadDrafter(self.head, self._hidden), context[-1], self.beam_width, length)
-        tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
-        return beams.tokens.tolist(), [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]
+            tokens = beams.tokens.tolist()
+            tenths = (beams.token_log_probs.exp() * 10).long().clamp(max=9).tolist()
+        return tokens, [[("head", d + 1, bucket) for d, bucket in enumerate(row)] for row in tenths]
 
     def stats(self) -> dict[str, float]:
         steps = max(self.tree_stats.steps, 1)

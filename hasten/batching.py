@@ -57,9 +57,10 @@ class BatchDecoder:
         began = time.perf_counter()
         layouts = [generation.begin_step() for generation in self.active]
         self._widths = {g: len(layout.tokens) for g, layout in zip(self.active, layouts, strict=True)}
-        pass_began = time.perf_counter()
+        clock = self.active[0].clock  # the device's (every sequence of a batch is on one model)
+        pass_began = clock()
         scores = self.score_many([(g.target, layout) for g, layout in zip(self.active, layouts, strict=True)])
-        pass_ms = (time.perf_counter() - pass_began) * 1000
+        pass_ms = (clock() - pass_began) * 1000
         width = sum(len(layout.tokens) for layout in layouts)
         out = [(g, g.end_step(s, pass_ms, width)) for g, s in zip(self.active, scores, strict=True)]
         elapsed = time.perf_counter() - began

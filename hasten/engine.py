@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hasten.adaptive.cost import clock_for
 from hasten.backends.base import Scores, Target
 from hasten.errors import HastenError
 from hasten.logprobs import TokenLogprob, token_logprobs
@@ -106,6 +107,7 @@ class Generation:
         self.stats = stats if stats is not None else DecodeStats()
         self.generator = generator if generator is not None or params.greedy else \
             params.generator(getattr(target, "device", "cpu"))
+        self.clock = clock_for(getattr(target, "device", "cpu"))  # on CUDA a pass is timed until it is done
         self.context = list(prompt_ids)
         self.produced = 0
         self.finished = False
@@ -119,9 +121,9 @@ class Generation:
     def prefill(self) -> list[int]:
         """Run the prompt into the cache, choose the first new token from its last row (the verifier's rule
         with nothing drafted) and start the proposer; the new token (as a step's list)."""
-        began = time.perf_counter()
+        began = self.clock()
         scores = self.target.start(self.context)
-        elapsed = time.perf_counter() - began
+        elapsed = self.clock() - began
         self.stats.prefill_s += elapsed
         self.stats.wall_s += elapsed
         self.stats.target_passes += 1
@@ -231,9 +233,9 @@ def run(generation: Generation, first: list[int] | None = None) -> Iterator[list
     began = time.perf_counter()
     while not generation.finished:
         layout = generation.begin_step()
-        pass_began = time.perf_counter()
+        pass_began = generation.clock()
         scores = target.score(layout.tokens, layout.parents, layout.logits_rows)
-        new = generation.end_step(scores, (time.perf_counter() - pass_began) * 1000)
+        new = generation.end_step(scores, (generation.clock() - pass_began) * 1000)
         generation.stats.wall_s += time.perf_counter() - began
         yield new
         began = time.perf_counter()  # the consumer's time between steps is not the generation's

@@ -80,3 +80,31 @@ def test_one_new_token_needs_no_step_and_a_prompt_one_short_of_the_context_gets_
     room = full.max_context - 1  # the longest prompt the context takes
     generation = Generation(full, Proposer(), (prompt * room)[:room], 5, GREEDY, {EOS})
     assert len(generation.prefill()) == 1 and generation.finished  # its one token fills the context
+
+
+def test_on_cuda_a_pass_is_timed_until_the_device_has_done_it(monkeypatch):
+    """``score`` on CUDA only queues the pass; its time (the cost curve's online refinement, the statistics) must
+    include waiting for it. No GPU here: the target names a CUDA device and ``torch.cuda.synchronize`` takes the
+    30 ms the queued pass would."""
+    import time
+
+    import torch
+
+    waits = []
+
+    def synchronize(device=None):
+        waits.append(device)
+        time.sleep(0.03)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+    class OnCuda(CountingTarget):
+        device = torch.device("cuda", 0)
+
+    target = OnCuda(TransformersModel(tiny_model("llama", 2, init_std=0.6)).new_target())
+    stats = DecodeStats()
+    generation = Generation(target, Proposer(), random_prompts(1, seed=4)[0], 3, GREEDY, set(), stats)
+    first = generation.prefill()
+    out = first + [token for chunk in run(generation) for token in chunk]
+    assert len(out) == 3 and len(stats.pass_ms) == 2 and set(waits) == {torch.device("cuda", 0)}
+    assert stats.prefill_s >= 0.03 and min(stats.pass_ms) >= 30

@@ -210,3 +210,12 @@ def test_greedy_methods_equal_ar_in_bf16_on_cuda(method):
         reference = hasten.generate(loaded, text, "ar", max_new_tokens=64).token_ids
         got = hasten.generate(loaded, text, method, max_new_tokens=64).token_ids
         assert got == reference, (method, text[:40])
+
+
+@cuda
+@needs_cuda
+def test_graphs_without_a_static_span_are_refused_on_cuda():
+    from hasten.errors import HastenError
+
+    with pytest.raises(HastenError, match="static_span"):
+        TransformersModel(tiny_model("llama", 0).to("cuda"), graphs=True, static_span=False)

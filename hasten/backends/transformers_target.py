@@ -88,6 +88,8 @@ class TransformersModel:
             raise HastenError(f"pass_width must be an integer >= 1 or None, got {pass_width!r}")
         self.pass_width: int | None = pass_width if pass_width is not None or not self.graphs else 1
         self.static_span = (on_cuda or self.graphs) if static_span is None else bool(static_span)
+        if self.graphs and not self.static_span:  # a replay reads every slot: unwritten ones must be zeros
+            raise HastenError("CUDA graphs need static_span (every cache slot read, unwritten ones zero-filled)")
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
         self._spare: list[_SequenceState] = []

@@ -72,17 +72,25 @@ class PenaltyState:
         self.bias_tokens = torch.tensor(tokens, dtype=torch.long)
         self.bias_values = torch.tensor(values, dtype=torch.float32)
 
+    def _move(self, device: torch.device) -> None:
+        """Keep the counts where the logits are (moved once, not per row)."""
+        if self.answer_counts.device != device:
+            self.answer_counts, self.seen = self.answer_counts.to(device), self.seen.to(device)
+            self.bias_tokens, self.bias_values = self.bias_tokens.to(device), self.bias_values.to(device)
+
     def commit(self, tokens: Sequence[int]) -> None:
         """Tokens added to the answer."""
-        index = torch.tensor(list(tokens), dtype=torch.long)
-        self.answer_counts.index_add_(0, index, torch.ones(len(index)))
+        device = self.answer_counts.device
+        index = torch.tensor(list(tokens), dtype=torch.long, device=device)
+        self.answer_counts.index_add_(0, index, torch.ones(len(index), device=device))
         self.seen[index] = True
 
     def shape(self, logits: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
         """One row of logits (float32) after the penalties, for a position ``path`` tokens past the
         answer so far; ``logits`` may be modified in place."""
         rules, device = self.penalties, logits.device
-        counts, seen = self.answer_counts.to(device), self.seen.to(device)
+        self._move(device)
+        counts, seen = self.answer_counts, self.seen
         if path:
             index = torch.tensor(list(path), dtype=torch.long, device=device)
             counts = counts.index_add(0, index, torch.ones(len(index), device=device))
@@ -96,5 +104,5 @@ class PenaltyState:
         if rules.presence:
             logits = logits - rules.presence * (counts > 0).float()
         if len(self.bias_tokens):
-            logits = logits.index_add(0, self.bias_tokens.to(device), self.bias_values.to(device))
+            logits = logits.index_add(0, self.bias_tokens, self.bias_values)
         return logits

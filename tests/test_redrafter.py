@@ -319,8 +319,9 @@ def test_default_model_hf_greedy_exact_with_shipped_head(default_model_hf):
         out = default_model_hf.model.generate(ref_ids, attention_mask=torch.ones_like(ref_ids), max_new_tokens=48,
                                            do_sample=False, eos_token_id=sorted(default_model_hf.eos_token_ids))
         reference = out[0, len(ids):].tolist()
-        result = hasten.generate(default_model_hf, prompt, "redrafter", max_new_tokens=48)
+        result = hasten.generate(default_model_hf, prompt, "redrafter", max_new_tokens=48,
+                                     adaptive=False)  # fixed beams: not gated by a cost curve measured under load
         assert result.token_ids == reference
         passes.append(result.mean_accepted)
-    # the shipped head drafts tokens the target accepts: some on chat, many on code (measured 1.14 and 2.67)
+    # the shipped head drafts tokens the target accepts: some on chat, many on code (fixed beams: 1.33 and 3.69)
     assert min(passes) > 1.05 and max(passes) > 2

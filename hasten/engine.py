@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 import torch
 
@@ -145,9 +146,7 @@ class Generation:
 
     def _prepare(self, tree: TokenTree, room: int) -> PreparedTree:
         """The tree the target scores: the proposer's, or the shaper's version of it (forced tokens, pruning)."""
-        if self.shaper is None:
-            return PreparedTree(tree, list(range(len(tree))))
-        return self.shaper.prepare(tree, room)
+        return PreparedTree.as_proposed(tree) if self.shaper is None else self.shaper.prepare(tree, room)
 
     def end_step(self, scores: Scores, pass_ms: float, pass_width: int | None = None) -> list[int]:
         """Verify the pass, keep the accepted path, update the proposer; the step's new tokens.
@@ -174,8 +173,7 @@ class Generation:
         extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
         began = time.perf_counter()
         # The proposer hears of its own nodes only (forced tokens it did not draft are accepted tokens all the same).
-        own = [origin[node] for node in verdict.accepted]
-        own_nodes = [node for node in own[: own.index(None) if None in own else len(own)] if node is not None]
+        own_nodes = list(takewhile(lambda node: node is not None, (origin[node] for node in verdict.accepted)))
         self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, own_nodes,
                                          pass_width or len(layout.tokens), pass_ms))
         stats.draft_s += time.perf_counter() - began

@@ -25,6 +25,11 @@ class PreparedTree:
     tree: TokenTree
     origin: list[int | None]
 
+    @classmethod
+    def as_proposed(cls, tree: TokenTree) -> PreparedTree:
+        """The proposer's tree unchanged: every node its own."""
+        return cls(tree, list(range(len(tree))))
+
 
 class Shaper:
     """Penalties and a grammar for one sequence (either may be None). ``jump_forward`` off (``ar``: one token a
@@ -54,7 +59,7 @@ class Shaper:
     def prepare(self, tree: TokenTree, room: int) -> PreparedTree:
         """The proposer's tree with the grammar's forced tokens first and the tokens it rejects pruned."""
         if self.grammar is None:
-            return PreparedTree(tree, list(range(len(tree))))
+            return PreparedTree.as_proposed(tree)
         merged = _with_forced(tree, self.grammar.forced(room) if self.jump_forward else [])
         return self._pruned(merged)
 
@@ -88,7 +93,7 @@ def _with_forced(tree: TokenTree, forced: list[int]) -> PreparedTree:
     """``forced`` as a chain below the root, tried first. A deterministic tree's nodes on that chain merge into
     it; a sampled tree's stay siblings (merging would change the order its siblings were drawn in)."""
     if not forced:
-        return PreparedTree(tree, list(range(len(tree))))
+        return PreparedTree.as_proposed(tree)
     tokens, parents = list(forced), list(range(-1, len(forced) - 1))
     origin: list[int | None] = [None] * len(forced)
     depth_of = {ROOT: 0, **{node: node + 1 for node in range(len(forced))}}  # forced node -> depth below it

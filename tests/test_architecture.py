@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "hasten.penalties": 1,
     "hasten.logprobs": 1,
     "hasten.grammar": 1,
+    "hasten.response_format": 1,
     "hasten.backends.base": 1,
     # 2. The backends: llama.cpp and transformers behind that protocol.
     "hasten.backends": 2,

@@ -15,10 +15,11 @@ import hasten.bench.runner as runner
 from hasten.bench import BenchPrompt, read_prompts, run_bench, select_categories, with_response_format, write_report
 from hasten.bench.report import table
 from hasten.bench.runner import run_question
-from hasten.bench.structured import answer_error, check_response_format, is_constrained, read_response_format
+from hasten.bench.structured import answer_error, is_constrained
 from hasten.cli import main
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
+from hasten.response_format import check_response_format, read_response_format
 from hasten.sampling import SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from hasten.bench.structured import ResponseFormat, check_response_format
 from hasten.errors import HastenError
+from hasten.response_format import ResponseFormat, check_response_format
 
 SHIPPED = "bench_prompts.jsonl"
 DEFAULT_CATEGORY = "general"

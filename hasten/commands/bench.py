@@ -8,9 +8,9 @@ import sys
 
 from hasten.bench import balanced_subset, read_prompts, run_bench, select_categories, with_response_format, write_report
 from hasten.bench.report import table
-from hasten.bench.structured import read_response_format
 from hasten.errors import HastenError
 from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
+from hasten.response_format import read_response_format
 from hasten.sampling import SamplingParams
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

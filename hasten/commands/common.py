@@ -9,6 +9,7 @@ from typing import Any
 from hasten.errors import HastenError
 from hasten.methods import METHODS, load_draft
 from hasten.models import BACKENDS, DEFAULT_MODEL, DTYPES, LoadedModel
+from hasten.response_format import read_response_format
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +86,6 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
 
 def shaping_options(args: argparse.Namespace) -> dict[str, Any]:
     """``make_request`` keyword arguments from ``add_shaping_options``' flags (files read, values checked later)."""
-    from hasten.bench.structured import read_response_format
-
     grammar = None
     if args.grammar is not None:
         try:

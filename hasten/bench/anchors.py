@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,6 +21,7 @@ from typing import Any, cast
 import torch
 from transformers import GenerationConfig
 
+from hasten.adaptive.cost import clock_for
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
@@ -33,10 +35,40 @@ LLAMACPP_PLD_TOKENS = 10
 
 @dataclass
 class AnchorOutput:
-    """New token ids and how many forward passes of the target produced them (prefill included)."""
+    """New token ids, how many forward passes of the target produced them (prefill included) and the prefill's
+    time: the target's pass over the prompt, the one that yields the first new token (None: not measured)."""
 
     token_ids: list[int]
     target_passes: int
+    prefill_s: float | None = None
+
+
+@contextlib.contextmanager
+def _first_pass_timer(model: torch.nn.Module) -> Iterator[list[float]]:
+    """Time the model's next forward call (on CUDA until its work is done) into the list yielded, then unhook.
+
+    The hooks remove themselves after that call, so the later passes (compiled ones included: transformers
+    compiles the decoding steps, never the prefill) run without them.
+    """
+    clock = clock_for(next(model.parameters()).device)
+    timed: list[float] = []
+    began: list[float] = []
+
+    def before(module: Any, args: Any, kwargs: Any) -> None:
+        began.append(clock())
+
+    def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        timed.append(clock() - began[0])
+        pre.remove()
+        post.remove()
+
+    pre = torch.nn.Module.register_forward_pre_hook(model, before, with_kwargs=True)
+    post = torch.nn.Module.register_forward_hook(model, after, with_kwargs=True)
+    try:
+        yield timed
+    finally:
+        pre.remove()
+        post.remove()
 
 
 def anchor_backend(name: str) -> str:
@@ -79,15 +111,17 @@ def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens
 
     ``hf_static`` is counted without one (no hook inside compiled code): plain greedy decoding makes one forward
     pass per new token, the prefill giving the first. Its failures (a compiler missing, say) become a
-    ``HastenError``, recorded as that run's error.
+    ``HastenError``, recorded as that run's error. The prefill (the first forward call, never compiled) is timed
+    by hooks that remove themselves after it.
     """
     if name == "hf_static":
         try:
-            tokens = _generate(loaded, ids, _generation_config(loaded, max_new_tokens, params, static=True), {},
-                               params.seed)
+            with _first_pass_timer(loaded.model) as prefill:
+                tokens = _generate(loaded, ids, _generation_config(loaded, max_new_tokens, params, static=True), {},
+                                   params.seed)
         except Exception as error:  # torch.compile fails in many ways: the bench records which
             raise HastenError(f"hf_static failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
-        return AnchorOutput(tokens, len(tokens))
+        return AnchorOutput(tokens, len(tokens), prefill[0] if prefill else None)
     config = _generation_config(loaded, max_new_tokens, params)
     extra: dict[str, Any] = {}
     if name == "hf_pld":
@@ -106,10 +140,11 @@ def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens
 
     hook = torch.nn.Module.register_forward_pre_hook(loaded.model, count, with_kwargs=True)
     try:
-        tokens = _generate(loaded, ids, config, extra, params.seed)
+        with _first_pass_timer(loaded.model) as prefill:
+            tokens = _generate(loaded, ids, config, extra, params.seed)
     finally:
         hook.remove()
-    return AnchorOutput(tokens, calls)
+    return AnchorOutput(tokens, calls, prefill[0] if prefill else None)
 
 
 def _generation_config(loaded: LoadedModel, max_new_tokens: int, params: SamplingParams,
@@ -166,7 +201,9 @@ def _extra_buffers_as_hasten() -> Iterator[None]:
 
 class LlamaCppAnchor:
     """One ``llama_cpp.Llama`` (built once, on the GGUF file of ``loaded``, with its thread count and context),
-    run through ``create_completion`` on token ids; the tokens it samples and its ``eval`` calls are recorded."""
+    run through ``create_completion`` on token ids; the tokens it samples and its ``eval`` calls are recorded, and
+    the prefill's time: from its first ``eval`` (the whole prompt, after ``reset``) to its first sampled token
+    (sampling waits for the pass, which llama.cpp may return from before a device finishes it)."""
 
     def __init__(self, name: str, loaded: LoadedModel) -> None:
         if name not in LLAMACPP_ANCHORS:
@@ -185,14 +222,20 @@ class LlamaCppAnchor:
                                          draft_model=draft)
         self._sampled: list[int] = []
         self._evals = 0
+        self._prefill_began: float | None = None
+        self._prefill_s: float | None = None
         real_generate, real_eval = self.llama.generate, self.llama.eval
 
         def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
             for token in real_generate(*args, **kwargs):
+                if not self._sampled and self._prefill_began is not None:
+                    self._prefill_s = time.perf_counter() - self._prefill_began
                 self._sampled.append(int(token))
                 yield token
 
         def evaluate(tokens: Any) -> None:
+            if not self._evals:
+                self._prefill_began = time.perf_counter()
             self._evals += 1
             real_eval(tokens)
 
@@ -206,6 +249,7 @@ class LlamaCppAnchor:
             raise HastenError("the prompt is empty")
         self.llama.reset()
         self._sampled, self._evals = [], 0
+        self._prefill_began = self._prefill_s = None
         if params.greedy:
             sampling: dict[str, Any] = {"temperature": 0.0, "top_k": 1, "top_p": 1.0}
         else:
@@ -213,7 +257,7 @@ class LlamaCppAnchor:
                         "seed": params.seed}
         self.llama.create_completion(prompt=list(ids), max_tokens=max_new_tokens, min_p=0.0, repeat_penalty=1.0,
                                      **sampling)
-        return AnchorOutput(self._sampled[:max_new_tokens], self._evals)
+        return AnchorOutput(self._sampled[:max_new_tokens], self._evals, self._prefill_s)
 
     def close(self) -> None:
         self.llama.close()

@@ -10,7 +10,7 @@ import sys
 from hasten.errors import HastenError
 
 COMMANDS = ["hasten.commands.generate", "hasten.commands.train", "hasten.commands.serve",
-            "hasten.commands.bench"]
+            "hasten.commands.bench", "hasten.commands.export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,46 +51,55 @@ def _matrix(writer: gguf.GGUFWriter, name: str, data: np.ndarray, weights: str) 
         writer.add_tensor(name, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32))
 
 
+def _add_raw(writer: gguf.GGUFWriter, name: str, raw: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
+    """Stored bytes ``raw`` (rows, bytes per row) of type ``qtype`` as tensor ``name``, unchanged."""
+    raw = np.ascontiguousarray(raw)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16))
+    else:
+        writer.add_tensor(name, raw, raw_dtype=qtype)
+
+
 def _copy_raw(writer: gguf.GGUFWriter, name: str, file: GGUFFile, source: str, rows: np.ndarray | None) -> None:
     """The target's tensor ``source`` (its rows ``rows``, or all) with its quantized bytes unchanged."""
-    info = file.tensors[source]
     raw = np.asarray(file.raw(source) if rows is None else file.raw(source)[rows])
-    if info.type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        dtype = np.float32 if info.type == gguf.GGMLQuantizationType.F32 else np.float16
-        writer.add_tensor(name, np.ascontiguousarray(raw).view(dtype))
-    else:
-        writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=info.type)
+    _add_raw(writer, name, raw, file.tensors[source].type)
 
 
-def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, target: str | Path, out: str | Path,
-                 weights: str = "f16") -> Path:
-    """Write the draft (its stored ``tensors``: layers and final norm) on the target GGUF ``target`` to ``out``."""
+def head_name(file: GGUFFile) -> str:
+    """The target's output table: ``output.weight``, or the tied ``token_embd.weight``."""
+    return "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
+
+
+def start_writer(path: Path, file: GGUFFile, name: str, layers: int, weights: str) -> gguf.GGUFWriter:
+    """A llama GGUF writer for ``path`` with the draft's ``layers`` and the target's other hyper-parameters."""
     if weights not in WEIGHTS:
         raise HastenError(f"draft export: weights in {tuple(WEIGHTS)}")
-    file = read_gguf(target)
     meta = file.metadata
     if meta.get("general.architecture") != "llama":
         raise HastenError("the distilled draft exports only onto a llama target")
-    heads = int(meta["llama.attention.head_count"])
-    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    layers = sorted({int(name.split(".")[2]) for name in tensors if name.startswith("model.layers.")})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(f".{os.getpid()}.part")
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    writer.add_name(f"hasten distilled draft (reduced, {weights})")
-    writer.add_block_count(len(layers))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_block_count(layers)
     writer.add_file_type(_FILE_TYPE[weights])
     for key in _COPIED_KEYS:
         if f"llama.{key}" in meta:
             value = meta[f"llama.{key}"]
             kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
             writer.add_key_value(f"llama.{key}", value, kind)
-    head = "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
-    writer.add_vocab_size(len(vocab_ids))
-    writer.add_tokenizer_model("none")  # llama.cpp's no_vocab: ids are rows of the reduced head
-    _copy_raw(writer, "token_embd.weight", file, head, vocab_ids.numpy())  # tied: no output.weight
-    for i, layer in enumerate(layers):
+    return writer
+
+
+def draft_layers(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """The stored draft's layer indices, in order."""
+    return sorted({int(name.split(".")[2]) for name in tensors if name.startswith("model.layers.")})
+
+
+def write_layers(writer: gguf.GGUFWriter, tensors: dict[str, torch.Tensor], file: GGUFFile, weights: str) -> None:
+    """The draft's layers (renumbered from 0, q/k permuted for llama.cpp) and final norm, then the file itself."""
+    heads = int(file.metadata["llama.attention.head_count"])
+    kv_heads = int(file.metadata.get("llama.attention.head_count_kv", heads))
+    for i, layer in enumerate(draft_layers(tensors)):
         for hf, name in _LAYER_NAMES.items():
             data = tensors[f"model.layers.{layer}.{hf}.weight"].float().numpy()
             if name.endswith("norm"):
@@ -106,6 +115,21 @@ def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, targ
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def export_draft(tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor, target: str | Path, out: str | Path,
+                 weights: str = "f16") -> Path:
+    """Write the draft (its stored ``tensors``: layers and final norm) on the target GGUF ``target`` to ``out``."""
+    file = read_gguf(target)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(f".{os.getpid()}.part")
+    writer = start_writer(partial, file, f"hasten distilled draft (reduced, {weights})", len(draft_layers(tensors)),
+                          weights)
+    writer.add_vocab_size(len(vocab_ids))
+    writer.add_tokenizer_model("none")  # llama.cpp's no_vocab: ids are rows of the reduced head
+    _copy_raw(writer, "token_embd.weight", file, head_name(file), vocab_ids.numpy())  # tied: no output.weight
+    write_layers(writer, tensors, file, weights)
     partial.replace(out)
     return out
 
@@ -129,4 +153,5 @@ def cached_export(directory: str | Path, target: str | Path, weights: str = "f16
     return out
 
 
-__all__ = ["CACHE", "WEIGHTS", "cached_export", "export_draft"]
+__all__ = ["CACHE", "WEIGHTS", "cached_export", "draft_layers", "export_draft", "head_name", "start_writer",
+           "write_layers"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import tempfile
@@ -153,18 +154,27 @@ def test_results_schema(bench_results):
         assert entry["mismatches"] == [] and entry["errors"] == []
         assert set(entry["categories"]) == {"copy", "chat"}
         for part in entry["categories"].values():
-            assert set(part) == {"speedup", "speedup_own", "mean_accepted", "tokens_per_s", "oracle"}
+            assert set(part) == {"speedup", "speedup_own", "mean_accepted", "tokens_per_s", "oracle",
+                                 "decode_ms_per_token", "decode_speedup", "decode_speedup_own"}
+            assert part["decode_ms_per_token"] > 0 and part["decode_speedup"] > 0, method
             assert part["speedup"] > 0 and part["mean_accepted"] >= 1.0 and part["tokens_per_s"] > 0
             assert part["speedup_own"] == part["speedup"]  # one backend: its ar is the primary ar
         assert entry["backend"] == "transformers" and entry["baseline"] == "ar"
         assert entry["speedup_own"] == entry["speedup"]
+        # every row's prefill is timed (the anchors' too), so every row has a decode speed
+        assert entry["prefill_ms"] > 0 and entry["decode_ms_per_token"] > 0, method
+        assert entry["decode_speedup"] > 0 and entry["decode_speedup_own"] == entry["decode_speedup"], method
         if method.startswith("hf_"):
             assert entry["draft_ms_per_step"] is None and entry["mean_drafted"] is None, method
         else:  # the proposer ran, timed, at every step; every method but ar drafted tokens
             assert entry["draft_ms_per_step"] > 0, method
             assert (entry["mean_drafted"] > 0) is (method != "ar"), method
-    assert res["methods"]["ar"]["speedup"] == 1.0
+    assert res["methods"]["ar"]["speedup"] == 1.0 and res["methods"]["ar"]["decode_speedup"] == 1.0
     assert res["methods"]["ar"]["mean_accepted"] == 1.0
+    for r in res["records"]:  # (wall - prefill) / (new tokens - turns), the prefill inside the timed call
+        assert 0 < r["prefill_s"] < r["wall_s"], r["method"]
+        assert r["decode_tokens"] == r["new_tokens"] - len(r["token_ids"])
+        assert r["decode_ms_per_token"] == pytest.approx(1000 * (r["wall_s"] - r["prefill_s"]) / r["decode_tokens"])
     assert res["methods"]["ar"]["mean_drafted"] == 0.0 and res["methods"]["ar"]["plain_steps"] == 1.0
     pld = res["methods"]["pld"]
     assert 0.0 <= pld["plain_steps"] <= 1.0 and pld["mean_drafted"] > 0 and "mean_drafted" in pld["method_stats"]
@@ -203,8 +213,17 @@ def test_report_files(bench_results, tmp_path):
     assert saved["methods"]["pld"]["speedup"] == bench_results["methods"]["pld"]["speedup"]
     assert saved["command"] == "hasten bench --limit 3"
     report = (out / "report.md").read_text()
-    assert ("| method | copy | chat | overall | vs own ar | oracle | tokens/pass | tokens/s | draft ms/step | "
-            "drafted/step | plain steps | exact |") in report
+    assert ("| method | copy | chat | overall | vs own ar | oracle | tokens/pass | tokens/s | decode ms/token | "
+            "decode speedup | draft ms/step | drafted/step | plain steps | exact |") in report
+    decode = report.split("## Decode speed")[1]
+    assert "| method | copy | chat | overall | vs own ar | prefill ms | decode ms/token |" in decode
+    assert "| ar | 1.00x | " in decode and "| — |" not in decode  # every row's prefill was measured
+    with (out / "records.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(saved["records"])
+    for row, saved_record in zip(rows, saved["records"], strict=True):
+        assert row["method"] == saved_record["method"]
+        assert float(row["decode_ms_per_token"]) == pytest.approx(saved_record["decode_ms_per_token"])
     for method in ALL:
         assert f"| {method} |" in report
     assert "no_such_method" in report
@@ -372,6 +391,9 @@ def test_every_method_runs_on_every_backend(two_backends):
     anchor = res["methods"]["llamacpp_generate"]
     assert anchor["mean_accepted"] == 1.0 and anchor["draft_ms_per_step"] is None  # one eval per token
     assert anchor["new_tokens"] == res["methods"]["ar"]["new_tokens"]
+    for r in res["records"]:  # llama-cpp-python's prefill too: its first eval to its first sampled token
+        assert 0 < r["prefill_s"] < r["wall_s"] and r["decode_ms_per_token"] > 0, r["method"]
+    assert all(entry["decode_speedup_own"] > 0 for entry in res["methods"].values())
 
 
 def test_exactness_is_against_the_own_backend(monkeypatch):

@@ -34,7 +34,7 @@ class RunRecord:
     drafted_tokens: int | None = 0
     accepted_drafts: int | None = 0
     draft_s: float | None = 0.0  # time in the proposer (DecodeStats.draft_s), None for anchors
-    prefill_s: float | None = 0.0
+    prefill_s: float | None = 0.0  # the target's passes over each turn's prompt (None: not measured)
     method_stats: dict[str, float] = field(default_factory=dict)  # the proposer's, weighted by passes over turns
     token_ids: list[list[int]] = field(default_factory=list)  # one list per turn
     prompt_ids: list[list[int]] = field(default_factory=list)  # one list per turn (kept in results for ar only)
@@ -59,3 +59,28 @@ def add_stats(record: RunRecord, stats: dict[str, float], passes: int, passes_be
         old = merged.get(key)  # a key only some turns have: keep what there is
         merged[key] = new if old is None else (old * passes_before + new * passes) / total
     record.method_stats = merged
+
+
+def decode_tokens(record: RunRecord) -> int:
+    """New tokens after each turn's first (the first comes from the prefill)."""
+    return sum(max(len(turn) - 1, 0) for turn in record.token_ids)
+
+
+def decode_s(record: RunRecord) -> float | None:
+    """Wall time less the prefill (None when the prefill was not measured or the run failed)."""
+    if record.error is not None or record.prefill_s is None:
+        return None
+    return record.wall_s - record.prefill_s
+
+
+def decode_ms_per_token(record: RunRecord) -> float | None:
+    """Milliseconds per new token after each turn's first: (wall - prefill) / (new tokens - turns); None when the
+    prefill was not measured, the run failed or no turn produced a second token."""
+    seconds, tokens = decode_s(record), decode_tokens(record)
+    return None if seconds is None or not tokens else 1000 * seconds / tokens
+
+
+def decode_fields(record: RunRecord) -> dict[str, float | int | None]:
+    """The decode figures a record's ``results.json`` entry carries beside its measurements."""
+    return {"decode_tokens": decode_tokens(record), "decode_s": decode_s(record),
+            "decode_ms_per_token": decode_ms_per_token(record)}

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,11 @@ from hasten.errors import HastenError
 
 def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _measured(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    """A figure that needs a measured prefill: "—" when it is missing (never shown as zero)."""
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def _share(value: float | None) -> str:
@@ -37,17 +44,34 @@ def table(results: dict[str, Any]) -> str:
     (and, when some questions are constrained, how many of their answers are valid)."""
     categories = results["categories"]
     constrained = bool(results.get("constrained"))
-    header = ["method", *categories, "overall", "vs own ar", "oracle", "tokens/pass", "tokens/s", "draft ms/step",
-              "drafted/step", "plain steps", "exact", *(["valid JSON"] if constrained else [])]
+    header = ["method", *categories, "overall", "vs own ar", "oracle", "tokens/pass", "tokens/s", "decode ms/token",
+              "decode speedup", "draft ms/step", "drafted/step", "plain steps", "exact",
+              *(["valid JSON"] if constrained else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in results["methods"].items():
         cells = [method]
         cells += [_num(entry["categories"][c]["speedup"], suffix="x") for c in categories]
         cells += [_num(entry["speedup"], suffix="x"), _num(entry.get("speedup_own"), suffix="x"),
                   _num(entry.get("oracle"), suffix="x"), _num(entry["mean_accepted"]),
-                  _num(entry["tokens_per_s"], 1), _num(entry.get("draft_ms_per_step"), 2),
+                  _num(entry["tokens_per_s"], 1), _measured(entry.get("decode_ms_per_token")),
+                  _measured(entry.get("decode_speedup"), suffix="x"), _num(entry.get("draft_ms_per_step"), 2),
                   _num(entry.get("mean_drafted")), _share(entry.get("plain_steps")), _exact(entry["exact"])]
         cells += [_valid(entry.get("structured"))] if constrained else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decode_table(results: dict[str, Any]) -> str:
+    """Decode speed (prefill left out): per category and overall, each method's decode speedup over the primary
+    ``ar``, then over its own backend's, the median prefill and decode ms per token ("—": prefill not measured)."""
+    categories = results["categories"]
+    header = ["method", *categories, "overall", "vs own ar", "prefill ms", "decode ms/token"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in results["methods"].items():
+        cells = [method, *(_measured(entry["categories"][c].get("decode_speedup"), suffix="x") for c in categories)]
+        cells += [_measured(entry.get("decode_speedup"), suffix="x"),
+                  _measured(entry.get("decode_speedup_own"), suffix="x"), _measured(entry.get("prefill_ms"), 1),
+                  _measured(entry.get("decode_ms_per_token"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -121,9 +145,19 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         "prefill and drafting not counted); tokens/pass = tokens per target forward pass; tokens/s = all new tokens "
         "/ all wall time; draft ms/step = time in the proposer per pass; drafted/step = drafted tokens per pass; "
         "plain steps = share of steps that drafted nothing; exact = every greedy output equals its own backend's ar "
-        "token for token. A method `m@b` runs on backend `b`; anchors run on their library's backend.",
+        "token for token. A method `m@b` runs on backend `b`; anchors run on their library's backend. "
+        "decode ms/token and decode speedup leave the prefill out: see *Decode speed*.",
         "",
         table(results),
+        "",
+        "## Decode speed", "",
+        "The prefill is the target's pass over each turn's prompt, the one that yields its first new token. "
+        "decode ms/token = (wall - prefill) / (new tokens - turns): the time per token after each turn's first, "
+        "median over prompts. Decode speedup = median over prompts of decode ms/token"
+        f"({baseline}) / decode ms/token(method) on the same prompt; `vs own ar` against the method's own backend's "
+        "ar; prefill ms = median over prompts. — = the prefill was not measured.",
+        "",
+        decode_table(results),
         "",
     ]
     oracle = oracle_table(results)
@@ -197,10 +231,11 @@ def _pyplot() -> Any:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars: for each method, its speedup per category and overall; a dashed line at 1.0 (= ar)."""
+    """Grouped bars: for each method, its speedup per category and overall, then its decode speedup (prefill left
+    out; no bar where it was not measured); a dashed line at 1.0 (= ar)."""
     plt = _pyplot()
     methods = list(results["methods"])
-    groups = [*results["categories"], "overall"]
+    groups = [*results["categories"], "overall", "decode"]
     width = 0.8 / len(groups)
     highest = 1.0
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * max(1, len(groups) / 4)), 4.5))
@@ -208,11 +243,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         values = []
         for method in methods:
             entry = results["methods"][method]
+            if group == "decode":
+                value = entry.get("decode_speedup")
+                values.append(math.nan if value is None else value)
+                continue
             value = entry["speedup"] if group == "overall" else entry["categories"][group]["speedup"]
             values.append(value or 0.0)
-        highest = max(highest, *values)
+        highest = max([highest, *(v for v in values if not math.isnan(v))])
         xs = [i - 0.4 + width * (g + 0.5) for i in range(len(methods))]
-        ax.bar(xs, values, width, label=group, edgecolor="black" if group == "overall" else None)
+        ax.bar(xs, values, width, label="decode (no prefill)" if group == "decode" else group,
+               edgecolor="black" if group in ("overall", "decode") else None, hatch="//" if group == "decode" else None)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_ylim(0, highest * 1.35)  # room for the legend above the bars
     ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 6 else 0, ha="right"
@@ -255,8 +295,23 @@ def plot_cost(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+RECORD_COLUMNS = ("question_id", "category", "method", "backend", "wall_s", "prefill_s", "decode_s", "new_tokens",
+                  "decode_tokens", "decode_ms_per_token", "target_passes", "drafted_tokens", "accepted_drafts",
+                  "draft_s", "exact", "error", "json_valid")
+
+
+def write_records_csv(results: dict[str, Any], path: Path) -> None:
+    """One row per method and question (``RECORD_COLUMNS``); an empty cell is a value not measured (None)."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RECORD_COLUMNS)
+        for record in results.get("records", []):
+            writer.writerow(["" if record.get(key) is None else record[key] for key in RECORD_COLUMNS])
+
+
 def write_report(results: dict[str, Any], out: str | Path, command: str | None = None) -> Path:
-    """Write ``results.json``, ``report.md``, ``speedup.png`` and ``cost_curve.png`` into ``out`` (created)."""
+    """Write ``results.json``, ``records.csv``, ``report.md``, ``speedup.png`` and ``cost_curve.png`` into
+    ``out`` (created)."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +320,7 @@ def write_report(results: dict[str, Any], out: str | Path, command: str | None =
     if command:
         results = {**results, "command": command}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_records_csv(results, out / "records.csv")
     (out / "report.md").write_text(markdown(results, command), encoding="utf-8")
     plot(results, out / "speedup.png")
     plot_cost(results, out / "cost_curve.png")

@@ -28,7 +28,7 @@ from hasten.bench.anchors import (
 from hasten.bench.machine import backend_info, machine_info
 from hasten.bench.oracle import source_for
 from hasten.bench.prompts import BenchPrompt
-from hasten.bench.records import BASELINE, Run, RunRecord, add_stats, label_for
+from hasten.bench.records import BASELINE, Run, RunRecord, add_stats, decode_fields, label_for
 from hasten.bench.scoring import baselines_by_backend, hf_reference, score_exactness
 from hasten.bench.structured import answer_error, is_constrained
 from hasten.bench.summary import References, oracle_runs, summarise_method
@@ -116,7 +116,9 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     """All turns of one question with one method; each later turn sees the method's own earlier answers.
 
     Only the generation call is timed (``perf_counter`` around it, prefill included), the same for every method;
-    on CUDA the clock first waits for the device's queued work. A question with a ``response_format`` passes it to
+    on CUDA the clock first waits for the device's queued work. ``prefill_s`` adds up the target's pass over each
+    turn's prompt, the one that yields its first new token (hasten's ``GenerationResult.prefill_s``, the anchors'
+    ``AnchorOutput.prefill_s``; None if a turn's was not measured). A question with a ``response_format`` passes it to
     every turn's generation, and each answer is checked against it (``json_valid``, ``json_error``).
     """
     record = RunRecord(prompt.question_id, prompt.category, label or method, loaded.backend.backend)
@@ -128,7 +130,8 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     formats = {} if prompt.response_format is None else {"response_format": prompt.response_format}
     invalid: list[str] = []
     passes_total = drafted = accepted = 0
-    draft_total = prefill_total = 0.0
+    draft_total = 0.0
+    prefill_total: float | None = 0.0  # None once a turn's prefill was not measured
     messages: list[dict[str, str]] = []
     for turn_index, turn in enumerate(prompt.turns):
         messages.append({"role": "user", "content": turn})
@@ -145,6 +148,7 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
                 out = run_hf_anchor(method, loaded, ids, max_new_tokens, turn_params, draft)
             record.wall_s += clock() - began
             tokens, passes = out.token_ids, out.target_passes
+            prefill_total = None if prefill_total is None or out.prefill_s is None else prefill_total + out.prefill_s
         else:
             forget_prompts = getattr(loaded.backend, "forget_prompts", None)
             if forget_prompts is not None:  # every run prefills its whole prompt, as the llama.cpp anchors do
@@ -156,7 +160,7 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             record.wall_s += clock() - began
             tokens, passes = result.token_ids, result.target_passes
             draft_total += result.draft_s
-            prefill_total += result.prefill_s
+            prefill_total = None if prefill_total is None else prefill_total + result.prefill_s
             drafted += result.drafted_tokens
             accepted += result.accepted_drafts
             add_stats(record, result.method_stats, passes, passes_total)
@@ -171,11 +175,12 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     record.target_passes = passes_total
     if constrained:
         record.json_valid, record.json_error = not invalid, (invalid[0] if invalid else None)
+    record.prefill_s = prefill_total
     if anchor:
-        record.drafted_tokens = record.accepted_drafts = record.draft_s = record.prefill_s = None
+        record.drafted_tokens = record.accepted_drafts = record.draft_s = None
     else:
         record.drafted_tokens, record.accepted_drafts = drafted, accepted
-        record.draft_s, record.prefill_s = draft_total, prefill_total
+        record.draft_s = draft_total
     return record
 
 
@@ -348,6 +353,6 @@ def run_bench(
         "skipped": skipped,
         "warnings": warnings,
         "machine": machine_info(primary, backends),
-        "records": [asdict(r) | ({} if r.method in baseline_labels else {"prompt_ids": None})
+        "records": [asdict(r) | decode_fields(r) | ({} if r.method in baseline_labels else {"prompt_ids": None})
                     for method_records in records.values() for r in method_records],
     }

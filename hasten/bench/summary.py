@@ -10,7 +10,7 @@ from typing import Any
 
 from hasten.adaptive.cost import CostModel
 from hasten.bench.oracle import CandidateSource, OracleRun, replay
-from hasten.bench.records import BASELINE, QuestionId, Run, RunRecord, add_stats
+from hasten.bench.records import BASELINE, QuestionId, Run, RunRecord, add_stats, decode_ms_per_token
 from hasten.bench.scoring import ByQuestion, share_equal
 
 
@@ -43,10 +43,37 @@ def _speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord])
     return _median(ratios)
 
 
+def _decode_speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]) -> float | None:
+    """Median over questions of decode ms/token(baseline) / decode ms/token(record): the ratio of decode times
+    when both gave the same tokens."""
+    ratios = []
+    for r in records:
+        ref = baseline.get(r.question_id)
+        mine, theirs = decode_ms_per_token(r), None if ref is None else decode_ms_per_token(ref)
+        if mine and theirs is not None:
+            ratios.append(theirs / mine)
+    return _median(ratios)
+
+
+def decode_summary(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord],
+                   own_baseline: Mapping[QuestionId, RunRecord]) -> dict[str, float | None]:
+    """Decode speed of a method's successful records, as medians over questions: prefill ms, decode ms per token
+    after each turn's first, and the decode speedups over the primary and the own backend's ``ar``. All None when
+    a record's prefill was not measured: missing, never counted as zero."""
+    if any(r.prefill_s is None for r in records):
+        return {"prefill_ms": None, "decode_ms_per_token": None, "decode_speedup": None, "decode_speedup_own": None}
+    return {"prefill_ms": _median([1000 * (r.prefill_s or 0.0) for r in records]),
+            "decode_ms_per_token": _median([ms for r in records if (ms := decode_ms_per_token(r)) is not None]),
+            "decode_speedup": _decode_speedup(records, baseline),
+            "decode_speedup_own": _decode_speedup(records, own_baseline)}
+
+
 def summarise(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord],
               own_baseline: Mapping[QuestionId, RunRecord] | None = None) -> dict[str, Any]:
-    """One method's records: tokens/s, mean accepted and drafting time over totals, speedups as medians."""
+    """One method's records: tokens/s, mean accepted and drafting time over totals, speedups (prefill included)
+    and decode speed (``decode_summary``) as medians."""
     good = [r for r in records if r.error is None]
+    own = own_baseline if own_baseline is not None else baseline
     tokens = sum(r.new_tokens for r in good)
     wall = sum(r.wall_s for r in good)
     passes = None if any(r.target_passes is None for r in good) else sum(r.target_passes or 0 for r in good)
@@ -54,7 +81,8 @@ def summarise(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]
     return {
         "tokens_per_s": _ratio(tokens, wall) or 0.0,
         "speedup": _speedup(good, baseline),
-        "speedup_own": _speedup(good, own_baseline if own_baseline is not None else baseline),
+        "speedup_own": _speedup(good, own),
+        **decode_summary(good, baseline, own),
         "mean_accepted": _ratio(tokens, passes),
         "draft_ms_per_step": None if draft is None or not passes else 1000 * draft / passes,
         "target_passes": passes,
@@ -143,7 +171,8 @@ def summarise_method(run: Run, records: list[RunRecord], refs: References, *, pr
     for category in categories:
         chosen = [r for r in records if r.category == category]
         part = summarise(chosen, refs.primary_ar, refs.own_ar)
-        parts[category] = {key: part[key] for key in ("speedup", "speedup_own", "mean_accepted", "tokens_per_s")}
+        parts[category] = {key: part[key] for key in ("speedup", "speedup_own", "mean_accepted", "tokens_per_s",
+                                                      "decode_ms_per_token", "decode_speedup", "decode_speedup_own")}
         parts[category]["oracle"] = oracle_bound(oracle, [r.question_id for r in chosen])["oracle"]
     entry["categories"] = parts
     return entry

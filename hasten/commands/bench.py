@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="benchmark every method against plain decoding (Spec-Bench style)",
         description="Run each method on each prompt (and each backend), interleaved in one process after a warm-up; "
-                    "write results.json, report.md, speedup.png and cost_curve.png; check greedy outputs equal "
-                    "their backend's ar token for token.",
+                    "write results.json, records.csv, report.md, speedup.png and cost_curve.png; check greedy outputs "
+                    "equal their backend's ar token for token.",
     )
     parser.add_argument("--prompts", default=None,
                         help="JSONL prompts: Spec-Bench format or {\"prompt\", \"category\"} (default: shipped set)")
@@ -141,5 +141,6 @@ def run(args: argparse.Namespace) -> int:
     for warning in results["warnings"]:
         print(f"hasten bench: {warning}", file=sys.stderr)
     print(table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speedup.png'}, {out / 'cost_curve.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'records.csv'}, {out / 'report.md'}, {out / 'speedup.png'}, "
+          f"{out / 'cost_curve.png'}")
     return 0

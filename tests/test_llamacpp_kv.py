@@ -1,4 +1,5 @@
-"""The llama.cpp target's KV cache type: Q8_0 by default (one attention kernel for every pass), F16 as fall-back."""
+"""The llama.cpp target's KV cache type: Q8_0 keys and F16 values by default (one attention kernel for every pass),
+F16 as fall-back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from tiny_gguf import write_tiny_gguf
 
 from hasten.backends.llamacpp_model import LlamaCppModel
+from hasten.backends.llamacpp_shared_exactness import attention_is_batch_invariant, kv_types, lone_token_splits
 
 CONTEXT = [(7 * i + 3) % 90 + 4 for i in range(700)]  # past 512 cells: where an F16 cache switches kernels
 
@@ -22,11 +24,21 @@ def root_rows(model: LlamaCppModel) -> tuple[torch.Tensor, torch.Tensor]:
     return alone, chain
 
 
-def test_quantized_cache_gives_the_same_bits_for_every_pass_width(tmp_path):
+def test_kv_type_names_keys_and_values():
+    assert kv_types("q8_0/f16") == ("q8_0", "f16") and kv_types("F16") == ("f16", "f16")
+    assert attention_is_batch_invariant("q8_0/f16") and attention_is_batch_invariant("q8_0")
+    assert attention_is_batch_invariant("f16/q8_0") and attention_is_batch_invariant("f16/f32")
+    assert not attention_is_batch_invariant("f16") and not attention_is_batch_invariant("f32/f32")
+
+
+@pytest.mark.parametrize("kv_type", [None, "q8_0", "f16/q8_0"])
+def test_cache_with_one_attention_kernel_gives_the_same_bits_for_every_pass_width(tmp_path, kv_type):
     path = write_tiny_gguf(tmp_path / "wide-heads.gguf", hidden=128, heads=4, kv_heads=2, ffn=256, context=1024,
                            vocab_size=96, init_std=0.5)
-    model = LlamaCppModel(path, threads=2)
-    assert model.new_target() is not None and model.kv_type == "q8_0"  # head size 32: whole Q8_0 blocks
+    model = LlamaCppModel(path, threads=2, kv_type=kv_type)
+    assert model.new_target() is not None  # head size 32: whole Q8_0 blocks
+    assert model.kv_type == (kv_type or "q8_0/f16")
+    assert not lone_token_splits(model, 700) and model.prompt_cache is not None
     alone, chain = root_rows(model)
     assert torch.equal(alone, chain)
 
@@ -40,7 +52,7 @@ def test_f16_cache_control_shows_why_q8_0_is_the_default(tmp_path):
                            vocab_size=96, init_std=0.5)
     model = LlamaCppModel(path, threads=2, kv_type="f16")
     model.new_target()
-    assert model.kv_type == "f16"
+    assert model.kv_type == "f16" and lone_token_splits(model, 700)
     alone, chain = root_rows(model)
     if torch.equal(alone, chain):
         pytest.skip("this CPU's F16 attention gives the same bits at every pass width (no thread split to show)")
@@ -57,6 +69,6 @@ def test_a_cache_that_cannot_be_quantized_falls_back_to_f16(tmp_path):
 @pytest.mark.slow
 def test_default_model_rows_agree_across_pass_widths_past_512_cells(default_model):
     backend = default_model.backend
-    assert backend.kv_type == "q8_0" and backend.threads == 2
+    assert backend.kv_type == "q8_0/f16" and backend.threads == 2
     alone, chain = root_rows(backend)
     assert torch.equal(alone, chain)

@@ -108,11 +108,13 @@ def device_name(device: torch.device) -> str:
 
 def cost_key(backend: ModelBackend, model_name: str, threads: int | None) -> str:
     """What a cost curve depends on: backend, model, threads, CPU, and the device, dtype, attention
-    implementation and graph mode it runs with (so a CPU curve is never reused on a GPU, nor fp32 for bf16)."""
+    implementation, graph mode and KV cache type it runs with (so a CPU curve is never reused on a GPU, nor fp32
+    for bf16)."""
     device = torch.device(getattr(backend, "device", "cpu"))
     parts = [backend.backend, model_name, str(threads), cpu_name(), str(os.cpu_count()), str(device),
              device_name(device), str(getattr(backend, "dtype", torch.float32)),
-             str(getattr(backend, "attention", "")), f"graphs={bool(getattr(backend, 'graphs', False))}"]
+             str(getattr(backend, "attention", "")), f"graphs={bool(getattr(backend, 'graphs', False))}",
+             f"kv={getattr(backend, 'kv_type', None) or ''}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

@@ -17,6 +17,7 @@ from hasten.backends.llamacpp_library import clear_log, first_logged_error, load
 from hasten.backends.llamacpp_prompt_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from hasten.backends.llamacpp_prompt_cache import PromptCache
 from hasten.backends.llamacpp_shared_context import SharedCache, score_many
+from hasten.backends.llamacpp_shared_exactness import attention_is_batch_invariant, kv_types
 from hasten.backends.llamacpp_target import LlamaCppTarget
 from hasten.errors import HastenError
 
@@ -27,7 +28,7 @@ DEFAULT_THREADS = 2
 DEFAULT_N_CTX = 4096
 DEFAULT_N_SEQ_MAX = 64
 DEFAULT_N_BATCH = 512
-DEFAULT_KV_TYPE = "q8_0"  # see the class docstring: every pass width then uses one attention kernel
+DEFAULT_KV_TYPE = "q8_0/f16"  # keys Q8_0, values F16 (class docstring): one attention kernel for every pass
 FALLBACK_KV_TYPE = "f16"  # llama.cpp's own default, where a quantized cache cannot be made
 POOL_SIZE = 4  # idle llama contexts a model keeps for its next targets (creating one costs tens of ms)
 
@@ -42,14 +43,17 @@ class LlamaCppModel:
     the number of tokens in a pass. ``score_many`` scores several targets' passes in one ``llama_decode`` in a
     shared context of ``shared_cells`` cells and ``shared_seq_max`` sequence ids (see ``llamacpp_shared_context``).
 
-    ``kv_type`` is the KV cache's type; by default Q8_0, falling back to F16 (llama.cpp's default) where a
-    quantized cache cannot be made (head sizes not a multiple of 32, flash attention off). With an F16 cache,
-    ggml's CPU flash attention switches kernels with the pass: a one-token pass over 512 or more cached cells
-    splits the cells across threads, and a pass of 64 or more tokens is tiled, so a verification pass and plain
-    decoding round differently past 256 cached tokens (a max logit difference of 0.35 on the default model at
-    700 tokens, 2 threads) and greedy outputs can part at near-ties. A Q8_0 cache takes one kernel for every
-    pass, so rows are bit-identical at any cache length and thread count, and on this 2-core CPU it is faster
-    too (default model, 700 cached tokens: 13.2 ms against 19.1 ms for one token, 51.8 against 93.6 ms for 8).
+    ``kv_type`` is the KV cache's type, ``"K/V"`` or one type for both; by default Q8_0 keys and F16 values,
+    falling back to F16 (llama.cpp's default) where a quantized cache cannot be made (head sizes not a multiple of
+    32, flash attention off). ggml's CPU flash attention takes other kernels for other passes only where keys are
+    F16/F32 and values have the keys' type: a one-token pass over 512 or more cached cells then splits the cells
+    across threads, and a pass of 64 or more tokens is tiled, so a verification pass and plain decoding round
+    differently past 256 cached tokens (a max logit difference of 0.35 on the default model at 700 tokens,
+    2 threads) and greedy outputs can part at near-ties. Any other pair takes one kernel for every pass, so rows
+    are bit-identical at any cache length and thread count (``attention_is_batch_invariant``). Of those, Q8_0 keys
+    with F16 values is the fastest on a 2-core CPU (AMD EPYC, AVX-512, default model, 600-token prompt: prefill
+    3.5 against 4.1 ms a token for Q8_0/Q8_0, one-token pass 9.2 against 10.3 ms, four tokens 24.7 against 29.8;
+    an F16/F16 cache prefills at 3.5 too, but is not exact).
 
     ``prompt_cache`` keeps the cells of recent prompts (``prompt_cache_bytes``, 64 MiB by default; 0 turns it
     off) so that a prefill runs only what its prompt does not share with one of them (``llamacpp_prompt_cache``);
@@ -91,7 +95,7 @@ class LlamaCppModel:
         self.shared_cells = shared_cells or 2 * self.max_context  # cells of the context targets share
         self.shared_seq_max = min(shared_seq_max or 256, int(lib.llama_max_parallel_sequences()))  # and its ids
         budget = DEFAULT_PROMPT_CACHE_BYTES if prompt_cache_bytes is None else prompt_cache_bytes
-        exact = (self.kv_type or "").lower() not in ("f16", "f32", "bf16") and self.flash_attn is not False
+        exact = attention_is_batch_invariant(self.kv_type or FALLBACK_KV_TYPE) and self.flash_attn is not False
         self.prompt_cache = PromptCache(lib, budget) if budget > 0 and exact else None
 
     def _load(self, extra_buffers: bool | None) -> None:
@@ -149,7 +153,9 @@ class LlamaCppModel:
         params.n_outputs_max = max(self.n_batch, params.n_seq_max)  # llama.cpp reserves at least n_seq_max rows
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True  # sequences coupled in one batch (a tree) need one shared cell buffer
-        params.type_k = params.type_v = getattr(lib, f"GGML_TYPE_{kv_type.upper()}")
+        keys, values = kv_types(kv_type)
+        params.type_k = getattr(lib, f"GGML_TYPE_{keys.upper()}")
+        params.type_v = getattr(lib, f"GGML_TYPE_{values.upper()}")
         params.swa_full = True  # sliding-window layers keep every cell, so rolling back never fails
         params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         params.embeddings = False

@@ -11,6 +11,9 @@ cells, nothing evaluated twice):
   index (its split-KV path). A shared decode of two or more tokens never takes that path and so cannot
   reproduce it. Likewise a shared decode of one token while the shared cache is 256+ cells long.
 - ``start`` (the prefill).
+The first two happen only where the keys are F16/F32 and the values have their type
+(``attention_is_batch_invariant``); with the default cache (Q8_0 keys, F16 values) every pass takes one kernel,
+and only the cut to ``MAX_TOKENS`` (the shared batch's size) and ``start`` remain.
 Without flash attention (``flash_attn=False``) attention reduces over every cell, masked ones too, in blocks, so
 nothing is shared. F32/F16 weights are not batch-invariant in llama.cpp at all (trees and chains differ by
 ~1e-3 there too); the standard stays "as exact as a tree pass is".
@@ -29,6 +32,20 @@ KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multipl
 SPLIT_KV_CELLS = 512  # from this n_kv on, a one-token pass splits its cells across threads (split-KV path)
 
 
+def kv_types(kv_type: str) -> tuple[str, str]:
+    """The (key, value) cache types of ``kv_type``: ``"K/V"``, or one type for both."""
+    keys, _, values = kv_type.lower().partition("/")
+    return keys, values or keys
+
+
+def attention_is_batch_invariant(kv_type: str) -> bool:
+    """Whether ggml's CPU flash attention takes one kernel for every pass over a cache of ``kv_type``: it tiles
+    wide passes and splits a lone query's cells across threads only where the keys are F16/F32 (BF16 counted
+    with them here, untested) and the values have the keys' type."""
+    keys, values = kv_types(kv_type)
+    return not (keys in ("f16", "f32", "bf16") and values == keys)
+
+
 def n_kv(cells: int) -> int:
     """The number of cells llama.cpp's attention spans when ``cells`` cells are in use."""
     return max(KV_PAD, -(-cells // KV_PAD) * KV_PAD)
@@ -36,6 +53,8 @@ def n_kv(cells: int) -> int:
 
 def lone_token_splits(model: LlamaCppModel, cells: int) -> bool:
     """Whether a one-token pass over ``cells`` cached cells takes the split-KV path (cells split across threads)."""
+    if attention_is_batch_invariant(model.kv_type or "f16"):
+        return False
     return model.threads > 1 and n_kv(cells + 1) >= SPLIT_KV_CELLS
 
 
@@ -47,4 +66,5 @@ def shareable(target: LlamaCppTarget, n: int) -> bool:
     return not (n == 1 and lone_token_splits(model, target.cache_len))
 
 
-__all__ = ["KV_PAD", "MAX_TOKENS", "SPLIT_KV_CELLS", "lone_token_splits", "n_kv", "shareable"]
+__all__ = ["KV_PAD", "MAX_TOKENS", "SPLIT_KV_CELLS", "attention_is_batch_invariant", "kv_types", "lone_token_splits",
+           "n_kv", "shareable"]

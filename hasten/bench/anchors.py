@@ -1,7 +1,8 @@
 """Other libraries' own decoding as reference rows, on the same loaded model file and prompts.
 
 - transformers (on a model loaded on the transformers backend, on its device and dtype): plain ``generate``
-  (``hf_generate``), its prompt lookup (``hf_pld``), its assisted generation (``hf_assisted``) and plain greedy
+  (``hf_generate``), its prompt lookup (``hf_pld``), its assisted generation (``hf_assisted``: the
+  ``--draft-model``, else the shipped draft exported as ``hasten export-draft`` does, cached) and plain greedy
   over its static KV cache (``hf_static``). On CUDA transformers compiles that static-cache decoding with
   ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs), the fastest plain decoding it offers; on a CPU it
   compiles nothing (its automatic compilation is for accelerators only), so there ``hf_static`` is the static
@@ -85,7 +86,10 @@ def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel |
         return f"{name} needs the model on the {backend} backend: {how}"
     if name == "hf_assisted":
         if draft is None:
-            return "hf_assisted needs a draft model (--draft-model)"
+            try:
+                draft = shipped_assistant(loaded)
+            except HastenError as error:
+                return f"hf_assisted needs a draft model (--draft-model): {error}"
         if draft.backend.backend != "transformers":
             return "hf_assisted needs a draft model on transformers (a model folder)"
         if draft.model.device != loaded.model.device:
@@ -96,6 +100,25 @@ def anchor_available(name: str, loaded: LoadedModel | None, draft: LoadedModel |
         except ImportError:
             return f"{name} needs llama-cpp-python"
     return None
+
+
+_ASSISTANTS: dict[tuple[str, str, torch.dtype], LoadedModel] = {}
+
+
+def shipped_assistant(loaded: LoadedModel) -> LoadedModel:
+    """The shipped draft as a full-vocabulary transformers model on ``loaded``'s GGUF, device and dtype (exported
+    once into the cache, as ``hasten export-draft`` writes it)."""
+    from hasten.draft.model import SHIPPED_DRAFT
+    from hasten.draft.standalone import cached_transformers_export
+    from hasten.methods import load_draft
+
+    if loaded.path is None or loaded.path.suffix != ".gguf":
+        raise HastenError("the shipped draft is exported onto a .gguf target only")
+    key = (str(loaded.path), str(loaded.model.device), loaded.model.dtype)
+    if key not in _ASSISTANTS:
+        folder = cached_transformers_export(SHIPPED_DRAFT, loaded.path, loaded.tokenizer)
+        _ASSISTANTS[key] = load_draft(loaded, str(folder))
+    return _ASSISTANTS[key]
 
 
 def static_mode(loaded: LoadedModel) -> str:
@@ -127,9 +150,7 @@ def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens
     if name == "hf_pld":
         config.prompt_lookup_num_tokens = HF_PLD_TOKENS
     elif name == "hf_assisted":
-        if draft is None:
-            raise ValueError("hf_assisted needs a draft model")
-        extra["assistant_model"] = draft.model
+        extra["assistant_model"] = (draft or shipped_assistant(loaded)).model
     elif name != "hf_generate":
         raise ValueError(f"unknown anchor {name!r}")
     calls = 0

@@ -13,7 +13,7 @@ from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
 from tiny_gguf import write_tiny_gguf
 
 from hasten.adaptive import cost
-from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, best_size, path_probabilities
+from hasten.adaptive.chooser import TRIALS, AcceptanceModel, DraftPolicy, best_size, path_probabilities
 from hasten.adaptive.cost import CostModel, cost_model_for, measure
 from hasten.api import generate
 from hasten.backends import TransformersModel
@@ -280,6 +280,29 @@ def test_auto_drafts_with_the_draft_model_and_keeps_its_cache_in_step():
     assert out == greedy_reference(model, prompt, 30)
     assert auto.stats()["nodes_from_draft"] > 1  # the draft (the target itself) found most tokens
     assert draft.draft.cache_len <= len(prompt) + len(out)  # never ahead of the committed tokens
+
+
+def test_auto_prefills_its_draft_only_when_the_draft_first_runs():
+    """A draft whose gate stays closed costs nothing, not even its prefill; one that opens mid-answer catches up
+    on the whole context then, and the output stays exact."""
+    model = tiny_model("llama", 3, init_std=0.6)
+    prompt = random_prompts(1, seed=11, repeat=False)[0]
+    reference = greedy_reference(model, prompt, 30)
+    closed, opens_late = DraftPolicy(frozen(FLAT)), DraftPolicy(frozen(FLAT))
+    gate = closed.gain("draft")
+    gate.steps, gate.tokens, gate.cost_ms = TRIALS, 0.0, 1e6  # measured: earns nothing, costs much
+    gate.skipped = 1  # and not due for a retry within this answer
+    idle = DraftModelProposer(TransformersModel(model), GREEDY, 8, policy=closed)
+    assert _decode(TransformersModel(model).new_target(), AutoProposer(closed, draft=idle), prompt, 30) == reference
+    assert idle.draft.cache_len == 0  # never prefilled
+
+    late = DraftModelProposer(TransformersModel(model), GREEDY, 8, policy=opens_late)
+    auto = AutoProposer(opens_late, draft=late)
+    runs = iter([False] * 5 + [True] * 100)
+    auto.draft_source.should_run = lambda policy, cost_ms=None: next(runs)
+    out = _decode(TransformersModel(model).new_target(), auto, prompt, 30)
+    assert out == reference
+    assert 0 < late.draft.cache_len <= len(prompt) + len(out) and auto.stats()["nodes_from_draft"] > 0
 
 
 def _auto_with_draft_sampling(engine, params: SamplingParams, policy: DraftPolicy) -> AutoProposer:

@@ -57,6 +57,7 @@ class AutoProposer(Proposer):
         self._last_accepted: int | None = None  # the last step's accepted count (None: it drafted nothing)
         self._tail: list[int] = []
         self.draft_source = CostlySource("draft")  # the draft's chain runs while the tokens only it finds pay
+        self._draft_started = False  # the draft prefills the context only when its chain first runs
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
@@ -66,8 +67,7 @@ class AutoProposer(Proposer):
             self.redrafter.start(context, hidden)
         self._offered, self._last_accepted = None, None
         self.sources = Counter()
-        if self.draft is not None:
-            self.draft.start(context, None)
+        self._draft_started = False
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
@@ -87,6 +87,9 @@ class AutoProposer(Proposer):
                 paths.append(tail[:depth])
                 features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
         if self.draft is not None and self.draft_source.should_run(self.policy):
+            if not self._draft_started:  # its prefill, once, outside the time its chain is charged
+                self.draft.start(context, None)
+                self._draft_started = True
             with self.draft_source.timed():
                 chain, _, chain_features = self.draft.draft_chain(context, depth, greedy=True)
             if chain:
@@ -111,7 +114,7 @@ class AutoProposer(Proposer):
                 alone = sum(all(f[0] == source.name for f in features[node]) for node in outcome.accepted_nodes)
                 source.credit(self.policy, alone)
             self._last_accepted = accepted_if_drafted(tree, outcome)
-        if self.draft is not None:
+        if self.draft is not None and self._draft_started:
             self.draft.rollback(outcome.accepted)
         new = [*outcome.accepted, outcome.next_token]
         self.pool.add_sequence(self._tail + new)

@@ -89,6 +89,7 @@ class Request:
     penalties: Penalties = field(default_factory=Penalties)
     constraint: Grammar | None = None
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: no logprobs
+    expected: list[int] = field(default_factory=list)  # the predicted output's tokens: drafts only
 
 
 def _top_logprobs(logprobs: bool, top_logprobs: int) -> int | None:
@@ -108,16 +109,26 @@ def make_request(loaded: LoadedModel, prompt: Prompt, method: str = "auto", *, m
                  repetition_penalty: float = 1.0, logit_bias: Mapping[int, float] | None = None,
                  response_format: Mapping[str, Any] | None = None, regex: str | None = None,
                  grammar: str | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                 stop: Sequence[str] = (), chat: bool = True, **method_options: Any) -> Request:
-    """Validate and tokenize one request (every error is a ``HastenError``, raised before any work)."""
+                 stop: Sequence[str] = (), chat: bool = True, prediction: str | None = None,
+                 **method_options: Any) -> Request:
+    """Validate and tokenize one request (every error is a ``HastenError``, raised before any work).
+
+    ``prediction`` is text the answer is expected to resemble (OpenAI's predicted output, such as the code being
+    edited): prompt lookup, lookahead and auto draft from it as well; it never changes what is generated.
+    """
     params = SamplingParams(temperature, top_k, top_p, seed, min_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise HastenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     penalties = Penalties(presence_penalty, frequency_penalty, repetition_penalty, dict(logit_bias or {}))
     penalties.check_vocabulary(loaded.vocab_size)
     constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, response_format, regex, grammar)
+    if prediction is not None and not isinstance(prediction, str):
+        raise HastenError(f"prediction must be a string, got {type(prediction).__name__}")
+    expected = loaded.tokenizer.encode(prediction, add_special_tokens=False) if prediction else []
+    if len(expected) > loaded.max_context:
+        raise HastenError(f"the prediction has {len(expected)} tokens; the model's context is {loaded.max_context}")
     return Request(prompt_ids(loaded, prompt, chat), method, params, max_new_tokens, [s for s in stop if s],
-                   method_options, penalties, constraint, _top_logprobs(logprobs, top_logprobs))
+                   method_options, penalties, constraint, _top_logprobs(logprobs, top_logprobs), expected)
 
 
 def start_generation(loaded: LoadedModel, request: Request) -> Generation:
@@ -125,6 +136,8 @@ def start_generation(loaded: LoadedModel, request: Request) -> Generation:
     params = request.params
     generator = None if params.greedy else params.generator(getattr(loaded.backend, "device", "cpu"))
     proposer = build_proposer(request.method, loaded, params, generator, **request.options)
+    if request.expected:
+        proposer.expect(request.expected)
     target = loaded.backend.new_target(want_hidden=proposer.needs_hidden)
     penalties = PenaltyState(request.penalties, request.ids, loaded.vocab_size) if request.penalties.active else None
     grammar = request.constraint.matcher() if request.constraint is not None else None
@@ -216,7 +229,8 @@ def stream(loaded: LoadedModel, prompt: Prompt, method: str = "auto", **kwargs: 
     Keyword arguments: ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``min_p``,
     ``seed``, ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``, ``logit_bias`` (token id ->
     bias), ``response_format`` (OpenAI's), ``regex`` or ``grammar`` (Lark), ``logprobs`` and ``top_logprobs``,
-    ``stop`` (strings), ``chat`` (apply the chat template to a string prompt), and the method's own options.
+    ``stop`` (strings), ``chat`` (apply the chat template to a string prompt), ``prediction`` (text the answer
+    is expected to resemble: drafts only), and the method's own options.
     """
     request = make_request(loaded, prompt, method, **kwargs)
     generation = start_generation(loaded, request)

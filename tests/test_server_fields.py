@@ -138,3 +138,12 @@ def test_the_openai_client_sees_the_refusal(base, tiny):
     reply = client.chat.completions.create(model=tiny.name, messages=MESSAGES, max_tokens=4, temperature=0,
                                            user="me", store=False, metadata={"k": "v"})
     assert reply.choices[0].message.content is not None
+
+
+def test_a_prediction_is_drafted_from_and_changes_nothing(base):
+    plain = post(base, CHAT, chat(method="pld")).json()["choices"][0]["message"]
+    parts = [{"type": "text", "text": plain["content"][:5]}, {"type": "text", "text": plain["content"][5:]}]
+    for prediction in ({"type": "content", "content": plain["content"]}, {"type": "content", "content": parts}):
+        reply = post(base, CHAT, chat(method="pld", prediction=prediction))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"] == plain

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_options(parser)
     add_shaping_options(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--prediction", default=None, metavar="FILE",
+                        help="text the answer is expected to resemble (e.g. the code being edited): pld, lookahead "
+                             "and auto draft from it too; the output is unchanged")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.set_defaults(run=run)
@@ -73,9 +76,16 @@ def run(args: argparse.Namespace) -> int:
               shaping["logit_bias"])
     if args.threads is not None and args.threads < 1:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
+    prediction = None
+    if args.prediction is not None:
+        try:
+            prediction = Path(args.prediction).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise HastenError(f"cannot read --prediction {args.prediction}: {error}") from None
     loaded = load_model(args.model, args.backend, **load_options(args))
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat, **shaping}
+                "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat,
+                "prediction": prediction, **shaping}
     if prompts is not None:
         results = generate_batch(loaded, prompts, args.method, **sampling, **method_options(args, loaded))
         for prompt, result in zip(prompts, results, strict=True):

@@ -58,9 +58,15 @@ class AutoProposer(Proposer):
         self._tail: list[int] = []
         self.draft_source = CostlySource("draft")  # the draft's chain runs while the tokens only it finds pay
         self._draft_started = False  # the draft prefills the context only when its chain first runs
+        self._reference: list[int] = []  # the expected answer (``expect``): n-grams for the pool
+
+    def expect(self, tokens: list[int]) -> None:
+        self.lookup.expect(tokens)
+        self._reference = list(tokens)
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.pool = NgramPool(POOL_NGRAM, POOL_GUESSES)
+        self.pool.add_sequence(self._reference)
         self.pool.add_sequence(context)
         self._tail = context[-(POOL_NGRAM - 1) :]
         if self.redrafter is not None:

@@ -54,6 +54,10 @@ class Proposer:
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         """A new sequence: ``context`` ends with the root; ``hidden`` is the target's state before the root."""
 
+    def expect(self, tokens: list[int]) -> None:
+        """Tokens the answer is expected to resemble (OpenAI's predicted output), given before ``start``: a
+        source of drafts, never of output. Drafters that cannot draft from it ignore it."""
+
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         """Guess continuations of ``context`` (which ends with the root), no deeper than ``max_depth``."""
         return Proposal(TokenTree())

@@ -117,6 +117,7 @@ class LookaheadProposer(Proposer):
         self.max_context = max_context
         self.seed = seed
         self.policy = policy
+        self._reference: list[int] = []  # the expected answer (``expect``): n-grams for the pool
         self.start([0], None)
 
     @property
@@ -132,10 +133,14 @@ class LookaheadProposer(Proposer):
                  "window_rate": self.window_steps / self.steps if self.steps else 0.0}
         return stats | super().stats()
 
+    def expect(self, tokens: list[int]) -> None:
+        self._reference = list(tokens)
+
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._rng = random.Random(self.seed)
         self._history = list(context)
         self.pool = NgramPool(self.ngram, self.guesses)
+        self.pool.add_sequence(self._reference)
         self.pool.add_sequence(context)
         self.columns = [self._seed_column() for _ in range(self.window)]
         self._sent_window = False

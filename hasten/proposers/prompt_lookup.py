@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from hasten.adaptive.chooser import DraftPolicy, Feature
@@ -35,6 +37,7 @@ class PromptLookupProposer(Proposer):
         self.policy = policy
         self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
         self._last_accepted: int | None = None  # the last step's accepted count (None: it drafted nothing)
+        self.reference: list[int] = []  # the expected answer (``expect``), searched after the context
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._offered, self._last_accepted = None, None
@@ -65,17 +68,16 @@ class PromptLookupProposer(Proposer):
             self.policy.learn(tree, features, outcome)
         self._last_accepted = accepted_if_drafted(tree, outcome)
 
+    def expect(self, tokens: list[int]) -> None:
+        self.reference = list(tokens)
+
     def matches(self, context: list[int], depth: int) -> tuple[int, list[list[int]]]:
-        """The longest matching tail n-gram's length and the continuations after its most recent matches."""
+        """The longest matching tail n-gram's length and the continuations after its most recent matches (in the
+        context, then in the expected answer, if one was given)."""
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
             paths: list[list[int]] = []
-            first = tail[0]
-            # Scan right to left so the most recent occurrences come first.
-            for start in range(len(context) - n - 1, -1, -1):
-                if context[start] != first or context[start : start + n] != tail:
-                    continue
-                follow = context[start + n : start + n + depth]
+            for follow in self._continuations(tail, context, depth):
                 if follow and not any(p[: len(follow)] == follow for p in paths):
                     paths.append(follow)
                     if len(paths) == self.branches:
@@ -83,3 +85,15 @@ class PromptLookupProposer(Proposer):
             if paths:
                 return n, paths
         return 0, []
+
+    def _continuations(self, tail: list[int], context: list[int], depth: int) -> Iterator[list[int]]:
+        """What followed each earlier occurrence of ``tail``: the context's, most recent first (the tail itself
+        excluded), then the expected answer's, first occurrence first."""
+        n, first = len(tail), tail[0]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start] == first and context[start : start + n] == tail:
+                yield context[start + n : start + n + depth]
+        reference = self.reference
+        for start in range(len(reference) - n + 1):
+            if reference[start] == first and reference[start : start + n] == tail:
+                yield reference[start + n : start + n + depth]

@@ -56,10 +56,13 @@ class StreamOptions(_Strict):
 
 
 class Prediction(_Strict):
-    """A predicted output: it only speeds generation up at OpenAI, never changes it; accepted and ignored."""
+    """A predicted output: text the answer is expected to resemble; drafts come from it, never output."""
 
     type: Literal["content"]
     content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class JsonSchema(_Strict):
@@ -108,6 +111,7 @@ class GenerationRequest(_Strict):
     response_format: ResponseFormat | None = None
     regex: str | None = None
     grammar: str | None = None
+    prediction: Prediction | None = None  # drafts only: it speeds generation up, never changes it
     # Accepted and ignored: they cannot change the generated text.
     user: str | None = None
     store: bool | None = None
@@ -117,7 +121,6 @@ class GenerationRequest(_Strict):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
-    prediction: Prediction | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -149,6 +152,7 @@ class GenerationRequest(_Strict):
             "top_p": 1.0 if self.top_p is None else float(self.top_p),
             "top_k": self.top_k or 0,
             "stop": self.stop_strings(),
+            "prediction": self.prediction.text() if self.prediction is not None else None,
             **self.shaping(),
         }
 

@@ -5,6 +5,10 @@ the oracle drafts exactly the accepted prefix ``L`` of the best candidate (0 if 
 step emits ``L + 1`` tokens and costs ``cost(L + 1)`` on the target's measured cost curve. The bound is the
 speedup over ``ar`` under that curve: ``tokens * cost(1) / sum of step costs``. Prefill and drafting time are
 not counted, so it is an upper bound on what the method's candidates can earn, not a prediction.
+
+Sources: ``pld`` (lookup matches), ``lookahead`` (its n-gram pool from the context), ``llamacpp_pld`` (its one
+candidate), ``draft`` (the draft model's greedy chain, full depth) and ``auto`` (lookup, the pool where lookup finds
+nothing, and the draft chain where auto has a draft; not ReDrafter beams, which need the target's hidden states).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any, Protocol
 from hasten.errors import HastenError
 from hasten.methods import build_proposer
 from hasten.models import LoadedModel
+from hasten.proposers.auto import POOL_GUESSES, POOL_NGRAM, AutoProposer
+from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import DEFAULT_NGRAM, LookaheadProposer, NgramPool
 from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
@@ -99,6 +105,58 @@ class LlamaCppPldSource:
         pass
 
 
+class DraftSource:
+    """A draft model's greedy chain after the context, at full depth (the policy is dropped: the oracle picks the
+    length), on the proposer's own cache: rolled back to the agreed prefix after each step, as in the engine."""
+
+    def __init__(self, proposer: DraftModelProposer, num_tokens: int | None = None) -> None:
+        proposer.policy = None
+        self.proposer = proposer
+        self.num_tokens = num_tokens or proposer.num_tokens
+
+    def start(self, context: list[int]) -> None:
+        self.proposer.start(context, None)
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        chain = self.proposer.draft_chain(context, min(depth, self.num_tokens), greedy=True)[0]
+        return [chain] if chain else []
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        # The accepted drafted tokens, as the engine passes them (``new`` less the target's bonus token; the chain
+        # cannot agree with that one: it is where the best candidate, so the chain too, diverged or ended). The
+        # next chain feeds the draft what its cache lacks, from ``cache_len`` on.
+        self.proposer.rollback(new[:-1])
+
+
+class AutoSource:
+    """``auto``'s candidates: prompt lookup, the n-gram pool only where lookup finds nothing, and the draft's chain
+    where auto has a draft. ReDrafter beams are left out (they need the target's hidden states): where auto runs
+    the head, its measured tokens per pass can exceed this bound."""
+
+    def __init__(self, num_tokens: int = 8, lookup: PldSource | None = None, draft: DraftModelProposer | None = None
+                 ) -> None:
+        self.num_tokens = num_tokens
+        self.lookup = lookup or PldSource(num_tokens)
+        self.pool = LookaheadPoolSource(POOL_NGRAM, POOL_GUESSES)
+        self.draft = DraftSource(draft, num_tokens) if draft is not None else None
+
+    def _sources(self) -> list[CandidateSource]:
+        return [self.lookup, self.pool] + ([self.draft] if self.draft is not None else [])
+
+    def start(self, context: list[int]) -> None:
+        for source in self._sources():
+            source.start(context)
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        depth = min(depth, self.num_tokens)
+        found = self.lookup.candidates(context, depth) or self.pool.candidates(context, depth)
+        return found + (self.draft.candidates(context, depth) if self.draft is not None else [])
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        for source in self._sources():
+            source.advance(context, new)
+
+
 def source_for(method: str, loaded: LoadedModel, params: SamplingParams,
                options: dict[str, Any] | None = None) -> CandidateSource | None:
     """The candidates of ``method`` as it is configured on ``loaded`` (None for a method without a replay)."""
@@ -106,7 +164,7 @@ def source_for(method: str, loaded: LoadedModel, params: SamplingParams,
         from hasten.bench.anchors import LLAMACPP_PLD_TOKENS
 
         return LlamaCppPldSource(num_pred_tokens=LLAMACPP_PLD_TOKENS)
-    if method not in ("pld", "lookahead"):
+    if method not in ("pld", "lookahead", "draft", "auto"):
         return None
     try:
         proposer = build_proposer(method, loaded, params, None, **(options or {}))
@@ -116,6 +174,12 @@ def source_for(method: str, loaded: LoadedModel, params: SamplingParams,
         return PldSource(proposer.num_tokens, proposer.max_ngram, proposer.min_ngram, proposer.branches)
     if isinstance(proposer, LookaheadProposer):
         return LookaheadPoolSource(proposer.ngram, proposer.guesses)
+    if isinstance(proposer, DraftModelProposer):  # the reduced-vocabulary draft too
+        return DraftSource(proposer)
+    if isinstance(proposer, AutoProposer):
+        lookup = proposer.lookup
+        return AutoSource(proposer.num_tokens, PldSource(lookup.num_tokens, lookup.max_ngram, lookup.min_ngram,
+                                                         lookup.branches), proposer.draft)
     return None
 
 

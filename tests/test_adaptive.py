@@ -390,3 +390,15 @@ def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
     finally:
         module.beam_search = real
     assert trees == [0] * 10 and not searched  # plain steps, and no beam search was run
+
+
+def test_auto_takes_the_shipped_draft_only_where_a_second_token_costs_less_than_it_earns():
+    from hasten.draft.model import validation_agreement
+    from hasten.methods import _draft_can_pay
+
+    agreement = validation_agreement()  # the shipped draft's, from its config
+    assert 0.5 < agreement < 0.7
+    epyc = DraftPolicy(frozen(CostModel([1, 2, 4], [8.9, 15.4, 24.3])))  # measured: a second token costs 0.73
+    xeon = DraftPolicy(frozen(CostModel([1, 2, 4], [12.0, 14.9, 21.9])))  # measured: 0.24
+    assert not _draft_can_pay(epyc, agreement) and _draft_can_pay(xeon, agreement)
+    assert _draft_can_pay(DraftPolicy(frozen(FLAT)), 0.1) and not _draft_can_pay(DraftPolicy(frozen(CPU)), 0.3)

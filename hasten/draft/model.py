@@ -99,6 +99,12 @@ def save_draft(draft: LlamaForCausalLM, vocab_ids: torch.Tensor, directory: str 
     (directory / CONFIG).write_text(json.dumps(config, indent=1))
 
 
+def validation_agreement(directory: str | Path = SHIPPED_DRAFT) -> float:
+    """A saved draft's last validation top-1 agreement with its target (1.0 where its config records none)."""
+    history = json.loads((Path(directory) / CONFIG).read_text()).get("history") or [{}]
+    return float(history[-1].get("val_top1", 1.0))
+
+
 def read_draft_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
     """The stored layers, the vocabulary ids and the config of a saved draft."""
     directory = Path(directory)

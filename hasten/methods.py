@@ -87,13 +87,13 @@ def _draft_can_pay(policy: DraftPolicy, agreement: float) -> bool:
 
 
 def _auto(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+    from hasten.draft.model import validation_agreement
+
     policy = draft_policy(target, "auto", params.greedy)
     head = options.get("head")
     if head is not None or (target.name == "default" and _wide_passes_are_cheap(policy)):
         head = load_head(target.name, target.backend, head)  # the one given, or the shipped one
     draft: DraftModelProposer | None = None
-    from hasten.draft.model import validation_agreement
-
     shipped_pays = target.name == "default" and _draft_can_pay(policy, validation_agreement())
     if options.get("draft") is not None or shipped_pays:  # the one given, or the shipped draft where it can pay
         draft = _draft(target, params, generator, {"draft": options.get("draft"), "num_tokens": 8})

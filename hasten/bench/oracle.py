@@ -53,6 +53,11 @@ class PldSource:
         self.proposer = PromptLookupProposer(num_tokens=num_tokens, max_ngram=max_ngram, min_ngram=min_ngram,
                                              branches=branches)
 
+    @classmethod
+    def like(cls, lookup: PromptLookupProposer) -> PldSource:
+        """The candidates of ``lookup`` as it is configured."""
+        return cls(lookup.num_tokens, lookup.max_ngram, lookup.min_ngram, lookup.branches)
+
     def start(self, context: list[int]) -> None:
         pass
 
@@ -171,15 +176,13 @@ def source_for(method: str, loaded: LoadedModel, params: SamplingParams,
     except HastenError:
         return None
     if isinstance(proposer, PromptLookupProposer):
-        return PldSource(proposer.num_tokens, proposer.max_ngram, proposer.min_ngram, proposer.branches)
+        return PldSource.like(proposer)
     if isinstance(proposer, LookaheadProposer):
         return LookaheadPoolSource(proposer.ngram, proposer.guesses)
     if isinstance(proposer, DraftModelProposer):  # the reduced-vocabulary draft too
         return DraftSource(proposer)
     if isinstance(proposer, AutoProposer):
-        lookup = proposer.lookup
-        return AutoSource(proposer.num_tokens, PldSource(lookup.num_tokens, lookup.max_ngram, lookup.min_ngram,
-                                                         lookup.branches), proposer.draft)
+        return AutoSource(proposer.num_tokens, PldSource.like(proposer.lookup), proposer.draft)
     return None
 
 

@@ -9,6 +9,7 @@ Its logits cover ``vocab_ids`` only; ``ReducedVocabDraftProposer`` maps them bac
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,10 @@ def save_draft(draft: LlamaForCausalLM, vocab_ids: torch.Tensor, directory: str 
     (directory / CONFIG).write_text(json.dumps(config, indent=1))
 
 
+@functools.lru_cache(maxsize=8)
 def validation_agreement(directory: str | Path = SHIPPED_DRAFT) -> float:
-    """A saved draft's last validation top-1 agreement with its target (1.0 where its config records none)."""
+    """A saved draft's last validation top-1 agreement with its target (1.0 where its config records none); read
+    once per folder (``auto`` asks for every request)."""
     history = json.loads((Path(directory) / CONFIG).read_text()).get("history") or [{}]
     return float(history[-1].get("val_top1", 1.0))
 

@@ -84,14 +84,19 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
     return bias
 
 
+def read_text_file(flag: str, path: str) -> str:
+    """A text file named by a command-line flag, or one error line naming the flag."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise HastenError(f"cannot read {flag} {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise HastenError(f"cannot read {flag} {path}: {error}") from None
+
+
 def shaping_options(args: argparse.Namespace) -> dict[str, Any]:
     """``make_request`` keyword arguments from ``add_shaping_options``' flags (files read, values checked later)."""
-    grammar = None
-    if args.grammar is not None:
-        try:
-            grammar = Path(args.grammar).read_text(encoding="utf-8")
-        except OSError as error:
-            raise HastenError(f"cannot read --grammar {args.grammar}: {error.strerror}") from None
+    grammar = None if args.grammar is None else read_text_file("--grammar", args.grammar)
     return {
         "min_p": args.min_p, "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
         "repetition_penalty": args.repetition_penalty, "logit_bias": _logit_bias(args.logit_bias),

@@ -14,6 +14,7 @@ from hasten.commands.common import (
     add_shaping_options,
     load_options,
     method_options,
+    read_text_file,
     shaping_options,
 )
 from hasten.errors import HastenError
@@ -76,12 +77,7 @@ def run(args: argparse.Namespace) -> int:
               shaping["logit_bias"])
     if args.threads is not None and args.threads < 1:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
-    prediction = None
-    if args.prediction is not None:
-        try:
-            prediction = Path(args.prediction).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise HastenError(f"cannot read --prediction {args.prediction}: {error}") from None
+    prediction = None if args.prediction is None else read_text_file("--prediction", args.prediction)
     loaded = load_model(args.model, args.backend, **load_options(args))
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat,

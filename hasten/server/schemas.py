@@ -37,6 +37,11 @@ class ContentPart(_Strict):
     text: str
 
 
+def _joined(content: str | list[ContentPart]) -> str:
+    """A content field's text: the string, or its text parts joined."""
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
 class Message(_Strict):
     UNSUPPORTED = MESSAGE
 
@@ -46,8 +51,7 @@ class Message(_Strict):
 
     def as_template_input(self) -> dict[str, str]:
         """The ``{"role", "content"}`` dict a chat template reads (text parts joined)."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": self.role, "content": text}
+        return {"role": self.role, "content": _joined(self.content)}
 
 
 class StreamOptions(_Strict):
@@ -62,7 +66,7 @@ class Prediction(_Strict):
     content: str | list[ContentPart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return _joined(self.content)
 
 
 class JsonSchema(_Strict):

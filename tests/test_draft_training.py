@@ -81,6 +81,35 @@ def test_build_resumes_and_refuses_other_plans(tiny_data):
         selfdistill.build(loaded, TINY_PROMPTS[:5], out, top_k=8, max_new_tokens=12, shard_size=4, progress=False)
 
 
+def test_build_from_tokens_teacher_forces_given_answers(tiny_data, tmp_path):
+    """A token-only file's answers are kept and teacher-forced: the same tensors as a generated build."""
+    from safetensors.torch import save_file
+
+    loaded, out, _ = tiny_data
+    data = selfdistill.load_shards(out)
+    prompt_lens = [len(prompt_ids(loaded, p)) for _, p in TINY_PROMPTS]
+    token_file = tmp_path / "answers.safetensors"
+    save_file({"tokens": data.tokens.to(torch.int32), "seq_starts": data.seq_starts,
+               "prompt_lens": torch.tensor(prompt_lens), "prompt_index": torch.arange(10) + 100}, str(token_file))
+    built = tmp_path / "forced"
+    meta = selfdistill.build_from_tokens(loaded, token_file, built, top_k=8, shard_size=3, limit=7, progress=False)
+    assert meta["sequences"] == 7 and meta["shards"] == 3
+    plan = json.loads((built / "prompts.json").read_text())["sequences"]
+    assert len(set(plan)) == 7 and plan != sorted(plan)  # a seeded random subset
+    forced = selfdistill.load_shards(built)
+    for row, index in enumerate(plan):
+        got, want = forced.sequence(row), data.sequence(index)
+        assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["loss_mask"], want["loss_mask"])
+        torch.testing.assert_close(got["hidden"].float(), want["hidden"].float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(got["topk_logprobs"].float(), want["topk_logprobs"].float(), atol=1e-2, rtol=1e-3)
+    first = load_file(str(built / "shard_00000.safetensors"))
+    assert first["prompt_index"].tolist() == [i + 100 for i in plan[:3]]
+    again = selfdistill.build_from_tokens(loaded, token_file, built, top_k=8, shard_size=3, limit=7, progress=False)
+    assert again == meta
+    with pytest.raises(HastenError, match="other sequences"):
+        selfdistill.build_from_tokens(loaded, token_file, built, top_k=8, shard_size=3, limit=5, progress=False)
+
+
 def test_plan_interleaves_sources():
     pairs = [("a", f"a{i}") for i in range(5)] + [("b", f"b{i}") for i in range(2)]
     planned = selfdistill.plan_prompts(pairs, 6, seed=1)
@@ -239,3 +268,19 @@ def test_shipped_draft_greedy_is_exact_on_default_model_hf(default_model_hf):
                                                  dtype=torch.long), max_new_tokens=48, do_sample=False)
         assert result.token_ids == reference[0, len(ids):].tolist()
         assert result.drafted_tokens > 0
+
+
+def test_cli_builds_data_from_a_token_file_with_the_default_model(tmp_path):
+    """`hasten train data --from-tokens` loads the llama.cpp default through transformers (it needs hidden states)."""
+    from safetensors.torch import save_file
+
+    from hasten.cli import main
+
+    tokens = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=torch.int32)
+    token_file = tmp_path / "t.safetensors"
+    save_file({"tokens": tokens, "seq_starts": torch.tensor([0, 4, 10]), "prompt_lens": torch.tensor([2, 3]),
+               "prompt_index": torch.tensor([0, 1])}, str(token_file))
+    assert main(["train", "data", "--from-tokens", str(token_file), "--out", str(tmp_path / "d")]) == 0
+    data = selfdistill.load_shards(tmp_path / "d")
+    assert data.tokens.tolist() == tokens.tolist() and data.hidden.shape == (10, 576)
+    assert data.loss_mask.tolist() == [False, True, True, False, False, False, True, True, True, False]

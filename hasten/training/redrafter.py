@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError("--layers must be >= 0 and --lr > 0")
     data = load_shards(args.data)
     name = args.model or data.meta.get("model", "default")
-    loaded = load_model(name)
+    loaded = load_model(name, backend="transformers")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, horizon=args.horizon,
                          draft_vocab=args.draft_vocab, state_size=args.state_size, num_layers=args.layers,
                          seed=args.seed, all_positions=not args.response_only)

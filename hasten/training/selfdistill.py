@@ -240,15 +240,77 @@ def build(loaded: LoadedModel, planned: list[tuple[str, str]], out: str | Path, 
             partial.replace(path)
         bar.update(len(chunk))
     bar.close()
+    return write_meta(loaded, directory, len(chunks), top_k, sorted({s for s, _ in planned}), max_new_tokens)
+
+
+def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Path, top_k: int = 32,
+                      shard_size: int = 16, limit: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Teacher-force the answers of a token-only file (``hasten.training.token_data``) into a data directory.
+
+    The answers are already there, so only the target's hidden states and top-K log-probs are computed. With
+    ``limit``, a seeded random subset of the sequences is taken (every prompt source stays represented). Shards
+    are written atomically and skipped when present: an interrupted build resumes.
+    """
+    from hasten.training.token_data import TokenFile  # token_data imports this module
+
+    if top_k < 1 or shard_size < 1:
+        raise HastenError("--top-k and --shard-size must be >= 1")
+    source = TokenFile(token_path)
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = order[: limit] if limit is not None else order
+    if not chosen:
+        raise HastenError("no sequences to build data from")
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = {"model": loaded.name, "top_k": top_k, "shard_size": shard_size,
+            "token_file": Path(token_path).name, "sequences": chosen}
+    plan_file = directory / PLAN
+    if plan_file.is_file():
+        if json.loads(plan_file.read_text()) != plan:
+            raise HastenError(f"{directory} holds data built from other sequences or settings; use another --out")
+    else:
+        plan_file.write_text(json.dumps(plan))
+    chunks = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
+    bar = tqdm(total=len(chosen), desc="teacher forcing", unit="sequence", disable=not progress)
+    for index, chunk in enumerate(chunks):
+        path = shard_path(directory, index)
+        if not path.is_file():
+            sequences = [source.tokens(i).tolist() for i in chunk]
+            masks = []
+            for i, seq in zip(chunk, sequences, strict=True):
+                mask = torch.zeros(len(seq), dtype=torch.bool)
+                mask[int(source.prompt_lens[i]) - 1 : len(seq) - 1] = True
+                masks.append(mask)
+            forced = teacher_force(loaded, sequences, top_k)
+            lengths = torch.tensor([0] + [len(s) for s in sequences])
+            shard = {
+                "tokens": torch.tensor([t for s in sequences for t in s], dtype=torch.int64),
+                "seq_starts": lengths.cumsum(0).to(torch.int64),
+                "loss_mask": torch.cat(masks),
+                "hidden": torch.cat([f["hidden"] for f in forced]),
+                "topk_ids": torch.cat([f["topk_ids"] for f in forced]).to(torch.int64),
+                "topk_logprobs": torch.cat([f["topk_logprobs"] for f in forced]),
+                "prompt_index": source.prompt_index[chunk].clone(),
+            }
+            partial = path.with_suffix(".tmp")
+            save_file(shard, str(partial))
+            partial.replace(path)
+        bar.update(len(chunk))
+    bar.close()
+    return write_meta(loaded, directory, len(chunks), top_k, [Path(token_path).name], None)
+
+
+def write_meta(loaded: LoadedModel, directory: Path, shards: int, top_k: int, prompts: list[str],
+               max_new_tokens: int | None) -> dict:
+    """Count the shards of a finished build and write ``meta.json``; returns it."""
     sequences = tokens = 0
-    for index in range(len(chunks)):
+    for index in range(shards):
         shard = load_file(str(shard_path(directory, index)))
         sequences += len(shard["seq_starts"]) - 1
         tokens += len(shard["tokens"])
         hidden_size = shard["hidden"].shape[1]
     meta = {"model": loaded.name, "top_k": top_k, "hidden_size": hidden_size, "sequences": sequences,
-            "tokens": tokens, "prompts": sorted({s for s, _ in planned}), "shards": len(chunks),
-            "max_new_tokens": max_new_tokens}
+            "tokens": tokens, "prompts": prompts, "shards": shards, "max_new_tokens": max_new_tokens}
     (directory / META).write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -278,7 +340,13 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompts", nargs="+", default=None,
                         help="JSONL files with a 'prompt' field (default: ../shared/data beside the checkout)")
     parser.add_argument("--no-builtin", action="store_true", help="leave out hasten's own handful of prompts")
-    parser.add_argument("--limit", type=int, default=240, help="number of prompts (interleaved across files)")
+    parser.add_argument("--from-tokens", default=None, metavar="FILE",
+                        help="teacher-force the answers of a token-only file (e.g. ../shared/data/distill-smollm2/"
+                             "greedy_batch512.safetensors) instead of generating them; --limit picks a seeded "
+                             "random subset of its sequences")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="number of prompts, interleaved across files (default 240), or of --from-tokens "
+                             "sequences (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=16, help="sequences per shard")
@@ -293,14 +361,20 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hasten.models import load_model
 
-    if args.limit < 1:
+    if args.limit is not None and args.limit < 1:
         raise HastenError(f"--limit must be >= 1, got {args.limit}")
+    if args.from_tokens is not None:
+        loaded = load_model(args.model, backend="transformers")
+        meta = build_from_tokens(loaded, args.from_tokens, args.out, args.top_k, args.shard_size, args.limit,
+                                 args.seed)
+        print(f"wrote {meta['sequences']} sequences, {meta['tokens']} tokens in {meta['shards']} shards to {args.out}")
+        return 0
     files = args.prompts or [p for p in SHARED_PROMPTS if Path(p).is_file()]
     pairs = [(s, p) for s, p in read_prompt_files(files) if len(p) <= MAX_PROMPT_CHARS]
     if not args.no_builtin:
         pairs += [("builtin", p) for p in BUILTIN_PROMPTS]
-    planned = plan_prompts(pairs, args.limit, args.seed)
-    loaded = load_model(args.model)
+    planned = plan_prompts(pairs, args.limit or 240, args.seed)
+    loaded = load_model(args.model, backend="transformers")
     meta = build(loaded, planned, args.out, args.top_k, args.max_new_tokens, args.shard_size, args.method,
                  batch_size=args.batch_size)
     print(f"wrote {meta['sequences']} sequences, {meta['tokens']} tokens in {meta['shards']} shards to {args.out}")

@@ -40,6 +40,8 @@ class VerifiedStep(Protocol):
 
 
 EXPLORE = 0.5  # width of the optimism bonus, in standard errors
+CALIBRATION_PRIOR = 3.0  # pseudo-nodes a generation's calibration starts with, accepted at the model's rate
+CALIBRATION_MEMORY = 0.97  # per verified step: older evidence of this generation fades (half-life ~23 steps)
 
 
 @dataclass
@@ -142,10 +144,18 @@ class AcceptanceModel:
 
 
 def path_probabilities(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
-    """P(the path to each node is accepted), from each node's conditional acceptance probability."""
+    """P(the path to each node is accepted), from each node's conditional acceptance probability.
+
+    Siblings exclude each other (the target takes one token after their parent), so where their conditional
+    estimates add up to more than 1 (unseen features all start at the prior) they are scaled to sum to 1.
+    """
+    siblings: dict[int, float] = {}
+    for node, parent in enumerate(tree.parents):
+        siblings[parent] = siblings.get(parent, 0.0) + conditional[node]
     probs: list[float] = []
     for node, parent in enumerate(tree.parents):
-        probs.append(conditional[node] * (1.0 if parent == ROOT else probs[parent]))
+        share = conditional[node] / max(1.0, siblings[parent])
+        probs.append(share * (1.0 if parent == ROOT else probs[parent]))
     return probs
 
 
@@ -175,11 +185,23 @@ class DraftPolicy:
     choices: Counter = field(default_factory=Counter)  # drafted width -> steps, for the statistics
     batch_width: int = 0  # tokens other sequences put into the same pass (a batch)
     batch_gain: float = 0.0  # tokens those sequences are expected to emit from it
+    realized: float = 0.0  # this generation's verified nodes that were accepted (fading)
+    predicted: float = 0.0  # how many of them the acceptance model expected (fading)
+
+    def calibration(self) -> float:
+        """This generation's accepted nodes over what the shared acceptance model predicted for them.
+
+        The model pools every generation, so it cannot know that this prompt's text does not repeat (a
+        retrieval answer that paraphrases, arithmetic): there its rates are too high and every draft is a loss.
+        Estimates are multiplied by this ratio, shrunk toward 1 by ``CALIBRATION_PRIOR`` pseudo-nodes.
+        """
+        return (self.realized + CALIBRATION_PRIOR) / (self.predicted + CALIBRATION_PRIOR)
 
     def choose(self, tree: TokenTree, features: Sequence[Sequence[Feature]], extra: int = 0,
                extra_gain: float = 0.0) -> tuple[TokenTree, list[list[Feature]]]:
         """Prune ``tree`` to the nodes that maximize expected tokens per millisecond; their features."""
-        conditional = [max(self.acceptance.estimate(f) for f in node) for node in features]
+        factor = self.calibration()
+        conditional = [min(1.0, factor * max(self.acceptance.estimate(f) for f in node)) for node in features]
         keep, _ = best_size(path_probabilities(tree, conditional), self.cost, extra + self.batch_width,
                             extra_gain + self.batch_gain)
         pruned, kept = subtree(tree, keep)
@@ -195,7 +217,15 @@ class DraftPolicy:
         return self.cost(width + self.batch_width)
 
     def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: VerifiedStep) -> None:
-        """Learn from one verified step: acceptance of what was sent, and the pass's real cost."""
+        """Learn from one verified step: acceptance of what was sent, this generation's calibration, and the
+        pass's real cost."""
+        on_path, taken = {ROOT, *outcome.accepted_nodes}, set(outcome.accepted_nodes)
+        self.realized *= CALIBRATION_MEMORY
+        self.predicted *= CALIBRATION_MEMORY
+        for node, parent in enumerate(tree.parents):
+            if parent in on_path:
+                self.predicted += max(self.acceptance.mean(f) for f in features[node])
+                self.realized += node in taken
         self.acceptance.learn(tree, features, outcome.accepted_nodes)
         if outcome.pass_ms > 0:
             self.cost.observe(outcome.pass_width, outcome.pass_ms)

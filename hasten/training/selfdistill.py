@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hasten.errors import HastenError
 from hasten.models import LoadedModel, encode_prompt
+from hasten.training.token_data import TokenFile
 
 # The development prompt sets live in ``shared/data`` beside the project checkout (never copied into it).
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -251,8 +252,6 @@ def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Pa
     ``limit``, a seeded random subset of the sequences is taken (every prompt source stays represented). Shards
     are written atomically and skipped when present: an interrupted build resumes.
     """
-    from hasten.training.token_data import TokenFile  # token_data imports this module
-
     if top_k < 1 or shard_size < 1:
         raise HastenError("--top-k and --shard-size must be >= 1")
     source = TokenFile(token_path)

@@ -17,13 +17,15 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from hasten.errors import HastenError
-from hasten.training.selfdistill import DistillData
+
+if TYPE_CHECKING:
+    from hasten.training.selfdistill import DistillData
 
 TOKEN_KEYS = ("tokens", "seq_starts", "prompt_lens", "prompt_index")
 SOFT_KEYS = ("topk_ids", "topk_logprobs")

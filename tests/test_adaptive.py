@@ -386,17 +386,21 @@ def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_
 
 
 def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():
-    from hasten.adaptive.chooser import RETRY_EVERY, TRIALS, SourceGain
+    from hasten.adaptive.chooser import RETRY_EVERY, RETRY_SHARE, TRIALS, SourceGain
 
     gain = SourceGain()
     for _ in range(TRIALS):
         assert gain.pays(token_ms=10.0)  # too little evidence: always tried
-        gain.record(0, cost_ms=5.0)  # it found nothing and cost 5 ms a step
+        gain.record(0, cost_ms=0.2)  # it found nothing and cost 0.2 ms a step
     runs = [gain.pays(token_ms=10.0) for _ in range(3 * RETRY_EVERY)]
     assert sum(runs) == 3 and runs[RETRY_EVERY - 1]  # sits out, but is retried every RETRY_EVERY steps
     for _ in range(200):
-        gain.record(1, cost_ms=5.0)  # now each run finds a token worth 10 ms
+        gain.record(1, cost_ms=0.2)  # now each run finds a token worth 10 ms
     assert gain.pays(token_ms=10.0)
+
+    costly = SourceGain(steps=TRIALS, cost_ms=30.0)  # a wide window: 3 passes' worth, never earning a token
+    runs = [costly.pays(token_ms=10.0) for _ in range(6000)]
+    assert sum(runs) * 30.0 <= RETRY_SHARE * 6000 * 10.0  # its retries take at most RETRY_SHARE of the time
 
 
 def test_redrafter_skips_its_beam_search_while_it_does_not_pay():

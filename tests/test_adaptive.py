@@ -402,6 +402,30 @@ def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():
     runs = [costly.pays(token_ms=10.0) for _ in range(6000)]
     assert sum(runs) * 30.0 <= RETRY_SHARE * 6000 * 10.0  # its retries take at most RETRY_SHARE of the time
 
+    fresh = SourceGain()  # no trials where even TRIAL_TOKENS tokens a step could not pay for a run
+    assert not fresh.pays(token_ms=10.0, cost_ms=30.0)
+    fresh = SourceGain()  # and the trials end early once what it earned plus TRIAL_TOKENS would not pay
+    assert fresh.pays(token_ms=10.0, cost_ms=15.0)
+    fresh.record(0, cost_ms=15.0)
+    assert fresh.pays(token_ms=10.0, cost_ms=15.0)
+    fresh.record(0, cost_ms=15.0)
+    assert not fresh.pays(token_ms=10.0, cost_ms=15.0)
+
+
+def test_lookaheads_window_stops_its_trials_where_its_width_cannot_pay():
+    """Where 8 window tokens cost 3.4 passes no trial runs them (even 2 tokens a step would not pay); free, it runs."""
+    epyc = CostModel([1, 2, 4, 8, 12], [6.98, 11.98, 17.89, 30.18, 42.74])  # the 2-core EPYC, llama.cpp
+    runs = {}
+    for name, curve in (("epyc", epyc), ("flat", FLAT)):
+        proposer = LookaheadProposer(2, 5, 4, policy=DraftPolicy(frozen(curve)))
+        proposer.start([5, 6, 7, 8, 9], None)
+        sent = []
+        for _ in range(10):
+            sent.append(proposer.propose([5, 6, 7, 8, 9], 8).extra is not None)
+            proposer.update(StepOutcome([], 3, None, torch.zeros(2, 50), [], 9, 0.0))
+        runs[name] = sum(sent)
+    assert runs == {"epyc": 0, "flat": 10}
+
 
 def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
     from hasten.proposers import redrafter as module

@@ -56,6 +56,7 @@ RETRY_EVERY = 32  # steps a source that does not pay sits out between trials, at
 RETRY_SHARE = 0.005  # and at most this share of the time goes into retrying it (at 2% lookahead's window
 # retries alone cost chat and math prompts 2-3% on the 2-core EPYC, where the window never paid)
 TRIALS = 24  # steps an optional source is used before its measured gain decides
+TRIAL_TOKENS = 2.0  # during the trials, it is credited this many tokens in advance (its gain may come later)
 
 
 @dataclass
@@ -77,10 +78,11 @@ class SourceGain:
 
     def pays(self, token_ms: float, cost_ms: float | None = None) -> bool:
         """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time)."""
-        if self.steps < TRIALS:  # too little evidence yet: keep trying it
-            return True
         spent = self.cost_ms if cost_ms is None else cost_ms
-        if self.tokens / self.steps * token_ms > spent:
+        if self.steps < TRIALS:  # too little evidence yet: keep trying it while it still could pay
+            if (self.tokens + TRIAL_TOKENS) / max(self.steps, 1) * token_ms > spent:
+                return True
+        elif self.tokens / self.steps * token_ms > spent:
             return True
         self.skipped += 1  # now and then it runs anyway: what it earns may have changed
         every = max(RETRY_EVERY, math.ceil(spent / (RETRY_SHARE * token_ms)))

@@ -178,8 +178,7 @@ class LookaheadProposer(Proposer):
             tree, node_features = self.policy.choose(tree, node_features)
             origins = [any(f[3] for f in node) for node in node_features]
             self._offered = (tree, node_features, origins)
-            # A step's window can earn at most one guess's N - 1 tokens: where its width costs more, it never runs
-            # (llama.cpp on 2 cores: 8 more tokens cost 3.4 passes), not even for the trials.
+            # A step's window can earn at most one guess's N - 1 tokens: where its width costs more, it never runs.
             self._sent_window = fits and self.window_source.should_run(self.policy, self._window_ms(len(tree)),
                                                                        ceiling=self.ngram - 1)
         self._guessed = len(tree) > 0

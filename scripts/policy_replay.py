@@ -108,7 +108,7 @@ def main() -> None:
                if r["method"] == "ar"]
     acceptance, gains, rng = AcceptanceModel(), {}, random.Random(0)
     by_category: dict[str, list[float]] = defaultdict(list)
-    ratios = []
+    ratios, totals = [], [0.0, 0.0]
     for record in records:  # one generation per turn, each with a fresh proposer, as in the bench
         millis = plain = 0.0
         passes = 0
@@ -124,10 +124,12 @@ def main() -> None:
             millis, plain, passes = millis + turn_ms, plain + turn_plain, passes + turn_passes
         ratio = plain / millis
         ratios.append(ratio)
+        totals[0], totals[1] = totals[0] + plain, totals[1] + millis
         by_category[record["category"]].append(ratio)
         print(f"{record['category'][:8]:8} {record['question_id']:>3} decode x{ratio:.3f} passes {passes:3d} "
               f"tokens {record['new_tokens']}")
-    print("median", round(statistics.median(ratios), 3), "min", round(min(ratios), 3))
+    print("median", round(statistics.median(ratios), 3), "min", round(min(ratios), 3),
+          "all prompts", round(totals[0] / totals[1], 3))
     for category, values in by_category.items():
         print(f"  {category:14} {statistics.median(values):.3f}")
 

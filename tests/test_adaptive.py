@@ -224,10 +224,10 @@ def test_a_generation_whose_drafts_fail_stops_drafting_and_the_next_starts_afres
     while len(policy.choose(tree, features)[0]) and steps < 20:
         policy.learn(tree, features, StepOutcome([], 1, None, None, [], 3, 14.0))
         steps += 1
-    assert 0 < steps <= 6 and policy.calibration() < 0.5  # stopped after a few rejected steps
+    assert 0 < steps <= 10 and policy.calibration() < 0.5  # stopped after a few rejected steps
     assert model.mean(("pld", 1)) > 0.8  # while the shared model still rates the chain highly
     assert len(DraftPolicy(frozen(curve), model).choose(tree, features)[0]) == 2  # a new generation drafts
-    for _ in range(40):  # plain steps let this generation's evidence fade: it tries again
+    for _ in range(150):  # plain steps let this generation's evidence fade: it tries again
         policy.learn(TokenTree(), [], StepOutcome([], 1, None, None, [], 1, 10.0))
     assert len(policy.choose(tree, features)[0]) > 0
 

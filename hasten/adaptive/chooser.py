@@ -40,8 +40,8 @@ class VerifiedStep(Protocol):
 
 
 EXPLORE = 0.5  # width of the optimism bonus, in standard errors
-CALIBRATION_PRIOR = 3.0  # pseudo-nodes a generation's calibration starts with, accepted at the model's rate
-CALIBRATION_MEMORY = 0.97  # per verified step: older evidence of this generation fades (half-life ~23 steps)
+CALIBRATION_PRIOR = 6.0  # pseudo-nodes a generation's calibration starts with, accepted at the model's rate
+CALIBRATION_MEMORY = 0.99  # per verified step: older evidence of this generation fades (half-life ~69 steps)
 
 
 @dataclass

@@ -300,6 +300,17 @@ def test_training_learns_saves_and_resumes(tmp_path):
     assert sum(trained) > sum(untrained) + 0.5
 
 
+def test_training_records_a_held_out_curve_across_a_resume(tmp_path):
+    loaded = tiny_loaded("llama", seed=2)
+    data = fake_distill_data(loaded.model)
+    config = TrainConfig(steps=40, batch_size=64, lr=1e-2, horizon=3, draft_vocab=40, state_size=32, holdout=0.2)
+    train(data, loaded.model, tmp_path, config, progress=False, pause_after=20, eval_every=10)
+    report = train(data, loaded.model, tmp_path, config, resume=True, progress=False, eval_every=10)
+    assert [point["step"] for point in report["curve"]] == [10, 20, 30, 40]
+    assert report["curve"][-1]["top1"] == report["heldout"]["top1"]  # the last point is the final evaluation
+    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+
+
 def test_resume_without_state_is_an_error(tmp_path):
     loaded = tiny_loaded("llama", seed=2)
     with pytest.raises(HastenError, match="nothing to resume"):

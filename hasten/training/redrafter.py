@@ -133,11 +133,13 @@ def evaluate(head: ReDrafterHead, examples: Examples, batch_size: int = 1024) ->
 
 
 def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: TrainConfig, resume: bool = False,
-          model_name: str = "", progress: bool = True, save_every: int = 100, pause_after: int | None = None) -> dict:
+          model_name: str = "", progress: bool = True, save_every: int = 100, pause_after: int | None = None,
+          eval_every: int = 500) -> dict:
     """Train (or resume) a head, save it to ``out`` (fp16 head + config, fp32 trainer state) and return a report.
 
     The state is saved every ``save_every`` steps, on Ctrl-C and at the end; ``pause_after`` stops this call
-    after that many steps, as an interruption would (``resume`` continues exactly where it stopped).
+    after that many steps, as an interruption would (``resume`` continues exactly where it stopped). Every
+    ``eval_every`` steps (0: never) the held-out loss and top-1 agreement join the report's ``curve``.
     """
     out = Path(out)
     torch.manual_seed(config.seed)
@@ -169,19 +171,20 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    step, history = 0, []
+    step, history, curve = 0, [], []
     generator = torch.Generator().manual_seed(config.seed)
     if state:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        step, history = state["step"], state["history"]
+        step, history, curve = state["step"], state["history"], state.get("curve", [])
     def save() -> None:
         head.save(out)
         torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "step": step,
-                    "history": history, "draft_ids": draft_ids, "train_config": asdict(config)}, out / STATE_FILE)
+                    "history": history, "curve": curve, "draft_ids": draft_ids, "train_config": asdict(config)},
+                   out / STATE_FILE)
 
     head.train()
     began, stop = time.perf_counter(), config.steps if pause_after is None else min(config.steps, step + pause_after)
@@ -199,6 +202,8 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
             history.append(round(loss.item(), 4))
             bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{float(agree[0]):.2f}/{float(agree[-1]):.2f}")
             bar.update(1)
+            if eval_every and held is not None and len(held) and step % eval_every == 0:
+                curve.append({"step": step, **evaluate(head, held)})
             if step % save_every == 0:
                 save()
     except KeyboardInterrupt:
@@ -212,6 +217,7 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
               "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None}
     if held is not None and len(held):
         report["heldout"] = evaluate(head, held)
+        report["curve"] = curve
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -230,6 +236,8 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--state-size", type=int, default=defaults.state_size)
     parser.add_argument("--layers", type=int, default=defaults.num_layers, help="residual blocks")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--eval-every", type=int, default=500,
+                        help="held-out loss and top-1 every N steps, for the report's curve (0: at the end only)")
     parser.add_argument("--response-only", action="store_true",
                         help="train on response positions only (default: prompt positions too)")
     parser.set_defaults(run=run)
@@ -249,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, horizon=args.horizon,
                          draft_vocab=args.draft_vocab, state_size=args.state_size, num_layers=args.layers,
                          seed=args.seed, all_positions=not args.response_only)
-    report = train(data, loaded.model, args.out, config, resume=args.resume, model_name=name)
+    report = train(data, loaded.model, args.out, config, resume=args.resume, model_name=name,
+                   eval_every=args.eval_every)
     print(json.dumps(report))
     print(f"wrote the head to {args.out}; use it with --method redrafter --head {args.out}")
     return 0

@@ -35,15 +35,15 @@ def main() -> None:
     report = json.loads((Path(args.head) / "report.json").read_text())
     history = torch.load(Path(args.head) / "trainer_state.pt", weights_only=True)["history"]
     curve = report.get("curve", [])
+    before = json.loads(Path(args.baseline).read_text())["heldout"]["top1"] if args.baseline else []
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     if curve:
         steps = [point["step"] for point in curve]
         for depth in range(len(curve[0]["top1"])):
             line = top.plot(steps, [point["top1"][depth] for point in curve], marker="o", markersize=3,
                             label=f"drafted token {depth + 1}")
-            if args.baseline:
-                before = json.loads(Path(args.baseline).read_text())["heldout"]["top1"][depth]
-                top.axhline(before, linestyle="--", color=line[0].get_color(), linewidth=0.8)
+            if depth < len(before):
+                top.axhline(before[depth], linestyle="--", color=line[0].get_color(), linewidth=0.8)
     top.set_ylabel("held-out top-1 agreement")
     top.set_title("ReDrafter head" + (" (dashed: baseline head)" if args.baseline else ""))
     top.legend(fontsize=8)

@@ -3,7 +3,9 @@
 Greedy output is the target's whatever is drafted, so the bench's ``ar`` records (prompt and answer ids) say what
 every step accepts. Each step the real proposer drafts from the context, the reference decides its accepted
 prefix, the step costs ``cost(pass width)`` on the curve plus the proposer's own measured time, and the proposer
-learns as it would in a generation. One acceptance model spans the prompts in order, as in one bench process.
+learns as it would in a generation. One acceptance model spans the prompts in order, as in one bench process (each
+generation's cost curve starts from the calibration, where a process would carry its online scale over; the scale
+does not change what is drafted).
 
 The curve is a saved cost curve (``~/.cache/hasten/costs/KEY.json``), the same at every context, or curves measured
 at several context lengths (``{"widths": [...], "by_context": {"50": [...], "600": [...]}}``), interpolated at
@@ -46,7 +48,8 @@ def accepted_path(tree: TokenTree, reference: list[int]) -> list[int]:
 
 
 class ContextCost:
-    """Pass time by width and context: cost curves measured at several context lengths, interpolated."""
+    """Pass time by width and context: cost curves measured at several context lengths, interpolated between
+    them (and extrapolated linearly past the longest)."""
 
     def __init__(self, curve: dict) -> None:
         by_context = curve.get("by_context") or {"0": curve["millis"]}
@@ -62,7 +65,7 @@ class ContextCost:
         share = (context - contexts[lo]) / (contexts[hi] - contexts[lo])
         return curves[lo](width) + share * (curves[hi](width) - curves[lo](width))
 
-    def calibration(self, context: int = 200) -> CostModel:
+    def curve_at(self, context: int = 200) -> CostModel:
         """The curve a calibration at ``context`` cached tokens would measure (hasten's is at 200)."""
         widths = self.curves[0].widths
         return CostModel(widths, [self(w, context) for w in widths])
@@ -115,13 +118,15 @@ def main() -> None:
         for prompt, answer in zip(record["prompt_ids"], record["token_ids"], strict=True):
             if len(answer) < 2:
                 continue
-            policy = DraftPolicy(cost.calibration(), acceptance, gains)
+            policy = DraftPolicy(cost.curve_at(), acceptance, gains)
             if args.method == "pld":
                 proposer: Proposer = PromptLookupProposer(8, 4, 1, 3, policy=policy)
             else:
                 proposer = AutoProposer(policy, None, 8, None)
             turn_ms, turn_plain, turn_passes = replay(proposer, prompt, answer, cost, args.noise, rng)
             millis, plain, passes = millis + turn_ms, plain + turn_plain, passes + turn_passes
+        if not millis:
+            continue  # no turn had a second token to time
         ratio = plain / millis
         ratios.append(ratio)
         totals[0], totals[1] = totals[0] + plain, totals[1] + millis

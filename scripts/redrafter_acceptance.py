@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import hasten
-from hasten.bench.prompts import read_prompts
+from hasten.bench.prompts import balanced_subset, read_prompts
 
 
 def main() -> None:
@@ -29,23 +29,24 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--beam-width", type=int, default=2)
     parser.add_argument("--beam-length", type=int, default=5)
-    parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--limit", type=int, default=None, help="N prompts, spread over the categories")
     parser.add_argument("--out", required=True, help="JSON results")
     parser.add_argument("--plot", default=None, help="PNG: accepted tokens per pass by category, one bar per head")
     args = parser.parse_args()
 
     loaded = hasten.load_model("default", backend="transformers", device="cpu")
-    prompts = [p for p in read_prompts() if p.category != "structured"][: args.limit]
+    prompts = balanced_subset([p for p in read_prompts() if p.category != "structured"], args.limit)
     results: dict[str, dict] = {}
+    references = [hasten.generate(loaded, p.turns[0], "ar", max_new_tokens=args.max_new_tokens).token_ids
+                  for p in tqdm(prompts, desc="ar", unit="prompt")]
     for head in args.heads:
         by_category: dict[str, list[float]] = defaultdict(list)
         drafted = accepted = passes = tokens = 0
-        for prompt in tqdm(prompts, desc=Path(head).name, unit="prompt"):
-            want = hasten.generate(loaded, prompt.turns[0], "ar", max_new_tokens=args.max_new_tokens)
+        for prompt, want in zip(tqdm(prompts, desc=Path(head).name, unit="prompt"), references, strict=True):
             got = hasten.generate(loaded, prompt.turns[0], "redrafter", max_new_tokens=args.max_new_tokens,
                                   head=head, adaptive=False, beam_width=args.beam_width,
                                   beam_length=args.beam_length)
-            if got.token_ids != want.token_ids:
+            if got.token_ids != want:
                 raise SystemExit(f"{head}: prompt {prompt.question_id} differs from ar")
             steps = max(got.target_passes - 1, 1)  # the prefill drafts nothing
             by_category[prompt.category].append(got.accepted_drafts / steps)

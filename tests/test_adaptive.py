@@ -427,6 +427,19 @@ def test_lookaheads_window_stops_its_trials_where_its_width_cannot_pay():
     assert runs == {"epyc": 0, "flat": 10}
 
 
+def test_lookaheads_window_never_runs_where_one_guess_cannot_pay_for_it():
+    """N = 2: a guess earns at most 1 token, and 2 window tokens cost 1.2 passes: no trials, no retries, ever
+    (the trials alone would have run it: 2 tokens credited in advance outweigh 1.2 passes)."""
+    curve = CostModel([1, 2, 4], [10.0, 16.0, 28.0])
+    proposer = LookaheadProposer(2, 2, 2, policy=DraftPolicy(frozen(curve)))
+    proposer.start([5, 6, 7, 8, 9], None)
+    sent = []
+    for _ in range(100):
+        sent.append(proposer.propose([5, 6, 7, 8, 9], 8).extra is not None)
+        proposer.update(StepOutcome([], 3, None, torch.zeros(2, 50), [], 3, 0.0))
+    assert not any(sent)
+
+
 def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
     from hasten.proposers import redrafter as module
     from tests.test_redrafter import random_head

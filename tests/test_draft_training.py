@@ -280,6 +280,8 @@ def test_cli_builds_data_from_a_token_file_with_the_default_model(tmp_path):
     token_file = tmp_path / "t.safetensors"
     save_file({"tokens": tokens, "seq_starts": torch.tensor([0, 4, 10]), "prompt_lens": torch.tensor([2, 3]),
                "prompt_index": torch.tensor([0, 1])}, str(token_file))
+    refused = main(["train", "data", "--from-tokens", str(token_file), "--method", "ar", "--out", str(tmp_path / "x")])
+    assert refused != 0 and not (tmp_path / "x").exists()  # --method would generate answers: refused, nothing built
     assert main(["train", "data", "--from-tokens", str(token_file), "--out", str(tmp_path / "d")]) == 0
     data = selfdistill.load_shards(tmp_path / "d")
     assert data.tokens.tolist() == tokens.tolist() and data.hidden.shape == (10, 576)

@@ -55,7 +55,7 @@ class Rate:
 RETRY_EVERY = 32  # steps a source that does not pay sits out between trials, at least
 RETRY_SHARE = 0.005  # and at most this share of the time goes into retrying it (at 2% lookahead's window
 # retries alone cost chat and math prompts 2-3% on the 2-core EPYC, where the window never paid)
-TRIALS = 24  # steps an optional source is used before its measured gain decides
+TRIALS = 24  # steps an optional source is tried (while it still could pay) before its measured gain decides
 TRIAL_TOKENS = 2.0  # during the trials, it is credited this many tokens in advance (its gain may come later)
 
 
@@ -146,18 +146,22 @@ class AcceptanceModel:
                     self.record(feature, node in taken)
 
 
-def path_probabilities(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
-    """P(the path to each node is accepted), from each node's conditional acceptance probability.
+def sibling_shares(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
+    """Each node's conditional acceptance, scaled so that siblings' add up to at most 1.
 
-    Siblings exclude each other (the target takes one token after their parent), so where their conditional
-    estimates add up to more than 1 (unseen features all start at the prior) they are scaled to sum to 1.
+    Siblings exclude each other (the target takes one token after their parent), so where their estimates add
+    up to more than 1 (unseen features all start at the prior) they are scaled to sum to 1.
     """
     siblings: dict[int, float] = {}
     for node, parent in enumerate(tree.parents):
         siblings[parent] = siblings.get(parent, 0.0) + conditional[node]
+    return [conditional[node] / max(1.0, siblings[parent]) for node, parent in enumerate(tree.parents)]
+
+
+def path_probabilities(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
+    """P(the path to each node is accepted), from each node's conditional acceptance (``sibling_shares``)."""
     probs: list[float] = []
-    for node, parent in enumerate(tree.parents):
-        share = conditional[node] / max(1.0, siblings[parent])
+    for share, parent in zip(sibling_shares(tree, conditional), tree.parents, strict=True):
         probs.append(share * (1.0 if parent == ROOT else probs[parent]))
     return probs
 
@@ -225,9 +229,10 @@ class DraftPolicy:
         on_path, taken = {ROOT, *outcome.accepted_nodes}, set(outcome.accepted_nodes)
         self.realized *= CALIBRATION_MEMORY
         self.predicted *= CALIBRATION_MEMORY
+        shares = sibling_shares(tree, [max(self.acceptance.mean(f) for f in node) for node in features])
         for node, parent in enumerate(tree.parents):
-            if parent in on_path:
-                self.predicted += max(self.acceptance.mean(f) for f in features[node])
+            if parent in on_path:  # predicted as ``choose`` predicts: siblings' shares sum to at most 1
+                self.predicted += shares[node]
                 self.realized += node in taken
         self.acceptance.learn(tree, features, outcome.accepted_nodes)
         if outcome.pass_ms > 0:

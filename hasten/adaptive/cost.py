@@ -1,7 +1,8 @@
 """The target's cost curve: wall time of one pass as a function of the tokens it scores.
 
 Measured once per backend, model, thread count, CPU, device, dtype and graph mode in a calibration of a few
-seconds (with a clock that waits for the GPU on CUDA), kept on disk, and refined online from the real passes.
+seconds (with a clock that waits for the GPU on CUDA), kept on disk, and scaled online by the real passes (its
+shape, what n tokens cost relative to one, stays the calibration's).
 Speculation pays only where tokens gained are worth more than the extra width costs, so every adaptive choice
 asks this curve.
 """
@@ -24,7 +25,7 @@ from hasten.backends.base import ModelBackend, Target
 CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "costs"
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
-ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of its width
+ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of the curve's scale
 MAX_AGE_S = 7 * 24 * 3600.0  # a saved curve is measured again after a week (drivers, builds and loads change)
 OUTLIER = 3.0  # a pass this many times off its prediction (preempted, or a cold cache) teaches nothing
 

@@ -45,7 +45,7 @@ def backend_info(models: Mapping[str, LoadedModel], costs: Mapping[str, CostMode
             **device_info(model),
             "baseline": label_for(BASELINE, backend, primary),
             "cost": {"widths": list(cost.widths), "millis": start, "millis_end": list(cost.millis),
-                     "relative": [m / start[0] for m in start], "key": cost.key},
+                     "scale_end": cost.scale, "relative": [m / start[0] for m in start], "key": cost.key},
         }
     return backends
 

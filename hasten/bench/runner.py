@@ -305,7 +305,7 @@ def run_bench(
     if not params.greedy:
         warnings.append(f"temperature {temperature} > 0: outputs are samples, so exactness against ar is not checked")
     costs = {backend: _cost_curve(model) for backend, model in models.items()}  # calibrated now, not in a run
-    costs_start = {backend: list(cost.millis) for backend, cost in costs.items()}
+    costs_start = {backend: list(cost.calibrated) for backend, cost in costs.items()}
     # The oracle prices steps with the calibrated curve: the online refinement follows whatever else the
     # machine was doing during the run.
     calibrated = {backend: CostModel(list(cost.widths), costs_start[backend], cost.key)

@@ -216,7 +216,8 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
               "parameters": head.num_parameters(), "train_s": round(time.perf_counter() - began, 1),
               "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None}
     if held is not None and len(held):
-        report["heldout"] = evaluate(head, held)
+        final = curve[-1] if curve and curve[-1]["step"] == step else {"step": step, **evaluate(head, held)}
+        report["heldout"] = {"loss": final["loss"], "top1": final["top1"]}
         report["curve"] = curve
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -249,8 +250,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "horizon", "draft_vocab", "state_size"):
         if getattr(args, name) < 1:
             raise HastenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.layers < 0 or not args.lr > 0:
-        raise HastenError("--layers must be >= 0 and --lr > 0")
+    if args.layers < 0 or args.eval_every < 0 or not args.lr > 0:
+        raise HastenError("--layers and --eval-every must be >= 0 and --lr > 0")
     data = load_shards(args.data)
     name = args.model or data.meta.get("model", "default")
     loaded = load_model(name, backend="transformers")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,12 @@ def make_shard(loaded: LoadedModel, prompts: list[str], top_k: int, max_new_toke
         mask[len(ids) - 1 : len(seq) - 1] = True
         sequences.append(seq)
         masks.append(mask)
+    return forced_shard(loaded, sequences, masks, top_k)
+
+
+def forced_shard(loaded: LoadedModel, sequences: list[list[int]], masks: list[torch.Tensor],
+                 top_k: int) -> dict[str, torch.Tensor]:
+    """One shard: the sequences, their loss masks, and the target's hidden states and top-K from teacher forcing."""
     forced = teacher_force(loaded, sequences, top_k)
     lengths = torch.tensor([0] + [len(s) for s in sequences])
     return {
@@ -206,6 +213,19 @@ def make_shard(loaded: LoadedModel, prompts: list[str], top_k: int, max_new_toke
         "topk_ids": torch.cat([f["topk_ids"] for f in forced]).to(torch.int64),
         "topk_logprobs": torch.cat([f["topk_logprobs"] for f in forced]),
     }
+
+
+def write_shards(directory: Path, count: int, make: Callable[[int], dict[str, torch.Tensor]],
+                 bar: tqdm, sizes: list[int]) -> None:
+    """Write shards ``0 .. count-1`` with ``make(index)``, atomically, skipping those already there (resume)."""
+    for index in range(count):
+        path = shard_path(directory, index)
+        if not path.is_file():
+            partial = path.with_suffix(".tmp")
+            save_file(make(index), str(partial))
+            partial.replace(path)
+        bar.update(sizes[index])
+    bar.close()
 
 
 def shard_path(directory: Path, index: int) -> Path:
@@ -232,15 +252,10 @@ def build(loaded: LoadedModel, planned: list[tuple[str, str]], out: str | Path, 
         plan_file.write_text(json.dumps(plan, indent=1))
     chunks = [planned[i : i + shard_size] for i in range(0, len(planned), shard_size)]
     bar = tqdm(total=len(planned), desc="self-distillation", unit="prompt", disable=not progress)
-    for index, chunk in enumerate(chunks):
-        path = shard_path(directory, index)
-        if not path.is_file():
-            shard = make_shard(loaded, [p for _, p in chunk], top_k, max_new_tokens, method, batch_size)
-            partial = path.with_suffix(".tmp")
-            save_file(shard, str(partial))
-            partial.replace(path)
-        bar.update(len(chunk))
-    bar.close()
+    write_shards(directory, len(chunks),
+                 lambda index: make_shard(loaded, [p for _, p in chunks[index]], top_k, max_new_tokens, method,
+                                          batch_size),
+                 bar, [len(c) for c in chunks])
     return write_meta(loaded, directory, len(chunks), top_k, sorted({s for s, _ in planned}), max_new_tokens)
 
 
@@ -249,20 +264,21 @@ def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Pa
     """Teacher-force the answers of a token-only file (``hasten.training.token_data``) into a data directory.
 
     The answers are already there, so only the target's hidden states and top-K log-probs are computed. With
-    ``limit``, a seeded random subset of the sequences is taken (every prompt source stays represented). Shards
-    are written atomically and skipped when present: an interrupted build resumes.
+    ``limit``, a seeded random subset of the sequences is taken. Shards are written atomically and skipped when
+    present: an interrupted build resumes.
     """
     if top_k < 1 or shard_size < 1:
         raise HastenError("--top-k and --shard-size must be >= 1")
     source = TokenFile(token_path)
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = order[: limit] if limit is not None else order
+    chosen = order[:limit] if limit is not None else order
     if not chosen:
         raise HastenError("no sequences to build data from")
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
-    plan = {"model": loaded.name, "top_k": top_k, "shard_size": shard_size,
-            "token_file": Path(token_path).name, "sequences": chosen}
+    plan = {"model": loaded.name, "top_k": top_k, "shard_size": shard_size, "token_file": Path(token_path).name,
+            "token_file_sequences": len(source), "token_file_tokens": int(source.seq_starts[-1]),
+            "sequences": chosen}
     plan_file = directory / PLAN
     if plan_file.is_file():
         if json.loads(plan_file.read_text()) != plan:
@@ -270,32 +286,17 @@ def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Pa
     else:
         plan_file.write_text(json.dumps(plan))
     chunks = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
+
+    def make(index: int) -> dict[str, torch.Tensor]:
+        examples = [source.example(i) for i in chunks[index]]
+        tokens = [e["tokens"].tolist() for e in examples]
+        if max(max(t, default=0) for t in tokens) >= loaded.vocab_size:
+            raise HastenError(f"{token_path} holds token ids outside {loaded.name}'s vocabulary")
+        shard = forced_shard(loaded, tokens, [e["loss_mask"] for e in examples], top_k)
+        return {**shard, "prompt_index": source.prompt_index[chunks[index]].clone()}
+
     bar = tqdm(total=len(chosen), desc="teacher forcing", unit="sequence", disable=not progress)
-    for index, chunk in enumerate(chunks):
-        path = shard_path(directory, index)
-        if not path.is_file():
-            sequences = [source.tokens(i).tolist() for i in chunk]
-            masks = []
-            for i, seq in zip(chunk, sequences, strict=True):
-                mask = torch.zeros(len(seq), dtype=torch.bool)
-                mask[int(source.prompt_lens[i]) - 1 : len(seq) - 1] = True
-                masks.append(mask)
-            forced = teacher_force(loaded, sequences, top_k)
-            lengths = torch.tensor([0] + [len(s) for s in sequences])
-            shard = {
-                "tokens": torch.tensor([t for s in sequences for t in s], dtype=torch.int64),
-                "seq_starts": lengths.cumsum(0).to(torch.int64),
-                "loss_mask": torch.cat(masks),
-                "hidden": torch.cat([f["hidden"] for f in forced]),
-                "topk_ids": torch.cat([f["topk_ids"] for f in forced]).to(torch.int64),
-                "topk_logprobs": torch.cat([f["topk_logprobs"] for f in forced]),
-                "prompt_index": source.prompt_index[chunk].clone(),
-            }
-            partial = path.with_suffix(".tmp")
-            save_file(shard, str(partial))
-            partial.replace(path)
-        bar.update(len(chunk))
-    bar.close()
+    write_shards(directory, len(chunks), make, bar, [len(c) for c in chunks])
     return write_meta(loaded, directory, len(chunks), top_k, [Path(token_path).name], None)
 
 
@@ -346,7 +347,7 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="number of prompts, interleaved across files (default 240), or of --from-tokens "
                              "sequences (default all)")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 96)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=16, help="sequences per shard")
     parser.add_argument("--method", default="pld", help="method that generates the answers (output is the same)")
@@ -363,6 +364,12 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise HastenError(f"--limit must be >= 1, got {args.limit}")
     if args.from_tokens is not None:
+        given = {"--prompts": args.prompts, "--no-builtin": args.no_builtin, "--method": args.method != "pld",
+                 "--batch-size": args.batch_size != 1, "--max-new-tokens": args.max_new_tokens is not None}
+        generating = [flag for flag, value in given.items() if value]
+        if generating:
+            raise HastenError(f"--from-tokens teacher-forces answers already written; {', '.join(generating)} "
+                              "would generate them")
         loaded = load_model(args.model, backend="transformers")
         meta = build_from_tokens(loaded, args.from_tokens, args.out, args.top_k, args.shard_size, args.limit,
                                  args.seed)
@@ -374,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         pairs += [("builtin", p) for p in BUILTIN_PROMPTS]
     planned = plan_prompts(pairs, args.limit or 240, args.seed)
     loaded = load_model(args.model, backend="transformers")
-    meta = build(loaded, planned, args.out, args.top_k, args.max_new_tokens, args.shard_size, args.method,
+    meta = build(loaded, planned, args.out, args.top_k, args.max_new_tokens or 96, args.shard_size, args.method,
                  batch_size=args.batch_size)
     print(f"wrote {meta['sequences']} sequences, {meta['tokens']} tokens in {meta['shards']} shards to {args.out}")
     return 0

@@ -35,11 +35,9 @@ from hasten.tree import ROOT, TokenTree
 
 def accepted_path(tree: TokenTree, reference: list[int]) -> list[int]:
     """The nodes of the longest path below the root whose tokens equal ``reference``'s first tokens."""
-    path: list[int] = []
-    parent = ROOT
+    children, path, parent = tree.children(), [], ROOT
     for token in reference:
-        child = next((i for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True))
-                      if p == parent and t == token), None)
+        child = next((c for c in children.get(parent, []) if tree.tokens[c] == token), None)
         if child is None:
             break
         path.append(child)

@@ -412,32 +412,29 @@ def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():
     assert not fresh.pays(token_ms=10.0, cost_ms=15.0)
 
 
+def _windows_sent(curve: CostModel, ngram: int, guesses: int, steps: int) -> int:
+    """Steps, of ``steps`` that accept nothing, in which a W=2 lookahead sends its window on ``curve``."""
+    proposer = LookaheadProposer(2, ngram, guesses, policy=DraftPolicy(frozen(curve)))
+    context = [5, 6, 7, 8, 9]
+    proposer.start(context, None)
+    sent = 0
+    for _ in range(steps):
+        sent += proposer.propose(context, 8).extra is not None
+        proposer.update(StepOutcome([], 3, None, torch.zeros(2, 50), [], 1, 0.0))
+    return sent
+
+
 def test_lookaheads_window_stops_its_trials_where_its_width_cannot_pay():
     """Where 8 window tokens cost 3.4 passes no trial runs them (even 2 tokens a step would not pay); free, it runs."""
     epyc = CostModel([1, 2, 4, 8, 12], [6.98, 11.98, 17.89, 30.18, 42.74])  # the 2-core EPYC, llama.cpp
-    runs = {}
-    for name, curve in (("epyc", epyc), ("flat", FLAT)):
-        proposer = LookaheadProposer(2, 5, 4, policy=DraftPolicy(frozen(curve)))
-        proposer.start([5, 6, 7, 8, 9], None)
-        sent = []
-        for _ in range(10):
-            sent.append(proposer.propose([5, 6, 7, 8, 9], 8).extra is not None)
-            proposer.update(StepOutcome([], 3, None, torch.zeros(2, 50), [], 9, 0.0))
-        runs[name] = sum(sent)
-    assert runs == {"epyc": 0, "flat": 10}
+    assert _windows_sent(epyc, 5, 4, 10) == 0
+    assert _windows_sent(FLAT, 5, 4, 10) == 10
 
 
 def test_lookaheads_window_never_runs_where_one_guess_cannot_pay_for_it():
     """N = 2: a guess earns at most 1 token, and 2 window tokens cost 1.2 passes: no trials, no retries, ever
     (the trials alone would have run it: 2 tokens credited in advance outweigh 1.2 passes)."""
-    curve = CostModel([1, 2, 4], [10.0, 16.0, 28.0])
-    proposer = LookaheadProposer(2, 2, 2, policy=DraftPolicy(frozen(curve)))
-    proposer.start([5, 6, 7, 8, 9], None)
-    sent = []
-    for _ in range(100):
-        sent.append(proposer.propose([5, 6, 7, 8, 9], 8).extra is not None)
-        proposer.update(StepOutcome([], 3, None, torch.zeros(2, 50), [], 3, 0.0))
-    assert not any(sent)
+    assert _windows_sent(CostModel([1, 2, 4], [10.0, 16.0, 28.0]), 2, 2, 100) == 0
 
 
 def test_redrafter_skips_its_beam_search_while_it_does_not_pay():

@@ -76,9 +76,15 @@ class SourceGain:
         self.tokens += tokens
         self.cost_ms += (cost_ms - self.cost_ms) / min(self.steps, 20)
 
-    def pays(self, token_ms: float, cost_ms: float | None = None) -> bool:
-        """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time)."""
+    def pays(self, token_ms: float, cost_ms: float | None = None, ceiling: float | None = None) -> bool:
+        """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time).
+
+        ``ceiling``, the most tokens one run could ever earn, rules it out with no trials nor retries where even
+        that would not pay.
+        """
         spent = self.cost_ms if cost_ms is None else cost_ms
+        if ceiling is not None and ceiling * token_ms <= spent:
+            return False
         if self.steps < TRIALS:  # too little evidence yet: keep trying it while it still could pay
             if (self.tokens + TRIAL_TOKENS) / max(self.steps, 1) * token_ms > spent:
                 return True
@@ -138,12 +144,15 @@ class AcceptanceModel:
     def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], accepted_nodes: Sequence[int]) -> None:
         """Record every node whose parent was accepted (the root counts): accepted or not, under each of its
         features (a node several sources proposed has one per source)."""
-        on_path = {ROOT, *accepted_nodes}
-        taken = set(accepted_nodes)
-        for node, parent in enumerate(tree.parents):
-            if parent in on_path:
-                for feature in features[node]:
-                    self.record(feature, node in taken)
+        for node, accepted in verified_nodes(tree, accepted_nodes):
+            for feature in features[node]:
+                self.record(feature, accepted)
+
+
+def verified_nodes(tree: TokenTree, accepted_nodes: Sequence[int]) -> list[tuple[int, bool]]:
+    """The nodes a step verified, those whose parent was accepted (the root counts), and whether each was."""
+    on_path, taken = {ROOT, *accepted_nodes}, set(accepted_nodes)
+    return [(node, node in taken) for node, parent in enumerate(tree.parents) if parent in on_path]
 
 
 def sibling_shares(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
@@ -226,14 +235,13 @@ class DraftPolicy:
     def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], outcome: VerifiedStep) -> None:
         """Learn from one verified step: acceptance of what was sent, this generation's calibration, and the
         pass's real cost."""
-        on_path, taken = {ROOT, *outcome.accepted_nodes}, set(outcome.accepted_nodes)
         self.realized *= CALIBRATION_MEMORY
         self.predicted *= CALIBRATION_MEMORY
+        # predicted as ``choose`` predicts: siblings' shares sum to at most 1
         shares = sibling_shares(tree, [max(self.acceptance.mean(f) for f in node) for node in features])
-        for node, parent in enumerate(tree.parents):
-            if parent in on_path:  # predicted as ``choose`` predicts: siblings' shares sum to at most 1
-                self.predicted += shares[node]
-                self.realized += node in taken
+        for node, accepted in verified_nodes(tree, outcome.accepted_nodes):
+            self.predicted += shares[node]
+            self.realized += accepted
         self.acceptance.learn(tree, features, outcome.accepted_nodes)
         if outcome.pass_ms > 0:
             self.cost.observe(outcome.pass_width, outcome.pass_ms)

@@ -27,16 +27,11 @@ class CostlySource:
         """Whether to run it this step: always without a policy, else while its tokens have paid its cost.
 
         ``cost_ms`` is its cost when that is known in advance (a window's extra pass width); a source that is
-        timed instead (``timed``) passes none, and its recorded mean cost is weighed. ``ceiling``, the most
-        tokens one run could ever earn, rules a source out with no trials where even that would not pay.
+        timed instead (``timed``) passes none, and its recorded mean cost is weighed. ``ceiling`` is the most
+        tokens one run could ever earn (``SourceGain.pays``).
         """
         self.cost_ms = None
-        if policy is None:
-            return True
-        token_ms = policy.cost(1)
-        if ceiling is not None and cost_ms is not None and ceiling * token_ms <= cost_ms:
-            return False
-        if not policy.gain(self.name).pays(token_ms, cost_ms):
+        if policy is not None and not policy.gain(self.name).pays(policy.cost(1), cost_ms, ceiling):
             return False
         self.cost_ms = cost_ms
         return True

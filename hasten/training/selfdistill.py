@@ -215,16 +215,31 @@ def forced_shard(loaded: LoadedModel, sequences: list[list[int]], masks: list[to
     }
 
 
-def write_shards(directory: Path, count: int, make: Callable[[int], dict[str, torch.Tensor]],
-                 bar: tqdm, sizes: list[int]) -> None:
-    """Write shards ``0 .. count-1`` with ``make(index)``, atomically, skipping those already there (resume)."""
-    for index in range(count):
+def claim_directory(out: str | Path, plan: dict[str, Any], what: str) -> Path:
+    """The data directory ``out``, created with ``plan`` in it, or holding that same plan already (a resume)."""
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan_file = directory / PLAN
+    if plan_file.is_file():
+        if json.loads(plan_file.read_text()) != plan:
+            raise HastenError(f"{directory} holds data built from other {what} or settings; use another --out")
+    else:
+        plan_file.write_text(json.dumps(plan, indent=1))
+    return directory
+
+
+def write_shards(directory: Path, sizes: list[int], make: Callable[[int], dict[str, torch.Tensor]], desc: str,
+                 unit: str, progress: bool) -> None:
+    """Write one shard per entry of ``sizes`` (its item count, for the progress bar) with ``make(index)``,
+    atomically, skipping those already there (resume)."""
+    bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
+    for index, size in enumerate(sizes):
         path = shard_path(directory, index)
         if not path.is_file():
             partial = path.with_suffix(".tmp")
             save_file(make(index), str(partial))
             partial.replace(path)
-        bar.update(sizes[index])
+        bar.update(size)
     bar.close()
 
 
@@ -240,22 +255,14 @@ def build(loaded: LoadedModel, planned: list[tuple[str, str]], out: str | Path, 
         raise HastenError("--top-k, --shard-size and --max-new-tokens must be >= 1")
     if not planned:
         raise HastenError("no prompts to build data from")
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
     plan = {"model": loaded.name, "top_k": top_k, "max_new_tokens": max_new_tokens, "shard_size": shard_size,
             "prompts": [{"source": s, "prompt": p} for s, p in planned]}
-    plan_file = directory / PLAN
-    if plan_file.is_file():
-        if json.loads(plan_file.read_text()) != plan:
-            raise HastenError(f"{directory} holds data built with other prompts or settings; use another --out")
-    else:
-        plan_file.write_text(json.dumps(plan, indent=1))
+    directory = claim_directory(out, plan, "prompts")
     chunks = [planned[i : i + shard_size] for i in range(0, len(planned), shard_size)]
-    bar = tqdm(total=len(planned), desc="self-distillation", unit="prompt", disable=not progress)
-    write_shards(directory, len(chunks),
+    write_shards(directory, [len(c) for c in chunks],
                  lambda index: make_shard(loaded, [p for _, p in chunks[index]], top_k, max_new_tokens, method,
                                           batch_size),
-                 bar, [len(c) for c in chunks])
+                 "self-distillation", "prompt", progress)
     return write_meta(loaded, directory, len(chunks), top_k, sorted({s for s, _ in planned}), max_new_tokens)
 
 
@@ -274,17 +281,10 @@ def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Pa
     chosen = order[:limit] if limit is not None else order
     if not chosen:
         raise HastenError("no sequences to build data from")
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
     plan = {"model": loaded.name, "top_k": top_k, "shard_size": shard_size, "token_file": Path(token_path).name,
             "token_file_sequences": len(source), "token_file_tokens": int(source.seq_starts[-1]),
             "sequences": chosen}
-    plan_file = directory / PLAN
-    if plan_file.is_file():
-        if json.loads(plan_file.read_text()) != plan:
-            raise HastenError(f"{directory} holds data built from other sequences or settings; use another --out")
-    else:
-        plan_file.write_text(json.dumps(plan))
+    directory = claim_directory(out, plan, "sequences")
     chunks = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
 
     def make(index: int) -> dict[str, torch.Tensor]:
@@ -295,8 +295,7 @@ def build_from_tokens(loaded: LoadedModel, token_path: str | Path, out: str | Pa
         shard = forced_shard(loaded, tokens, [e["loss_mask"] for e in examples], top_k)
         return {**shard, "prompt_index": source.prompt_index[chunks[index]].clone()}
 
-    bar = tqdm(total=len(chosen), desc="teacher forcing", unit="sequence", disable=not progress)
-    write_shards(directory, len(chunks), make, bar, [len(c) for c in chunks])
+    write_shards(directory, [len(c) for c in chunks], make, "teacher forcing", "sequence", progress)
     return write_meta(loaded, directory, len(chunks), top_k, [Path(token_path).name], None)
 
 

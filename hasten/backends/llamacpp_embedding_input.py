@@ -18,10 +18,12 @@ from hasten.backends.llamacpp_model import LlamaCppModel
 from hasten.backends.llamacpp_target import LlamaCppTarget
 from hasten.errors import HastenError
 
+DRAFT_SEQUENCES = 16  # sequence ids of the draft's context: a drafted tree has at most 15 leaves
+
 
 class EmbeddingInputTarget(LlamaCppTarget):
-    """A chain-only llama.cpp sequence fed input embeddings (``llama_batch.embd``) instead of token ids: the
-    reduced draft reads the target's embedding of each token, which its own 8192-row table cannot hold."""
+    """A llama.cpp sequence fed input embeddings (``llama_batch.embd``) instead of token ids: the reduced draft
+    reads the target's embedding of each token, which its own 8192-row table cannot hold."""
 
     def __init__(self, model: LlamaCppModel, context: Any, embed: Callable[[Sequence[int]], np.ndarray]) -> None:
         self._embed = embed
@@ -44,7 +46,13 @@ class EmbeddingInputTarget(LlamaCppTarget):
 
     def _fill_tree(self, tokens: Sequence[int], depths: Sequence[int], seqs: list[list[int]],
                    rows: Sequence[int]) -> None:
-        raise NotImplementedError("the draft scores chains only")
+        super()._fill_tree(tokens, depths, seqs, rows)
+        self._embd[: len(tokens)] = self._embed(tokens)
+
+    @property
+    def max_leaves(self) -> int:
+        """The most leaves a scored tree may have (one sequence id each, one id kept spare)."""
+        return self.model.n_seq_max - 1
 
 
 class ReducedDraftModel:
@@ -57,7 +65,7 @@ class ReducedDraftModel:
 
     def __init__(self, path: str | Path, target: str | Path, threads: int | None = None) -> None:
         # no prompt cache: the draft's prefill costs little, and the benchmark's runs stay independent
-        self.model = LlamaCppModel(path, threads=threads, n_seq_max=1, prompt_cache_bytes=0)
+        self.model = LlamaCppModel(path, threads=threads, n_seq_max=DRAFT_SEQUENCES, prompt_cache_bytes=0)
         self.vocab_size = self.model.vocab_size
         self.max_context = self.model.max_context
         self.hidden_size = self.model.hidden_size

@@ -3,7 +3,7 @@
 Sources: prompt lookup (continuations of the context's tail matches), an n-gram pool keyed by the last token
 (lookahead's pool, filled from the context; asked only where lookup finds nothing, since its candidates
 repeat lookup's and, offered beside them, cost more than they earn in replays), and, where available, a
-draft model's greedy chain and a ReDrafter head's beams (each run only while the tokens only it finds are
+draft model's greedy tree and a ReDrafter head's beams (each run only while the tokens only it finds are
 worth its time). Their
 candidates are merged into one tree whose nodes keep a feature per source that proposed them; the draft
 policy estimates each node's acceptance from what was learned about those features and keeps the subtree
@@ -34,10 +34,10 @@ HEAD_LENGTH = 4  # tokens per beam after the root
 
 
 class AutoProposer(Proposer):
-    """Prompt lookup + n-gram pool (+ draft chain, + ReDrafter beams), merged and pruned by a cost-aware policy.
+    """Prompt lookup + n-gram pool (+ draft tree, + ReDrafter beams), merged and pruned by a cost-aware policy.
 
-    ``draft`` is a draft proposer built on the same policy; it drafts greedily here (its argmax chain is one
-    more deterministic candidate, verified like the others, under sampling too). A ``head`` drafts through a
+    ``draft`` is a draft proposer built on the same policy; it drafts greedily here (its most likely tree gives
+    more deterministic candidates, verified like the others, under sampling too). A ``head`` drafts through a
     ``ReDrafterProposer`` on the same policy (``HEAD_BEAMS`` beams of ``HEAD_LENGTH`` tokens).
     """
 
@@ -56,8 +56,8 @@ class AutoProposer(Proposer):
         self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
         self._last_accepted: int | None = None  # the last step's accepted count (None: it drafted nothing)
         self._tail: list[int] = []
-        self.draft_source = CostlySource("draft")  # the draft's chain runs while the tokens only it finds pay
-        self._draft_started = False  # the draft prefills the context only when its chain first runs
+        self.draft_source = CostlySource("draft")  # the draft's tree runs while the tokens only it finds pay
+        self._draft_started = False  # the draft prefills the context only when its tree first runs
         self._reference: list[int] = []  # the expected answer (``expect``): n-grams for the pool
 
     def expect(self, tokens: list[int]) -> None:
@@ -93,14 +93,14 @@ class AutoProposer(Proposer):
                 paths.append(tail[:depth])
                 features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])
         if self.draft is not None and self.draft_source.should_run(self.policy):
-            if not self._draft_started:  # its prefill, once, outside the time its chain is charged
+            if not self._draft_started:  # its prefill, once, outside the time its tree is charged
                 self.draft.start(context, None)
                 self._draft_started = True
             with self.draft_source.timed():
-                chain, _, chain_features = self.draft.draft_chain(context, depth, greedy=True)
-            if chain:
-                paths.append(chain)
-                features.append([node[0] for node in chain_features])  # one feature per token
+                drafted = self.draft.draft_tree(context, depth, greedy=True)
+            draft_paths, draft_features = drafted.paths()
+            paths += draft_paths
+            features += draft_features
         if self.redrafter is not None:  # its beam search runs while the tokens only it finds pay
             beams, beam_features = self.redrafter.draft_beams(context, depth)
             paths += beams
@@ -120,8 +120,6 @@ class AutoProposer(Proposer):
                 alone = sum(all(f[0] == source.name for f in features[node]) for node in outcome.accepted_nodes)
                 source.credit(self.policy, alone)
             self._last_accepted = accepted_if_drafted(tree, outcome)
-        if self.draft is not None and self._draft_started:
-            self.draft.rollback(outcome.accepted)
         new = [*outcome.accepted, outcome.next_token]
         self.pool.add_sequence(self._tail + new)
         self._tail = (self._tail + new)[-(POOL_NGRAM - 1) :]

@@ -1,17 +1,32 @@
-"""Classic speculative decoding: a small draft model of the same vocabulary guesses K tokens."""
+"""Classic speculative decoding with a draft model of the same vocabulary, drafting a tree each step.
+
+The draft expands a tree one depth at a time: one draft pass scores the tree so far (tree attention over its own
+cache) and reads the rows of the frontier, the nodes whose children come next. Greedy decoding keeps, at each
+depth, the children with the highest path probability (the product of the draft's probabilities along the path,
+as EAGLE-2 ranks them); the adaptive policy then prunes the tree to what pays. Sampling draws each frontier node's
+children without replacement from the draft's processed distribution and hands their conditional rows to the
+verifier (the sibling contract in ``TokenTree``); nothing sampled is ever pruned by what was drawn, so the
+output keeps the target's distribution whatever the policy has learned (see ``DraftModelProposer.propose``).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature
+from hasten.adaptive.chooser import DraftPolicy, Feature, sibling_shares
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
-from hasten.sampling import SamplingParams, sample
-from hasten.tree import TokenTree
+from hasten.sampling import SamplingParams
+from hasten.tree import ROOT, TokenTree
+
+ADAPTIVE_CHILDREN = 4  # candidates per frontier node (adaptive, greedy); the policy keeps those that pay
+ADAPTIVE_FRONTIER = 8  # nodes kept (and expanded) per depth (adaptive, greedy)
+SAMPLED_CHILDREN = 2  # children drawn per frontier node under sampling (adaptive)
+SAMPLED_FRONTIER = 3  # frontier nodes expanded per depth under sampling (adaptive)
 
 
 def check_same_vocabulary(target: ModelBackend, draft: ModelBackend, target_tok=None, draft_tok=None) -> None:
@@ -25,17 +40,51 @@ def check_same_vocabulary(target: ModelBackend, draft: ModelBackend, target_tok=
         raise HastenError("draft and target tokenizers map tokens to different ids; they must share a vocabulary")
 
 
-class DraftModelProposer(Proposer):
-    """Run the draft autoregressively for ``num_tokens`` steps on its own KV cache, rolled back on rejection.
+def confidence_bucket(prob: float) -> int:
+    """The draft's probability of a token in tenths (0..9): the feature the policy learns acceptance on."""
+    return min(int(prob * 10), 9)
 
-    Greedy decoding drafts the draft's argmax; sampling draws from the draft's distribution processed with
-    the same temperature/top-k/top-p and hands those distributions to the verifier (min(1, q/p) rule).
+
+@dataclass
+class DraftTree:
+    """One step's drafted tree: tokens, parents and (sampling) rows, each node's features and the draft's path
+    probability of each node."""
+
+    tree: TokenTree = field(default_factory=TokenTree)
+    features: list[list[Feature]] = field(default_factory=list)
+    path_probs: list[float] = field(default_factory=list)
+
+    def paths(self) -> tuple[list[list[int]], list[list[Feature]]]:
+        """Root-to-leaf token paths and one feature per token on each (what ``merge_paths`` takes)."""
+        tree = self.tree
+        has_child = {parent for parent in tree.parents}
+        paths, features = [], []
+        for leaf in (node for node in range(len(tree)) if node not in has_child):
+            nodes = []
+            node = leaf
+            while node != ROOT:
+                nodes.append(node)
+                node = tree.parents[node]
+            nodes.reverse()
+            paths.append([tree.tokens[n] for n in nodes])
+            features.append([self.features[n][0] for n in nodes])
+        return paths, features
+
+
+class DraftModelProposer(Proposer):
+    """Draft a tree of at most ``num_tokens`` levels on the draft's own KV cache.
+
+    Each frontier node gets up to ``children`` children and each depth keeps up to ``frontier`` nodes (1 and 1: a
+    chain; the fixed sizes). With a ``policy`` the sizes are upper bounds: another depth is drafted only while the
+    cost curve says it is expected to pay, and (greedy) the policy prunes the tree to the subtree that pays.
+    The draft's cache holds the context but the root after each step, so only the accepted path stays in it.
     """
 
     name = "draft"
 
     def __init__(self, draft_model: ModelBackend, params: SamplingParams, num_tokens: int = 6,
-                 generator: torch.Generator | None = None, policy: DraftPolicy | None = None) -> None:
+                 generator: torch.Generator | None = None, policy: DraftPolicy | None = None,
+                 children: int | None = None, frontier: int | None = None) -> None:
         if num_tokens < 1:
             raise ValueError("draft needs num_tokens >= 1")
         self.draft = draft_model.new_target()
@@ -43,81 +92,180 @@ class DraftModelProposer(Proposer):
         self.num_tokens = num_tokens
         self.generator = generator or params.generator()
         self.policy = policy
-        # Running estimate (EMA) of one draft forward: it prices each further token of the chain. Whether the
-        # draft runs at all is a ``CostlySource`` of the proposer that composes it (auto), not of this one.
+        self.children, self.frontier = children, frontier  # None: by mode (a chain without a policy)
+        # Running estimate (EMA) of one draft pass: it prices each further depth. Whether the draft runs at all
+        # is a ``CostlySource`` of the proposer that composes it (auto), not of this one.
         self.draft_ms = 0.0
-        self._drafted = 0
-        self._chain: list[int] = []  # the tokens drafted this step
         self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
-        self._drafted, self._chain = 0, []
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
+        """The drafted tree. Under sampling the policy only decides, before each depth is drawn, how deep to go
+        and which already drawn nodes get children: a node, once drawn, is never pruned by its own token or a
+        later one (pruning by what was sampled biased the output toward tokens the draft is sure of)."""
         self._offered = None
-        tokens, rows, features = self.draft_chain(context, min(self.num_tokens, max_depth), self.params.greedy)
-        tree = TokenTree.chain(tokens, torch.stack(rows) if rows else None)
+        greedy = self.params.greedy
+        drafted = self.draft_tree(context, min(self.num_tokens, max_depth), greedy)
+        tree, features = drafted.tree, drafted.features
         if self.policy is not None:
-            tree, features = self.policy.choose(tree, features)
+            if greedy:  # point masses: any pruning keeps the output exact
+                tree, features = self.policy.choose(tree, features)
+            else:
+                self.policy.choices[len(tree)] += 1
             self._offered = (tree, features)
         return Proposal(tree)
 
-    def draft_chain(self, context: list[int], k: int, greedy: bool
-                    ) -> tuple[list[int], list[torch.Tensor], list[list[Feature]]]:
-        """Up to ``k`` draft tokens after ``context`` (fewer where the policy says one more will not pay):
-        the tokens, their draft distributions (sampling only) and one feature per token for the policy."""
-        k = min(k, self.draft.max_context - len(context))
-        self._drafted = 0
-        self._chain = []
-        if k <= 0:  # nothing to draft, or the draft's own context is full: this step is plain decoding
-            return [], [], []
-        feed = context[self.draft.cache_len :]
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        features: list[list[Feature]] = []
-        path_prob = 1.0
+    @torch.inference_mode()
+    def draft_tree(self, context: list[int], depth: int, greedy: bool) -> DraftTree:
+        """A tree of at most ``depth`` levels after ``context`` (which ends with the root), one draft pass a level.
+
+        Greedy: the ``children`` most likely tokens of each frontier node, the ``frontier`` best by path probability
+        kept. Sampling: ``children`` tokens of each of the ``frontier`` likeliest nodes, drawn without replacement,
+        all kept, with their conditional rows.
+        """
+        out = DraftTree()
+        children, frontier_size = self.sizes(greedy)
+        room = self.draft.max_context - len(context)  # a pass over the root and n nodes needs n free cells
+        leaves = getattr(self.draft, "max_leaves", None)  # llama.cpp: one sequence id per leaf
+        if leaves is not None and children * frontier_size > 1:
+            room = min(room, leaves)
+        depth = min(depth, room)
+        if depth <= 0:  # nothing to draft, or the draft's own context is full: this step is plain decoding
+            return out
+        tokens, parents, rows = out.tree.tokens, out.tree.parents, []
+        frontier: list[int] = [ROOT]
+        accept: dict[int, float] = {ROOT: 1.0}  # the policy's estimate that the path to a node is accepted
         gained = spent = 0.0
-        for depth in range(1, k + 1):
-            if self.policy is not None and not self._worth_drafting(depth, path_prob, gained, spent):
+        for level in range(1, depth + 1):
+            width = 1 if greedy else len(frontier) * children  # greedy: the chooser prunes to what pays
+            if self.policy is not None and not self._level_pays(level, frontier, accept, len(tokens), width,
+                                                                gained, spent):
                 break
             began = time.perf_counter()
-            chain = list(range(-1, len(feed) - 1))
-            logits = self.vocab_logits(self.draft.score(feed, chain, [len(feed) - 1]).logits[-1])
-            self.draft.commit(list(range(len(feed))))
-            if greedy:
-                token = int(logits.argmax())
-                confidence = float(torch.softmax(logits.float(), -1)[token]) if self.policy is not None else 0.0
-            else:
-                probs = self.params.probs(logits)
-                token = sample(probs, self.generator)
-                rows.append(probs)
-                confidence = float(probs[token])
-            spent += (time.perf_counter() - began) * 1000
-            tokens.append(token)
-            feed = [token]
-            self._drafted = depth
+            logits = self._frontier_logits(context, frontier, tokens, parents)
+            probs = self.params.probs(logits) if not greedy else torch.softmax(logits.float(), -1)
+            picks = self._children(probs, greedy, min(children, room - len(tokens)))
+            spent_now = (time.perf_counter() - began) * 1000
+            spent += spent_now
+            self.draft_ms += (spent_now - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
+            if not picks:
+                break
+            new = self._add_level(out, frontier, picks, probs, rows, level, room - len(tokens),
+                                  frontier_size if greedy else None)
             if self.policy is not None:
-                feature = ("draft", depth, min(int(confidence * 10), 9))
-                features.append([feature])
-                path_prob *= self.policy.acceptance.estimate(feature)
-                gained += path_prob
-        if self._drafted:
-            self.draft_ms += (spent / self._drafted - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
-        self._chain = tokens
-        return tokens, rows, features
+                gained += self._estimate_level(out.tree, new, out.features, accept)
+            # the next frontier: the likeliest new nodes (ranked by path probability, which depends only on
+            # nodes already drawn, so under sampling it chooses whose children come next, never who stays)
+            frontier = sorted(new, key=lambda n: -out.path_probs[n])[:frontier_size]
+            if len(tokens) >= room:
+                break
+        if rows:
+            out.tree.draft_probs = torch.stack(rows)
+        return out
 
-    def _worth_drafting(self, depth: int, path_prob: float, gained: float, spent: float) -> bool:
-        """Whether one more draft token (its acceptance guessed from its depth alone) is expected to pay."""
+    def _frontier_logits(self, context: list[int], frontier: list[int], tokens: list[int],
+                         parents: list[int]) -> torch.Tensor:
+        """The draft's logits (over the target's vocabulary) at each frontier node: one pass over the root and the
+        tree so far (the first level also feeds what the draft's cache lacks of the context)."""
+        if not tokens:  # the first level: the context the cache lacks, ending with the root
+            feed = context[self.draft.cache_len :]
+            logits = self.draft.score(feed, list(range(-1, len(feed) - 1)), [len(feed) - 1]).logits
+            self.draft.commit(list(range(len(feed) - 1)))  # keep everything but the root
+            return self.vocab_logits(logits)
+        pass_tokens = [context[-1], *tokens]
+        pass_parents = [-1, *(parent + 1 for parent in parents)]
+        logits = self.draft.score(pass_tokens, pass_parents, [node + 1 for node in frontier]).logits
+        self.draft.commit([])
+        return self.vocab_logits(logits)
+
+    def _children(self, probs: torch.Tensor, greedy: bool, count: int) -> list[tuple[int, list[int]]]:
+        """For each frontier row, its children's tokens: the ``count`` most likely (greedy), or ``count`` drawn
+        without replacement (Gumbel top-k: the perturbed order is a draw without replacement)."""
+        if count <= 0:
+            return []
+        count = min(count, probs.shape[-1])
+        if greedy:
+            ids = probs.topk(count, -1).indices
+            return [(row, ids[row].tolist()) for row in range(probs.shape[0])]
+        noise = torch.rand(probs.shape, generator=self.generator, device=probs.device, dtype=torch.float32)
+        keys = probs.log() - (-noise.clamp_min(1e-20).log()).log()
+        values, ids = keys.topk(count, -1)
+        return [(row, [int(t) for t, v in zip(ids[row].tolist(), values[row].tolist(), strict=True)
+                       if v != float("-inf")]) for row in range(probs.shape[0])]
+
+    def _add_level(self, out: DraftTree, frontier: list[int], picks: list[tuple[int, list[int]]],
+                   probs: torch.Tensor, rows: list[torch.Tensor], level: int, limit: int, best: int | None
+                   ) -> list[int]:
+        """Add at most ``limit`` of a level's children, their indices: greedy (``best`` given), the ``best`` by
+        path probability; sampling, every draw in the order drawn (cut by index only), with its row."""
+        greedy = best is not None
+        candidates = []
+        for row, kids in picks:
+            parent = frontier[row]
+            base = 1.0 if parent == ROOT else out.path_probs[parent]
+            chosen = probs[row, kids].tolist() if kids else []
+            for rank, (token, prob) in enumerate(zip(kids, chosen, strict=True)):
+                candidates.append((base * prob, parent, rank, token, prob, row))
+        if greedy:
+            candidates = sorted(candidates, key=lambda c: -c[0])[:best]
+            candidates.sort(key=lambda c: (c[1], c[2]))  # siblings stay in rank order, parents first
+        new: list[int] = []
+        taken: dict[int, list[int]] = {}
+        for path_prob, parent, rank, token, prob, row in candidates[:limit]:
+            out.tree.tokens.append(token)
+            out.tree.parents.append(parent)
+            out.path_probs.append(path_prob)
+            out.features.append([("draft", level, min(rank, 2), confidence_bucket(prob))])
+            if not greedy:  # the row it was drawn from: p less its earlier siblings, renormalised
+                row_probs = probs[row].clone()
+                earlier = taken.setdefault(row, [])
+                if earlier:
+                    row_probs[earlier] = 0
+                    row_probs /= row_probs.sum()
+                rows.append(row_probs)
+                earlier.append(token)
+            new.append(len(out.tree.tokens) - 1)
+        return new
+
+    def _estimate_level(self, tree: TokenTree, new: list[int], features: list[list[Feature]],
+                        accept: dict[int, float]) -> float:
+        """Record the policy's path-acceptance estimate of each new node (siblings share one acceptance);
+        the level's expected accepted tokens."""
+        assert self.policy is not None
+        factor = self.policy.calibration()
+        conditional = [min(1.0, factor * self.policy.acceptance.estimate(features[n][0])) if n in new else 0.0
+                       for n in range(len(tree))]
+        shares = sibling_shares(tree, conditional)
+        for n in new:
+            parent = tree.parents[n]
+            accept[n] = shares[n] * accept[parent]
+        return sum(accept[n] for n in new)
+
+    def _level_pays(self, level: int, frontier: list[int], accept: dict[int, float], nodes: int, width: int,
+                    gained: float, spent: float) -> bool:
+        """Whether drafting one more level is expected to pay: its best guesses (one per frontier node, at the
+        depth's learned rate) against a target pass ``width`` tokens wider and one more draft pass."""
         assert self.policy is not None
         cost, others = self.policy.pass_cost, 1 + gained + self.policy.batch_gain
-        chance = path_prob * self.policy.acceptance.estimate(("draft", depth))
-        now = others / (cost(depth) + spent)
-        after = (others + chance) / (cost(depth + 1) + spent + self.draft_ms)
+        rate = min(1.0, self.policy.calibration() * self.policy.acceptance.estimate(("draft", level)))
+        chance = rate * min(1.0, sum(accept[node] for node in frontier))
+        now = others / (cost(1 + nodes) + spent)
+        after = (others + chance) / (cost(1 + nodes + width) + spent + self.draft_ms)
         return after > now
 
+    def sizes(self, greedy: bool) -> tuple[int, int]:
+        """Children per frontier node and frontier nodes per depth: as given, else a chain without a policy, else
+        the mode's upper bounds (the policy drafts less where it does not pay)."""
+        if self.policy is None:
+            return self.children or 1, self.frontier or 1
+        wide = (ADAPTIVE_CHILDREN, ADAPTIVE_FRONTIER) if greedy else (SAMPLED_CHILDREN, SAMPLED_FRONTIER)
+        return self.children or wide[0], self.frontier or wide[1]
+
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The draft's logits over the target's vocabulary (a hook for drafts with a reduced output vocabulary)."""
+        """The draft's logits (rows, draft vocabulary) over the target's vocabulary (a hook for drafts with a
+        reduced output vocabulary)."""
         return logits
 
     def update(self, outcome: StepOutcome) -> None:
@@ -126,13 +274,6 @@ class DraftModelProposer(Proposer):
         self.rollback(outcome.accepted)
 
     def rollback(self, accepted: list[int]) -> None:
-        """Keep the draft's cache for the drafted tokens the target accepted (a prefix of the chain; another
-        drafter's accepted tokens match it only as far as they agree)."""
-        # The draft cache holds the context plus all drafted tokens but the last.
-        agreed = 0
-        while agreed < min(len(accepted), len(self._chain)) and accepted[agreed] == self._chain[agreed]:
-            agreed += 1
-        stale = (self._drafted - 1) - min(agreed, self._drafted - 1)
-        if stale > 0:
-            self.draft.truncate(self.draft.cache_len - stale)
-        self._drafted, self._chain = 0, []
+        """End the step whatever was accepted: the draft's cache never holds drafted tokens (each level is
+        scored and dropped), so the accepted path is fed with the next step's first level."""
+        self._offered = None

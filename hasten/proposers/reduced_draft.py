@@ -33,8 +33,9 @@ class ReducedVocabDraftProposer(DraftModelProposer):
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_ids.device != logits.device:
             self.vocab_ids = self.vocab_ids.to(logits.device)
-        full = torch.full((self.vocab_size,), float("-inf"), dtype=logits.dtype, device=logits.device)
-        full[self.vocab_ids] = logits
+        full = torch.full((*logits.shape[:-1], self.vocab_size), float("-inf"), dtype=logits.dtype,
+                          device=logits.device)
+        full[..., self.vocab_ids] = logits
         return full
 
 

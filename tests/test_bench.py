@@ -154,8 +154,10 @@ def test_results_schema(bench_results):
         assert entry["mismatches"] == [] and entry["errors"] == []
         assert set(entry["categories"]) == {"copy", "chat"}
         for part in entry["categories"].values():
-            assert set(part) == {"speedup", "speedup_own", "mean_accepted", "tokens_per_s", "oracle",
-                                 "decode_ms_per_token", "decode_speedup", "decode_speedup_own"}
+            figures = {"speedup", "speedup_own", "decode_speedup", "decode_speedup_own"}
+            assert set(part) == {"mean_accepted", "tokens_per_s", "oracle", "decode_ms_per_token", *figures,
+                                 *(f"{key}_covers" for key in figures)}
+            assert part["speedup_covers"][0] == part["speedup_covers"][1] > 0  # every output exact: all covered
             assert part["decode_ms_per_token"] > 0 and part["decode_speedup"] > 0, method
             assert part["speedup"] > 0 and part["mean_accepted"] >= 1.0 and part["tokens_per_s"] > 0
             assert part["speedup_own"] == part["speedup"]  # one backend: its ar is the primary ar
@@ -217,7 +219,7 @@ def test_report_files(bench_results, tmp_path):
             "decode speedup | draft ms/step | drafted/step | plain steps | exact |") in report
     decode = report.split("## Decode speed")[1]
     assert "| method | copy | chat | overall | vs own ar | prefill ms | decode ms/token |" in decode
-    assert "| ar | 1.00x | " in decode and "| — |" not in decode  # every row's prefill was measured
+    assert "| ar | 1.00x (2/2) | " in decode and "| — |" not in decode  # every row's prefill was measured
     with (out / "records.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(saved["records"])
@@ -267,12 +269,14 @@ def test_a_different_output_is_reported_as_a_mismatch(monkeypatch):
     assert res["methods"]["pld"]["exact"] is False
     assert res["methods"]["pld"]["mismatches"] == [3]
     assert res["methods"]["ar"]["exact"] is True
+    assert res["methods"]["pld"]["speedup_covers"] == [1, 2]  # timed on the prompt it got right only
 
 
 def test_sampling_does_not_claim_exactness():
     res = run_bench(tiny_loaded(), PROMPTS[:1], ["ar", "pld", "hf_generate"], max_new_tokens=4, warmup=0,
                     temperature=1.0, progress=False)
     assert all(entry["exact"] is None for entry in res["methods"].values())
+    assert all(entry["speedup_basis"] == "per token" for entry in res["methods"].values())
     assert res["exactness_checked"] is False
     assert any("not checked" in warning for warning in res["warnings"])
 

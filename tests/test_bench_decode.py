@@ -83,9 +83,11 @@ def test_a_method_without_prefill_timing_shows_missing_not_zero(tmp_path):
     header = [cell.strip() for cell in leaderboard[0].strip("|").split("|")]
     row = dict(zip(header, (cell.strip() for cell in leaderboard[3].strip("|").split("|")), strict=True))
     assert row["method"] == "anchor" and row["decode ms/token"] == "—" and row["decode speedup"] == "—"
-    assert row["overall"] == "1.60x"  # the wall speedup is still there: median of 2.0/1.0 and 1.2/1.0
+    # the wall speedup is still there (per token: these are samples): median of 2.0/1.0 and 1.2/1.0
+    assert row["overall"] == "1.60x/tok (2/2)"
     decode = decode_table(results).splitlines()
-    assert decode[2] == "| ar | 1.00x | 1.00x | 1.00x | 1.00x | 400.0 | 150.00 |"
+    same = "1.00x/tok (1/1) | 1.00x/tok (1/1) | 1.00x/tok (2/2) | 1.00x/tok (2/2)"
+    assert decode[2] == f"| ar | {same} | 400.0 | 150.00 |"
     assert decode[3] == "| anchor | — | — | — | — | — | — |"
     path = tmp_path / "records.csv"
     write_records_csv(results, path)

@@ -22,6 +22,16 @@ def _measured(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _speedup(part: dict[str, Any], key: str, basis: str | None, missing: str = "n/a") -> str:
+    """A speedup with the prompts it covers: "1.23x (19/21)" over the prompts where both runs wrote the same
+    tokens, "1.23x/tok (21/21)" per new token (``missing`` when there is no figure)."""
+    value, covers = part.get(key), part.get(f"{key}_covers")
+    if value is None and (covers is None or missing == "—"):
+        return missing
+    figure = missing if value is None else f"{value:.2f}x" + ("/tok" if basis == "per token" else "")
+    return figure if covers is None else f"{figure} ({covers[0]}/{covers[1]})"
+
+
 def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -49,12 +59,13 @@ def table(results: dict[str, Any]) -> str:
               *(["valid JSON"] if constrained else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in results["methods"].items():
+        basis, own = entry.get("speedup_basis"), entry.get("speedup_own_basis")
         cells = [method]
-        cells += [_num(entry["categories"][c]["speedup"], suffix="x") for c in categories]
-        cells += [_num(entry["speedup"], suffix="x"), _num(entry.get("speedup_own"), suffix="x"),
+        cells += [_speedup(entry["categories"][c], "speedup", basis) for c in categories]
+        cells += [_speedup(entry, "speedup", basis), _speedup(entry, "speedup_own", own),
                   _num(entry.get("oracle"), suffix="x"), _num(entry["mean_accepted"]),
                   _num(entry["tokens_per_s"], 1), _measured(entry.get("decode_ms_per_token")),
-                  _measured(entry.get("decode_speedup"), suffix="x"), _num(entry.get("draft_ms_per_step"), 2),
+                  _speedup(entry, "decode_speedup", basis, "—"), _num(entry.get("draft_ms_per_step"), 2),
                   _num(entry.get("mean_drafted")), _share(entry.get("plain_steps")), _exact(entry["exact"])]
         cells += [_valid(entry.get("structured"))] if constrained else []
         lines.append("| " + " | ".join(cells) + " |")
@@ -68,9 +79,10 @@ def decode_table(results: dict[str, Any]) -> str:
     header = ["method", *categories, "overall", "vs own ar", "prefill ms", "decode ms/token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in results["methods"].items():
-        cells = [method, *(_measured(entry["categories"][c].get("decode_speedup"), suffix="x") for c in categories)]
-        cells += [_measured(entry.get("decode_speedup"), suffix="x"),
-                  _measured(entry.get("decode_speedup_own"), suffix="x"), _measured(entry.get("prefill_ms"), 1),
+        basis, own = entry.get("speedup_basis"), entry.get("speedup_own_basis")
+        cells = [method, *(_speedup(entry["categories"][c], "decode_speedup", basis, "—") for c in categories)]
+        cells += [_speedup(entry, "decode_speedup", basis, "—"), _speedup(entry, "decode_speedup_own", own, "—"),
+                  _measured(entry.get("prefill_ms"), 1),
                   _measured(entry.get("decode_ms_per_token"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -87,7 +99,8 @@ def oracle_table(results: dict[str, Any]) -> str:
         cells = [method]
         for category in categories:
             part = entry if category == "overall" else entry["categories"][category]
-            cells.append(f"{_num(part.get('speedup_own'), suffix='x')} / {_num(part.get('oracle'), suffix='x')}")
+            own = _speedup(part, "speedup_own", entry.get("speedup_own_basis"))
+            cells.append(f"{own} / {_num(part.get('oracle'), suffix='x')}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -139,7 +152,10 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         parts.append(f"- command: `{command}`")
     parts += [
         "",
-        f"Speedup = median over prompts of wall({baseline}) / wall(method) on the same prompt (prefill included); "
+        f"Speedup = median over the prompts where both wrote the same tokens of wall({baseline}) / wall(method) "
+        "(prefill included), written `1.23x (19/21)`: 19 of the method's 21 prompts gave the same tokens. Where "
+        "the tokens cannot be expected to be equal (samples, anchors, a method on another backend) it is the "
+        "median over every prompt both ran of the wall time per new token, written `1.23x/tok (21/21)`. "
         "`vs own ar` = the same against the method's own backend's ar; `oracle` = the bound an oracle draft length "
         "over the method's own candidates reaches under its backend's cost curve (replayed on ar's greedy output, "
         "prefill and drafting not counted); tokens/pass = tokens per target forward pass; tokens/s = all new tokens "
@@ -153,8 +169,8 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         "## Decode speed", "",
         "The prefill is the target's pass over each turn's prompt, the one that yields its first new token. "
         "decode ms/token = (wall - prefill) / (new tokens - turns): the time per token after each turn's first, "
-        "median over prompts. Decode speedup = median over prompts of decode ms/token"
-        f"({baseline}) / decode ms/token(method) on the same prompt; `vs own ar` against the method's own backend's "
+        "median over prompts. Decode speedup = median over the same prompts as the speedup (in brackets) of "
+        f"decode ms/token({baseline}) / decode ms/token(method); `vs own ar` against the method's own backend's "
         "ar; prefill ms = median over prompts. — = the prefill was not measured.",
         "",
         decode_table(results),

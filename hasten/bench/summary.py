@@ -1,5 +1,10 @@
 """Summarise a benchmark per method: speed, speedups as medians over questions, drafting, exactness and the
-oracle bound, overall and per category."""
+oracle bound, overall and per category.
+
+A speedup never divides the wall times of runs that wrote different tokens: it is taken over the prompts where both
+wrote the same tokens, or per new token where the two cannot be expected to agree (``speedup_basis``), and says
+how many of the method's prompts it covers (``<key>_covers``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hasten.adaptive.cost import CostModel
+from hasten.bench.anchors import ANCHORS
 from hasten.bench.oracle import CandidateSource, OracleRun, replay
 from hasten.bench.records import BASELINE, QuestionId, Run, RunRecord, add_stats, decode_ms_per_token
 from hasten.bench.scoring import ByQuestion, share_equal
@@ -33,45 +39,103 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]) -> float | None:
-    """Median over questions of wall(baseline) / wall(record)."""
-    ratios = []
-    for r in records:
-        ref = baseline.get(r.question_id)
-        if ref is not None and ref.error is None and r.wall_s > 0:
-            ratios.append(ref.wall_s / r.wall_s)
-    return _median(ratios)
+SAME_TOKENS = "same tokens"
+PER_TOKEN = "per token"
+SPEEDUPS = ("speedup", "speedup_own", "decode_speedup", "decode_speedup_own")
 
 
-def _decode_speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]) -> float | None:
-    """Median over questions of decode ms/token(baseline) / decode ms/token(record): the ratio of decode times
-    when both gave the same tokens."""
-    ratios = []
+def speedup_basis(run: Run, reference_backend: str, greedy: bool) -> str:
+    """How ``run``'s speedups over a backend's ``ar`` are measured.
+
+    ``SAME_TOKENS``: only over the prompts where both runs wrote the same tokens, a ratio of wall times, for
+    hasten's greedy methods on the reference's own backend (their output must equal it). ``PER_TOKEN``: over every
+    prompt both ran, a ratio of wall time per new token, where the tokens cannot be expected to be equal: samples,
+    anchors (other libraries: other kernels and cache types) and a method on another backend.
+    """
+    if greedy and run.method not in ANCHORS and run.backend == reference_backend:
+        return SAME_TOKENS
+    return PER_TOKEN
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A median over prompts of per-prompt ratios, and how many of the method's prompts it covers."""
+
+    value: float | None
+    covered: int
+    prompts: int
+
+
+def _compared(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord],
+              basis: str) -> list[tuple[RunRecord, RunRecord]]:
+    """The (record, reference) pairs a speedup is over: both ran without error, and under ``SAME_TOKENS`` both
+    wrote the same tokens."""
+    pairs = []
     for r in records:
         ref = baseline.get(r.question_id)
-        mine, theirs = decode_ms_per_token(r), None if ref is None else decode_ms_per_token(ref)
+        if r.error is None and ref is not None and ref.error is None and (
+                basis == PER_TOKEN or r.token_ids == ref.token_ids):
+            pairs.append((r, ref))
+    return pairs
+
+
+def _seconds_per_token(record: RunRecord) -> float | None:
+    return record.wall_s / record.new_tokens if record.new_tokens else None
+
+
+def _speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord], basis: str) -> Speedup:
+    """Median over the compared prompts of wall(baseline) / wall(record), prefill included; per new token under
+    ``PER_TOKEN``."""
+    ratios = []
+    for r, ref in _compared(records, baseline, basis):
+        mine, theirs = (r.wall_s, ref.wall_s) if basis == SAME_TOKENS else (_seconds_per_token(r),
+                                                                           _seconds_per_token(ref))
+        if mine and theirs:
+            ratios.append(theirs / mine)
+    return Speedup(_median(ratios), len(ratios), len(records))
+
+
+def _decode_speedup(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord], basis: str) -> Speedup:
+    """Median over the compared prompts of decode ms/token(baseline) / decode ms/token(record): under
+    ``SAME_TOKENS`` only where both gave the same tokens, so the ratio of their decode times."""
+    ratios = []
+    for r, ref in _compared(records, baseline, basis):
+        mine, theirs = decode_ms_per_token(r), decode_ms_per_token(ref)
         if mine and theirs is not None:
             ratios.append(theirs / mine)
-    return _median(ratios)
+    return Speedup(_median(ratios), len(ratios), len(records))
+
+
+def _figures(speedups: dict[str, Speedup]) -> dict[str, Any]:
+    """Each speedup's value under its key, and ``<key>_covers``: [prompts covered, the method's prompts]."""
+    out: dict[str, Any] = {}
+    for key, figure in speedups.items():
+        out[key] = figure.value
+        out[f"{key}_covers"] = [figure.covered, figure.prompts]
+    return out
 
 
 def decode_summary(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord],
-                   own_baseline: Mapping[QuestionId, RunRecord]) -> dict[str, float | None]:
-    """Decode speed of a method's successful records, as medians over questions: prefill ms, decode ms per token
-    after each turn's first, and the decode speedups over the primary and the own backend's ``ar``. All None when
-    a record's prefill was not measured: missing, never counted as zero."""
-    if any(r.prefill_s is None for r in records):
-        return {"prefill_ms": None, "decode_ms_per_token": None, "decode_speedup": None, "decode_speedup_own": None}
-    return {"prefill_ms": _median([1000 * (r.prefill_s or 0.0) for r in records]),
-            "decode_ms_per_token": _median([ms for r in records if (ms := decode_ms_per_token(r)) is not None]),
-            "decode_speedup": _decode_speedup(records, baseline),
-            "decode_speedup_own": _decode_speedup(records, own_baseline)}
+                   own_baseline: Mapping[QuestionId, RunRecord], bases: tuple[str, str]) -> dict[str, Any]:
+    """Decode speed of a method's records, as medians over questions: prefill ms, decode ms per token after each
+    turn's first, and the decode speedups over the primary and the own backend's ``ar`` (``bases``: how each is
+    measured). All None when a successful record's prefill was not measured: missing, never counted as zero."""
+    good = [r for r in records if r.error is None]
+    if any(r.prefill_s is None for r in good):
+        return {"prefill_ms": None, "decode_ms_per_token": None,
+                **_figures({key: Speedup(None, 0, len(records)) for key in SPEEDUPS[2:]})}
+    return {"prefill_ms": _median([1000 * (r.prefill_s or 0.0) for r in good]),
+            "decode_ms_per_token": _median([ms for r in good if (ms := decode_ms_per_token(r)) is not None]),
+            **_figures({"decode_speedup": _decode_speedup(records, baseline, bases[0]),
+                        "decode_speedup_own": _decode_speedup(records, own_baseline, bases[1])})}
 
 
 def summarise(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord],
-              own_baseline: Mapping[QuestionId, RunRecord] | None = None) -> dict[str, Any]:
+              own_baseline: Mapping[QuestionId, RunRecord] | None = None,
+              bases: tuple[str, str] = (SAME_TOKENS, SAME_TOKENS)) -> dict[str, Any]:
     """One method's records: tokens/s, mean accepted and drafting time over totals, speedups (prefill included)
-    and decode speed (``decode_summary``) as medians."""
+    and decode speed (``decode_summary``) as medians, each speedup with the prompts it covers (``bases``: how the
+    speedups over the primary and the own ``ar`` are measured, ``speedup_basis``)."""
     good = [r for r in records if r.error is None]
     own = own_baseline if own_baseline is not None else baseline
     tokens = sum(r.new_tokens for r in good)
@@ -80,9 +144,9 @@ def summarise(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]
     draft = None if any(r.draft_s is None for r in good) else sum(r.draft_s or 0.0 for r in good)
     return {
         "tokens_per_s": _ratio(tokens, wall) or 0.0,
-        "speedup": _speedup(good, baseline),
-        "speedup_own": _speedup(good, own),
-        **decode_summary(good, baseline, own),
+        **_figures({"speedup": _speedup(records, baseline, bases[0]),
+                    "speedup_own": _speedup(records, own, bases[1])}),
+        **decode_summary(records, baseline, own, bases),
         "mean_accepted": _ratio(tokens, passes),
         "draft_ms_per_step": None if draft is None or not passes else 1000 * draft / passes,
         "target_passes": passes,
@@ -155,7 +219,9 @@ def summarise_method(run: Run, records: list[RunRecord], refs: References, *, pr
     """One method's entry of ``results.json``: overall figures, exactness, drafting, the oracle bound (``oracle``
     None: the method has none) and the same figures per category."""
     entry: dict[str, Any] = {"method": run.method, "backend": run.backend, "baseline": refs.own_label}
-    entry |= summarise(records, refs.primary_ar, refs.own_ar)
+    bases = (speedup_basis(run, primary, exact_checked), speedup_basis(run, run.backend, exact_checked))
+    entry["speedup_basis"], entry["speedup_own_basis"] = bases
+    entry |= summarise(records, refs.primary_ar, refs.own_ar, bases)
     mismatches = [r.question_id for r in records if r.exact is False]
     entry["exact"] = (not mismatches) if exact_checked else None
     entry["mismatches"] = mismatches
@@ -170,9 +236,9 @@ def summarise_method(run: Run, records: list[RunRecord], refs: References, *, pr
     parts: dict[str, Any] = {}
     for category in categories:
         chosen = [r for r in records if r.category == category]
-        part = summarise(chosen, refs.primary_ar, refs.own_ar)
-        parts[category] = {key: part[key] for key in ("speedup", "speedup_own", "mean_accepted", "tokens_per_s",
-                                                      "decode_ms_per_token", "decode_speedup", "decode_speedup_own")}
+        part = summarise(chosen, refs.primary_ar, refs.own_ar, bases)
+        keys = ("mean_accepted", "tokens_per_s", "decode_ms_per_token", *SPEEDUPS, *(f"{k}_covers" for k in SPEEDUPS))
+        parts[category] = {key: part[key] for key in keys}
         parts[category]["oracle"] = oracle_bound(oracle, [r.question_id for r in chosen])["oracle"]
     entry["categories"] = parts
     return entry

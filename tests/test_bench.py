@@ -302,17 +302,18 @@ def test_accepted_prefix():
 
 
 def test_oracle_pld_by_hand():
-    # Step 1: the tail [1, 2] matched at 0 proposes [3, 4, 9]; 2 accepted -> emits 3, 4, 5 for cost(3) = 18.
-    # Step 2: one token left, nothing to draft -> emits 6 for cost(1) = 10. ar: 4 tokens x 10 ms.
-    run = replay([1, 2, 3, 4, 9, 1, 2], [3, 4, 5, 6], PldSource(), COST)
+    # The prefill gives 2 (not counted). Step 1: the tail [1, 2] matched at 0 proposes [3, 4, 9]; 2 accepted ->
+    # emits 3, 4, 5 for cost(3) = 18. Step 2: one token left, nothing to draft -> emits 6 for cost(1) = 10.
+    # ar: 4 tokens after the prefill's x 10 ms.
+    run = replay([1, 2, 3, 4, 9, 1], [2, 3, 4, 5, 6], PldSource(), COST)
     assert (run.tokens, run.steps, run.oracle_ms, run.ar_ms) == (4, 2, 28.0, 40.0)
     assert run.speedup == pytest.approx(40 / 28) and run.mean_accepted == 2.0
 
 
 def test_oracle_takes_the_best_branch_and_caps_the_depth():
-    # The tail [5] matched at 3 proposes [7, 7, 5], at 0 [6, 6, 5]: the second is all accepted (3 = the
-    # depth cap: 4 tokens to come, the target adds one) -> one step, cost(4) = 22.
-    prompt, output = [5, 6, 6, 5, 7, 7, 5], [6, 6, 5, 8]
+    # After the prefill's 5, the tail [5] matched at 3 proposes [7, 7, 5], at 0 [6, 6, 5]: the second is all
+    # accepted (3 = the depth cap: 4 tokens to come, the target adds one) -> one step, cost(4) = 22.
+    prompt, output = [5, 6, 6, 5, 7, 7], [5, 6, 6, 5, 8]
     run = replay(prompt, output, PldSource(), COST)
     assert (run.steps, run.oracle_ms) == (1, 22.0)
     # With one branch only [7, 7, 5] is offered: step 1 emits 6 (cost 10); then the tail [5, 6] matched at 0
@@ -322,12 +323,48 @@ def test_oracle_takes_the_best_branch_and_caps_the_depth():
 
 
 def test_oracle_lookahead_pool_by_hand():
-    # Pool of 3-grams, 2 tails per key, from the context only. Key 1 holds [2, 4], [2, 3] (most recent first).
+    # Pool of 3-grams, 2 tails per key, from the context only (the prompt and the prefill's 1). Key 1 holds
+    # [2, 4], [2, 3] (most recent first).
     # Step 1: [2, 3] accepted -> emits 2, 3, 9 (cost 18); the pool gains (2, 3, 9), which evicts (2, 3, 1).
     # Step 2: nothing under 9 -> emits 2 (cost 10). Step 3: under 2, [3, 9] and [4, 1], cut to the 1 token
     # left to draft: [3] accepted -> emits 3, 9 (cost 14). ar: 6 x 10 ms.
-    run = replay([1, 2, 3, 1, 2, 4, 1], [2, 3, 9, 2, 3, 9], LookaheadPoolSource(ngram=3, guesses=2), COST)
+    run = replay([1, 2, 3, 1, 2, 4], [1, 2, 3, 9, 2, 3, 9], LookaheadPoolSource(ngram=3, guesses=2), COST)
     assert (run.tokens, run.steps, run.oracle_ms, run.ar_ms) == (6, 3, 42.0, 60.0)
+
+
+class Recording:
+    """A candidate source that records what it is given and proposes nothing."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.asked: list[tuple[list[int], int]] = []
+
+    def start(self, context: list[int]) -> None:
+        self.started = list(context)
+
+    def candidates(self, context: list[int], depth: int) -> list[list[int]]:
+        self.asked.append((list(context), depth))
+        return []
+
+    def advance(self, context: list[int], new: list[int]) -> None:
+        pass
+
+
+def test_oracle_starts_after_the_prefills_token():
+    # The engine gets the first token from the prefill and drafts only after it: the replay starts there, and
+    # neither cost counts that token.
+    source = Recording()
+    run = replay([1, 2, 3, 4, 9, 1, 2], [3, 4, 5, 6], source, COST)
+    assert source.started == [1, 2, 3, 4, 9, 1, 2, 3]
+    assert source.asked[0] == ([1, 2, 3, 4, 9, 1, 2, 3], 2)  # 3 tokens to come, the target adds one
+    assert (run.tokens, run.steps, run.oracle_ms, run.ar_ms) == (3, 3, 30.0, 30.0)
+    # The pld candidates on the same answer: the tail [1, 2, 3] proposes [4, 9], 1 accepted -> 4, 5 for
+    # cost(2) = 14, then 6 for cost(1) = 10.
+    pld = replay([1, 2, 3, 4, 9, 1, 2], [3, 4, 5, 6], PldSource(), COST)
+    assert (pld.tokens, pld.steps, pld.oracle_ms, pld.ar_ms) == (3, 2, 24.0, 30.0)
+    lone = replay([1, 2], [3], Recording(), COST)  # the prefill's token only: nothing to replay
+    assert (lone.tokens, lone.steps, lone.oracle_ms, lone.speedup) == (0, 0, 0.0, None)
+    assert replay([1, 2], [], Recording(), COST) == OracleRun()
 
 
 def test_oracle_llamacpp_pld_candidate():

@@ -76,14 +76,16 @@ def perfect_ms(tokens: int, depth: int) -> float:
 
 @pytest.mark.parametrize("bonus", [False, True])
 def test_a_self_draft_is_perfect_at_every_step(bonus):
-    # The draft IS the target: its greedy chain is the answer, so every step drafts the full depth.
+    # The draft IS the target: its greedy chain is the answer, so every step drafts the full depth. The first
+    # token comes from the prefill: the steps are over the rest.
     for prompt, output in answers():
         source = Checked(draft_source(tiny_loaded(seed=0)), tiny_loaded(seed=0),
                          lambda context, depth: [fresh_chain(tiny_loaded(seed=0), context, min(depth, DEPTH))], bonus)
         run = replay(prompt, output, source, COST)
-        assert run.steps == -(-len(output) // (DEPTH + 1))
-        assert run.oracle_ms == pytest.approx(perfect_ms(len(output), DEPTH))
-        assert source.steps == run.steps - (len(output) % (DEPTH + 1) == 1)  # no candidates for a last lone token
+        decoded = len(output) - 1
+        assert run.tokens == decoded and run.steps == -(-decoded // (DEPTH + 1))
+        assert run.oracle_ms == pytest.approx(perfect_ms(decoded, DEPTH))
+        assert source.steps == run.steps - (decoded % (DEPTH + 1) == 1)  # no candidates for a last lone token
 
 
 @pytest.mark.parametrize("bonus", [False, True])
@@ -95,7 +97,7 @@ def test_an_unrelated_draft_earns_less_and_its_cache_follows_the_answer(bonus):
                          lambda context, depth: [c] if (c := fresh_chain(other, context, min(depth, DEPTH))) else [],
                          bonus)
         run = replay(prompt, output, source, COST)
-        assert run.tokens == len(output) and run.mean_accepted >= 1.0
+        assert run.tokens == len(output) - 1 and run.mean_accepted >= 1.0
         unrelated = run if unrelated is None else unrelated + run
         mine = replay(prompt, output, draft_source(tiny_loaded(seed=0)), COST)
         perfect = mine if perfect is None else perfect + mine
@@ -133,7 +135,7 @@ def test_auto_with_a_self_draft_is_perfect():
     for prompt, output in answers():
         source = source_for("auto", target(), GREEDY, {"draft": tiny_loaded(seed=0)})
         run = replay(prompt, output, source, COST)
-        assert run.oracle_ms == pytest.approx(perfect_ms(len(output), 8))
+        assert run.oracle_ms == pytest.approx(perfect_ms(len(output) - 1, 8))
 
 
 def test_no_draft_no_source():
@@ -148,7 +150,8 @@ PROMPTS = [
 
 
 def test_the_bench_reports_the_draft_and_auto_oracles():
-    # A self-draft: the oracle drafts each turn's 8 tokens in one step (7 drafted + the target's one).
+    # A self-draft: after each turn's first token (the prefill's), the oracle drafts its other 7 in one step (6
+    # drafted + the target's one).
     res = run_bench(target(), PROMPTS, ["ar", "draft", "auto"], draft=tiny_loaded(seed=0), max_new_tokens=8,
                     warmup=0, progress=False)
     assert res["methods"]["ar"]["oracle"] is None
@@ -157,4 +160,4 @@ def test_the_bench_reports_the_draft_and_auto_oracles():
         entry = res["methods"][method]
         assert entry["errors"] == [] and entry["exact"] is True, method
         assert entry["oracle"] > 0 and all(part["oracle"] > 0 for part in entry["categories"].values()), method
-        assert entry["oracle_mean_accepted"] == entry["new_tokens"] / turns, method
+        assert entry["oracle_mean_accepted"] == (entry["new_tokens"] - turns) / turns, method

@@ -1,6 +1,7 @@
 """The oracle bound: what a perfect draft-length policy over a method's own candidates would reach.
 
-A replay along a greedy ``ar`` output: at each step the method's candidates are taken from the context so far;
+A replay along a greedy ``ar`` output, after the prefill's token (the first new token comes from the prefill, not
+from a decode step): at each step the method's candidates are taken from the context so far;
 the oracle drafts exactly the accepted prefix ``L`` of the best candidate (0 if none accepts anything), so the
 step emits ``L + 1`` tokens and costs ``cost(L + 1)`` on the target's measured cost curve. The bound is the
 speedup over ``ar`` under that curve: ``tokens * cost(1) / sum of step costs``. Prefill and drafting time are
@@ -33,7 +34,7 @@ class CandidateSource(Protocol):
     """A method's candidates as a function of the context (and whatever it has seen before)."""
 
     def start(self, context: list[int]) -> None:
-        """A new sequence: ``context`` is the prompt."""
+        """A new sequence: ``context`` is the prompt and the prefill's token."""
         ...
 
     def candidates(self, context: list[int], depth: int) -> list[list[int]]:
@@ -223,12 +224,16 @@ def accepted_prefix(candidate: Sequence[int], truth: Sequence[int]) -> int:
 def replay(prompt: Sequence[int], output: Sequence[int], source: CandidateSource, cost: Cost) -> OracleRun:
     """Walk ``output`` (greedy ``ar`` tokens after ``prompt``) step by step under the oracle draft length.
 
-    As in the engine, a step with ``r`` tokens still to come drafts at most ``r - 1`` (the target adds one).
+    As in the engine, the prefill gives the first token and drafting starts after it (``Generation.prefill``): the
+    walk starts from ``prompt + output[:1]``, and that token is left out of both costs and of the tokens. A step
+    with ``r`` tokens still to come drafts at most ``r - 1`` (the target adds one).
     """
-    context = list(prompt)
+    if not output:
+        return OracleRun()
+    context = [*prompt, output[0]]
     source.start(context)
-    run = OracleRun(tokens=len(output), ar_ms=len(output) * cost(1))
-    produced = 0
+    produced = 1
+    run = OracleRun(tokens=len(output) - produced, ar_ms=(len(output) - produced) * cost(1))
     while produced < len(output):
         depth = len(output) - produced - 1
         best = 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import EOS, greedy_reference, random_prompts, tiny_model
 from tiny_gguf import write_tiny_gguf
-from transformers import AutoModelForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config
 
 from hasten.backends import TransformersModel
 from hasten.engine import DecodeStats, Generation
@@ -17,12 +18,18 @@ from hasten.sampling import SamplingParams
 GREEDY = SamplingParams()
 
 
-def _sliding_gemma(seed: int = 0):
+def _sliding(arch: str, seed: int = 0):
+    """A tiny model with a window of 8: on every layer (mistral, phi3) or the layers ``layer_types`` names."""
+    config_class, extra, std = {
+        "gemma3_text": (Gemma3TextConfig, {"layer_types": ["sliding_attention", "full_attention"]}, 0.2),
+        "mistral": (MistralConfig, {"tie_word_embeddings": False}, 0.6),
+        "phi3": (Phi3Config, {"tie_word_embeddings": False}, 0.6),
+    }[arch]
     torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                              sliding_window=8, layer_types=["sliding_attention", "full_attention"], bos_token_id=0,
-                              eos_token_id=EOS, pad_token_id=0, initializer_range=0.2, attn_implementation="sdpa")
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          sliding_window=8, bos_token_id=0, eos_token_id=EOS, pad_token_id=0, initializer_range=std,
+                          attn_implementation="sdpa", **extra)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -38,9 +45,11 @@ def _run(target, proposer, prompt, new=40):
     return generation.context[len(prompt):], lengths
 
 
-def test_trees_stay_exact_past_a_sliding_window():
-    """Before the fix, pld (3 branches) gave 2 of 8 and lookahead 8 of 8 outputs unlike ``generate`` here."""
-    model = _sliding_gemma()
+@pytest.mark.parametrize("arch", ["gemma3_text", "mistral", "phi3"])
+def test_trees_stay_exact_past_a_sliding_window(arch):
+    """Before the fixes, pld (3 branches) gave 2 of 8 and lookahead 8 of 8 outputs unlike ``generate`` on gemma3;
+    on mistral and phi3 (a window without ``layer_types``) every method, ``ar`` included, gave 8 of 8."""
+    model = _sliding(arch)
     backend = TransformersModel(model)
     assert backend.sliding_window == 8
     for prompt in random_prompts(8, seed=3):  # 9-36 tokens: past the window of 8

@@ -41,6 +41,10 @@ MAX_CAPACITY = 4096  # default cap of the cache slots per sequence
 CUDA_PASS_WIDTH = 64  # every pass on CUDA is padded to this width (wider ones to the next power of two)
 MAX_GRAPH_WIDTH = 256  # wider passes run eagerly
 SLOT_ALIGNMENT = 64  # cache slots (the mask's last dimension) rounded up: fused attention kernels want aligned rows
+# Architectures whose model builds one mask for every layer, windowed whenever config.sliding_window is set
+# (MistralModel, Phi3Model; they ignore layer_types). The others window only the layers layer_types names
+# "sliding_attention" (Gemma 3, Qwen2/3 with use_sliding_window), or none (llama, gemma, olmo2 never slide).
+EVERY_LAYER_SLIDES = frozenset({"mistral", "phi3"})
 
 __all__ = ["TransformersModel", "TransformersTarget", "check_supported"]
 
@@ -56,6 +60,19 @@ def check_supported(model: PreTrainedModel) -> None:
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in SUPPORTED_ATTENTION:
         raise HastenError(f"attention implementation {attention!r} is not supported; load with sdpa or eager")
+
+
+def sliding_window(config: PretrainedConfig, max_context: int) -> tuple[int | None, bool]:
+    """The window of the model's sliding layers and whether every layer slides (else those ``layer_types`` names).
+    A key is seen when its position is above the query's minus the window (transformers' convention); a window
+    of ``max_context`` or more closes nothing, so it is dropped."""
+    window = getattr(config, "sliding_window", None)
+    if not window or int(window) >= max_context:
+        return None, False
+    if config.model_type in EVERY_LAYER_SLIDES:
+        return int(window), True
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (int(window), False) if "sliding_attention" in layer_types else (None, False)
 
 
 class TransformersModel:
@@ -76,9 +93,7 @@ class TransformersModel:
         self.max_context = min(model_context, max_context or MAX_CAPACITY)
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None) or ()
-        self.sliding_window: int | None = int(window) if window and "sliding_attention" in layer_types else None
+        self.sliding_window, self.every_layer_slides = sliding_window(config, self.max_context)
         self.graphs = on_cuda if graphs is None else bool(graphs)
         if self.graphs and not on_cuda:
             raise HastenError("CUDA graphs need the model on a CUDA device")
@@ -147,8 +162,8 @@ class _SequenceState:
         self.cache.slots, self.cache.span = slots, span
         attention: torch.Tensor | dict[str, torch.Tensor] = mask[None, None]
         if backend.sliding_window is not None:
-            near = window_mask(mask, positions[0], self.mask.slot_positions[:span], backend.sliding_window)
-            attention = {"full_attention": attention, "sliding_attention": near[None, None]}
+            near = window_mask(mask, positions[0], self.mask.slot_positions[:span], backend.sliding_window)[None, None]
+            attention = near if backend.every_layer_slides else {"full_attention": attention, "sliding_attention": near}
         out = backend.model(input_ids=ids, position_ids=positions, attention_mask=attention, use_cache=True,
                             logits_to_keep=keep, output_hidden_states=self.want_hidden,
                             **{backend.cache_argument: self.cache})
@@ -165,9 +180,10 @@ class _SequenceState:
 class TransformersTarget:
     """One sequence on a transformers model: a static KV cache plus tree-masked scoring passes.
 
-    A pass gets a float additive 4-D mask (right for sdpa and eager). For models with sliding-window layers
-    (Gemma 2/3), those layers get their own mask, the tree mask cut to the window by the slots' positions, so
-    trees stay exact past the window. Returned ``Scores`` are fresh tensors (never views of graph buffers).
+    A pass gets a float additive 4-D mask (right for sdpa and eager). For models with sliding-window layers,
+    the tree mask cut to the window by the slots' positions goes to every layer (Mistral, Phi-3) or to the
+    sliding layers alone (Gemma 3, Qwen2/3), so trees stay exact past the window. Returned ``Scores`` are fresh
+    tensors (never views of graph buffers).
     """
 
     def __init__(self, backend: TransformersModel | PreTrainedModel, want_hidden: bool = False) -> None:

@@ -150,8 +150,8 @@ def start_generation(loaded: LoadedModel, request: Request) -> Generation:
 class TextOutput:
     """Turns a generation's token chunks into final text: stop strings, held-back text and the result.
 
-    Text that could be the start of a stop string is held back until it is known not to be one, so a
-    streamed answer never differs from the non-streamed one.
+    Text that could be the start of a stop string is held back until it is known not to be one, and its token
+    ids and logprobs with it, so a streamed answer (text, ids and logprobs) never differs from the non-streamed one.
     """
 
     def __init__(self, loaded: LoadedModel, request: Request, generation: Generation | None = None) -> None:
@@ -179,9 +179,13 @@ class TextOutput:
         ready = len(text) - max(self.longest_stop - 1, 0) if self.finish == "length" else len(text)
         if ready <= self.sent:
             return None
-        event = StreamEvent(text[self.sent : ready], self.detok.tokens[self.sent_tokens :],
-                            logprobs=self._logprobs(self.sent_tokens, len(self.detok.tokens)))
-        self.sent, self.sent_tokens = ready, len(self.detok.tokens)
+        # Token ids (and logprobs) go out with their text: only those whose text lies wholly in what is sent, so a
+        # stop string found later, which starts at ``ready`` or after, never cuts ids already streamed.
+        tokens = self.detok.tokens_until(ready, straddling=False) if self.longest_stop else len(self.detok.tokens)
+        tokens = max(tokens, self.sent_tokens)
+        event = StreamEvent(text[self.sent : ready], self.detok.tokens[self.sent_tokens : tokens],
+                            logprobs=self._logprobs(self.sent_tokens, tokens))
+        self.sent, self.sent_tokens = ready, tokens
         return event
 
     def _logprobs(self, start: int, end: int) -> list[TokenLogprob]:

@@ -1,9 +1,9 @@
-"""Adaptive drafting: the cost curve, acceptance learning, the chooser, and exactness of adaptive methods."""
+"""Adaptive drafting: acceptance learning, the chooser, and exactness of adaptive methods (the cost curve:
+test_cost.py)."""
 
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pytest
@@ -12,9 +12,8 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_mo
 from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
 from tiny_gguf import write_tiny_gguf
 
-from hasten.adaptive import cost
 from hasten.adaptive.chooser import TRIALS, AcceptanceModel, DraftPolicy, best_size, path_probabilities
-from hasten.adaptive.cost import CostModel, cost_model_for, measure
+from hasten.adaptive.cost import CostModel
 from hasten.api import generate
 from hasten.backends import TransformersModel
 from hasten.engine import DecodeStats, decode
@@ -36,92 +35,8 @@ CPU = CostModel([1, 2, 4], [10.0, 14.0, 24.0])
 def frozen(curve: CostModel) -> CostModel:
     """A copy of ``curve`` that ignores the real passes (tests must not depend on how fast this machine is)."""
     copy = CostModel(curve.widths, curve.millis)
-    copy.observe = lambda width, millis: None
+    copy.observe = lambda width, millis, context=None: None
     return copy
-
-
-# --- the cost curve -------------------------------------------------------------------------------------------
-
-def test_cost_curve_interpolates_extrapolates_and_learns():
-    curve = CostModel([1, 2, 4], [10.0, 16.0, 30.0])
-    assert curve(1) == 10.0 and curve(2) == 16.0 and curve(3) == 23.0 and curve(6) == 44.0
-    curve.observe(2, 24.0)  # 1.5x the calibration: the whole curve moves by 5% of that
-    assert curve.scale == pytest.approx(1.025) and curve(2) == pytest.approx(16.4) and curve(4) == pytest.approx(30.75)
-    curve.observe(3, 1000.0)  # far off the prediction (a preempted pass): ignored
-    assert curve.scale == pytest.approx(1.025)
-    assert curve.millis == pytest.approx([10.25, 16.4, 30.75]) and curve.to_json()["millis"] == [10.0, 16.0, 30.0]
-
-
-def test_online_refinement_keeps_the_calibrated_shape():
-    """Long contexts slow every width alike: many slow one-token passes must not make wide passes look cheap."""
-    curve = CostModel([1, 2, 4], [10.0, 16.0, 30.0])
-    curve.observe(1, 964.0)  # a preempted pass: far off the prediction, ignored
-    assert curve.millis == [10.0, 16.0, 30.0]
-    for _ in range(200):  # one-token passes slow down (a long prompt's context)
-        curve.observe(1, 14.0)
-    assert curve(1) == pytest.approx(14.0, abs=0.01)
-    assert curve(2) / curve(1) == pytest.approx(1.6) and curve(4) / curve(1) == pytest.approx(3.0)
-
-
-class FakeTarget:
-    """A target whose pass over n tokens takes ``5 + 3n`` ms on a fake clock (and, noisily, more)."""
-
-    vocab_size = 50
-    max_context = 1000
-
-    def __init__(self, clock: list[float]) -> None:
-        self.clock, self.cache_len, self.calls = clock, 0, 0
-
-    def start(self, context):
-        self.cache_len = len(context)
-
-    def score(self, tokens, parents, logits_rows=None):
-        self.calls += 1
-        self.clock[0] += (5 + 3 * len(tokens) + (50 if self.calls % 3 == 0 else 0)) / 1000
-
-    def commit(self, keep):
-        self.cache_len += len(keep)
-
-
-def test_measure_takes_the_fastest_round_and_keeps_the_cache_clean():
-    clock = [0.0]
-    target = FakeTarget(clock)
-    curve = measure(target, widths=(1, 2, 4), context=20, rounds=3, clock=lambda: clock[0])
-    assert curve.widths == [1, 2, 4]
-    assert curve.millis == pytest.approx([8.0, 11.0, 17.0])  # interference (+50 ms every third pass) is ignored
-    assert target.cache_len == 20
-
-
-def test_cost_curve_is_cached_on_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost, "machine_is_busy", lambda: False)
-    loaded = tiny_loaded("llama", 0)
-    first = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 1
-    again = cost_model_for(loaded.backend, "tiny", 1, tmp_path)
-    assert again.millis == first.millis and again.key == first.key
-    assert cost_model_for(loaded.backend, "tiny", 2, tmp_path).key != first.key  # threads are part of the key
-
-
-def test_a_busy_machine_or_an_old_curve_is_not_remembered(tmp_path, monkeypatch):
-    loaded = tiny_loaded("llama", 0)
-    monkeypatch.setattr(cost, "machine_is_busy", lambda: True)
-    cost_model_for(loaded.backend, "tiny", 1, tmp_path)
-    assert list(tmp_path.glob("*.json")) == []  # measured under load: used now, never saved
-    monkeypatch.setattr(cost, "machine_is_busy", lambda: False)
-    cost_model_for(loaded.backend, "tiny", 1, tmp_path)
-    (path,) = tmp_path.glob("*.json")
-    assert CostModel.load(path) is not None
-    record = json.loads(path.read_text())
-    path.write_text(json.dumps({**record, "measured_at": record["measured_at"] - cost.MAX_AGE_S - 1}))
-    assert CostModel.load(path) is None  # a week old: measured again
-    path.write_text(json.dumps({key: value for key, value in record.items() if key != "measured_at"}))
-    assert CostModel.load(path) is None  # saved before curves carried their date
-
-
-def test_device_name_asks_cuda_for_the_gpus_name(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert cost.device_name(torch.device("cuda", 0)) == "NVIDIA H200"
-    assert cost.device_name(torch.device("cpu")) == cost.cpu_name()
 
 
 # --- the chooser ----------------------------------------------------------------------------------------------

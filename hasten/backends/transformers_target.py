@@ -246,11 +246,12 @@ class TransformersTarget:
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         if self._pending:
             raise RuntimeError("commit() the previous pass before scoring again")
-        depths = tree_depths(parents)
         if len(tokens) != len(parents) or not tokens:
             raise ValueError("a pass needs one parent per token and at least the root")
-        if self.cache_len + max(depths) >= self.max_context:
-            raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
+        if self.cache_len + len(tokens) > self.max_context:  # one cache slot per token, whatever the tree's depth
+            raise HastenError(f"a pass of {len(tokens)} tokens after {self.cache_len} cached ones would exceed the "
+                              f"model's context of {self.max_context} tokens")
+        depths = tree_depths(parents)
         n, start = len(tokens), self.cache_len
         width = self._width(n)
         pad = width - n

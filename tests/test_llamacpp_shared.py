@@ -8,7 +8,9 @@ batched targets' caches must be exactly their committed positions (``cache_probl
 from __future__ import annotations
 
 import functools
+import gc
 import random
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -221,3 +223,34 @@ def test_score_many_refuses_misuse():
     with pytest.raises(ValueError, match="at most once"):
         m.score_many([(a, p), (a, p)])
     assert isinstance(a, LlamaCppTarget) and a.cache_problems() == []
+
+
+def test_a_dropped_model_is_freed_at_once_its_shared_context_before_the_model(tmp_path, monkeypatch):
+    # No reference cycle between a model and its shared context: after a batch scored there, dropping the model
+    # and its targets frees it by reference counting alone (the cyclic collector is off), and the shared context
+    # is freed before the llama model it was made on.
+    m = LlamaCppModel(write_tiny_gguf(tmp_path / "tiny.gguf", vocab_size=VOCAB), threads=1, prompt_cache_bytes=0)
+    rng = random.Random(3)
+    targets = [m.new_target() for _ in range(2)]
+    for target in targets:
+        target.start(tokens(rng, 6))
+    m.score_many([(target, layout([5, 6], [-1, 0])) for target in targets])
+    for target in targets:
+        target.commit([0, 1])
+    shared = m.shared_cache_if_made
+    assert shared is not None and all(target._shared is shared for target in targets)
+    lib, shared_ctx = m.lib, shared.ctx
+    freed: list[object] = []
+    real_free, real_model_free = lib.llama_free, lib.llama_model_free
+    monkeypatch.setattr(lib, "llama_free", lambda ctx: (freed.append(ctx), real_free(ctx))[1])
+    monkeypatch.setattr(lib, "llama_model_free", lambda model: (freed.append("model"), real_model_free(model))[1])
+    alive = weakref.ref(m)
+    del shared
+    gc.disable()
+    try:
+        del target, targets, m
+        assert alive() is None
+    finally:
+        gc.enable()
+    assert freed[-1] == "model" and freed.count("model") == 1
+    assert shared_ctx in freed[:-1]

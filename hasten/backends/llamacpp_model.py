@@ -252,8 +252,12 @@ class LlamaCppModel:
         return llama_config(read_gguf(self.path))
 
     def __del__(self) -> None:
+        # Every context of the model before the model itself: the shared one, then the pool.
         try:
             lib = self.lib
+            if self._shared is not None:
+                self._shared.close()
+                self._shared = None
             for context in self._pool:
                 lib.llama_free(context)
             self._pool.clear()

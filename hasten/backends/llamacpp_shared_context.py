@@ -70,10 +70,14 @@ def score_many(model: LlamaCppModel, passes: Sequence[Pass]) -> list[Scores]:
 
 
 class SharedCache:
-    """The llama context of one model in which member targets keep their caches and are scored together."""
+    """The llama context of one model in which member targets keep their caches and are scored together.
+
+    The model owns it (``LlamaCppModel.shared_cache``) and frees it (``close``) before the llama model itself; it
+    keeps only a weak proxy of the model, so the two hold no reference cycle and a dropped model is freed at once.
+    """
 
     def __init__(self, model: LlamaCppModel, cells: int) -> None:
-        self.model = model
+        self.model: LlamaCppModel = weakref.proxy(model)
         self._lib = lib = model.lib
         self.n_seq = model.shared_seq_max
         self.ctx = model.new_context(n_ctx=cells, n_seq_max=self.n_seq)
@@ -89,9 +93,15 @@ class SharedCache:
         self._batch = self.arrays.batch_at(0)
         self._buffer = (ctypes.c_uint8 * 0)()
 
+    def close(self) -> None:
+        """Free the llama context (its model frees it first, before the llama model); members can only leave."""
+        context, self.ctx, self.mem = self.ctx, None, None
+        if context:
+            self._lib.llama_free(context)
+
     def __del__(self) -> None:
         try:
-            self._lib.llama_free(self.ctx)
+            self.close()
         except Exception:  # interpreter shutdown
             pass
 
@@ -118,6 +128,12 @@ class SharedCache:
     def leave(self, target: LlamaCppTarget, keep: bool = True, reopen: bool = True) -> None:
         """Move a target back to a context of its own, its cache copied there (``keep``) or dropped; its cells
         here become garbage and its ids go back to the pool. ``reopen=False``: the target is closing."""
+        if self.ctx is None:  # freed with its model: a closing target just lets go
+            if keep or reopen:
+                raise RuntimeError("the model's shared context was freed")
+            self.members.pop(target._ids[0], None)
+            target._shared, target._ids = None, []
+            return
         ids = target._ids
         context = None
         if keep:

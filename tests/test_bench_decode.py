@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_loaded
 
-from hasten.bench.anchors import _first_pass_timer, run_hf_anchor
+from hasten.backends.transformers_generate import first_pass_timer
+from hasten.bench.anchors import run_hf_anchor
 from hasten.bench.records import Run, RunRecord, decode_fields, decode_ms_per_token, decode_s, decode_tokens
 from hasten.bench.report import decode_table, table, write_records_csv
 from hasten.bench.summary import References, summarise_method
@@ -113,12 +114,12 @@ class Slow(torch.nn.Module):
 
 def test_the_first_pass_timer_times_the_first_call_only_and_unhooks():
     model = Slow([0.05, 0.0, 0.0])
-    with _first_pass_timer(model) as timed:
+    with first_pass_timer(model, time.perf_counter) as timed:
         model(torch.zeros(1))
         assert not model._forward_hooks and not model._forward_pre_hooks  # gone after the first call
         model(torch.zeros(1))
     assert len(timed) == 1 and 0.05 <= timed[0] < 0.5
-    with _first_pass_timer(model) as timed:  # no call: nothing measured, and no hook left behind
+    with first_pass_timer(model, time.perf_counter) as timed:  # no call: nothing measured, and no hook left behind
         pass
     assert timed == [] and not model._forward_hooks and not model._forward_pre_hooks
 

@@ -17,12 +17,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from hasten.adaptive.cost import clock_for
+from hasten.backends.transformers_generate import Generated, generate_ids, generation_config
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams
@@ -42,34 +42,6 @@ class AnchorOutput:
     token_ids: list[int]
     target_passes: int
     prefill_s: float | None = None
-
-
-@contextlib.contextmanager
-def _first_pass_timer(model: torch.nn.Module) -> Iterator[list[float]]:
-    """Time the model's next forward call (on CUDA until its work is done) into the list yielded, then unhook.
-
-    The hooks remove themselves after that call, so the later passes (compiled ones included: transformers
-    compiles the decoding steps, never the prefill) run without them.
-    """
-    clock = clock_for(next(model.parameters()).device)
-    timed: list[float] = []
-    began: list[float] = []
-
-    def before(module: Any, args: Any, kwargs: Any) -> None:
-        began.append(clock())
-
-    def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        timed.append(clock() - began[0])
-        pre.remove()
-        post.remove()
-
-    pre = torch.nn.Module.register_forward_pre_hook(model, before, with_kwargs=True)
-    post = torch.nn.Module.register_forward_hook(model, after, with_kwargs=True)
-    try:
-        yield timed
-    finally:
-        pre.remove()
-        post.remove()
 
 
 def anchor_backend(name: str) -> str:
@@ -130,73 +102,37 @@ def static_mode(loaded: LoadedModel) -> str:
 
 def run_hf_anchor(name: str, loaded: LoadedModel, ids: list[int], max_new_tokens: int, params: SamplingParams,
                   draft: LoadedModel | None = None) -> AnchorOutput:
-    """Run ``model.generate`` the way the anchor ``name`` says; counts target forward calls with a hook.
+    """Run transformers' ``model.generate`` the way the anchor ``name`` says (behind the backend's
+    ``generate_ids``): its target forward calls counted and the first one, the prefill, timed.
 
-    ``hf_static`` is counted without one (no hook inside compiled code): plain greedy decoding makes one forward
+    ``hf_static`` is counted without a hook (none inside compiled code): plain greedy decoding makes one forward
     pass per new token, the prefill giving the first. Its failures (a compiler missing, say) become a
-    ``HastenError``, recorded as that run's error. The prefill (the first forward call, never compiled) is timed
-    by hooks that remove themselves after it.
+    ``HastenError``, recorded as that run's error.
     """
-    if name == "hf_static":
-        try:
-            with _first_pass_timer(loaded.model) as prefill:
-                tokens = _generate(loaded, ids, _generation_config(loaded, max_new_tokens, params, static=True), {},
-                                   params.seed)
-        except Exception as error:  # torch.compile fails in many ways: the bench records which
-            raise HastenError(f"hf_static failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
-        return AnchorOutput(tokens, len(tokens), prefill[0] if prefill else None)
-    config = _generation_config(loaded, max_new_tokens, params)
-    extra: dict[str, Any] = {}
-    if name == "hf_pld":
-        config.prompt_lookup_num_tokens = HF_PLD_TOKENS
-    elif name == "hf_assisted":
-        extra["assistant_model"] = (draft or shipped_assistant(loaded)).model
-    elif name != "hf_generate":
-        raise ValueError(f"unknown anchor {name!r}")
-    calls = 0
-
-    def count(module: Any, args: Any, kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-
-    hook = torch.nn.Module.register_forward_pre_hook(loaded.model, count, with_kwargs=True)
-    try:
-        with _first_pass_timer(loaded.model) as prefill:
-            tokens = _generate(loaded, ids, config, extra, params.seed)
-    finally:
-        hook.remove()
-    return AnchorOutput(tokens, calls, prefill[0] if prefill else None)
-
-
-def _generation_config(loaded: LoadedModel, max_new_tokens: int, params: SamplingParams,
-                       static: bool = False) -> GenerationConfig:
-    """``params`` as transformers' settings, every processor set (unset values would come from the model's
-    config); ``static``: its static KV cache, which transformers compiles on an accelerator."""
     tokenizer = loaded.tokenizer
     eos = sorted(loaded.eos_token_ids) or None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              do_sample=not params.greedy, repetition_penalty=1.0)
-    if not params.greedy:
-        config.temperature = params.temperature
-        config.top_k = params.top_k
-        config.top_p = params.top_p
-    if static:
-        config.cache_implementation = "static"
-    return config
+    if name == "hf_static":
+        try:
+            out = _generate(loaded, ids, generation_config(max_new_tokens, params, eos, pad, static=True),
+                            seed=params.seed, count=False)
+        except Exception as error:  # torch.compile fails in many ways: the bench records which
+            raise HastenError(f"hf_static failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
+        return AnchorOutput(out.token_ids, len(out.token_ids), out.prefill_s)
+    if name not in ("hf_generate", "hf_pld", "hf_assisted"):
+        raise ValueError(f"unknown anchor {name!r}")
+    config = generation_config(max_new_tokens, params, eos, pad,
+                               prompt_lookup=HF_PLD_TOKENS if name == "hf_pld" else None)
+    assistant = (draft or shipped_assistant(loaded)).model if name == "hf_assisted" else None
+    out = _generate(loaded, ids, config, assistant=assistant, seed=params.seed)
+    return AnchorOutput(out.token_ids, out.forward_calls or 0, out.prefill_s)
 
 
-def _generate(loaded: LoadedModel, ids: list[int], config: GenerationConfig, extra: dict[str, Any],
-              seed: int | None) -> list[int]:
-    """The new token ids of one ``generate`` call on the model's device (seeded first when sampling)."""
-    model = loaded.model
-    inputs = torch.tensor([ids], device=model.device)
-    if config.do_sample and seed is not None:
-        torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = cast(Any, model).generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
-                                        **extra)
-    return out[0, len(ids):].tolist()
+def _generate(loaded: LoadedModel, ids: list[int], config: Any, *, assistant: Any = None, seed: int | None = None,
+              count: bool = True) -> Generated:
+    """One ``generate`` call on ``loaded``'s model, timed with its backend's device clock."""
+    clock = clock_for(getattr(loaded.backend, "device", "cpu"))
+    return generate_ids(loaded.model, ids, config, clock, assistant=assistant, seed=seed, count=count)
 
 
 @contextlib.contextmanager

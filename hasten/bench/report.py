@@ -6,11 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from hasten.adaptive.cost import CALIBRATION_CONTEXT
+from hasten.bench.anchors import ANCHORS
+from hasten.bench.records import RunRecord
+from hasten.bench.summary import against_anchors
 from hasten.errors import HastenError
+
+RECORD_FIELDS = tuple(field.name for field in fields(RunRecord))
 
 
 def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
@@ -23,13 +29,37 @@ def _measured(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def _speedup(part: dict[str, Any], key: str, basis: str | None, missing: str = "n/a") -> str:
+    """``part[key]`` with the prompts it covers (``part[key + "_covers"]``), as ``_covered`` writes it."""
+    return _covered(part.get(key), part.get(f"{key}_covers"), basis, missing)
+
+
+def _covered(value: float | None, covers: list[int] | None, basis: str | None, missing: str = "n/a") -> str:
     """A speedup with the prompts it covers: "1.23x (19/21)" over the prompts where both runs wrote the same
-    tokens, "1.23x/tok (21/21)" per new token (``missing`` when there is no figure)."""
-    value, covers = part.get(key), part.get(f"{key}_covers")
+    tokens, "1.23x/tok (21/21)" per new token (``missing`` when there is no figure; "—": without its count)."""
     if value is None and (covers is None or missing == "—"):
         return missing
     figure = missing if value is None else f"{value:.2f}x" + ("/tok" if basis == "per token" else "")
     return figure if covers is None else f"{figure} ({covers[0]}/{covers[1]})"
+
+
+def anchor_lines(results: dict[str, Any]) -> list[str]:
+    """Each ``auto`` row against the anchors that ran on its backend, the best of them (the one it gains least
+    over) first: per new token, median over the prompts both ran (``summary.against_anchors``)."""
+    by_label: dict[str, list[RunRecord]] = {}
+    for saved in results.get("records", []):
+        record = RunRecord(**{key: saved[key] for key in RECORD_FIELDS if key in saved})
+        by_label.setdefault(record.method, []).append(record)
+    methods = results["methods"]
+    lines = []
+    for label, entry in methods.items():
+        anchors = {name: by_label.get(name, []) for name, other in methods.items()
+                   if other.get("method") in ANCHORS and other.get("backend") == entry.get("backend")}
+        if entry.get("method") != "auto" or not anchors:
+            continue
+        figures = [f"{name} {_covered(f.value, [f.covered, f.prompts], 'per token')}"
+                   for name, f in against_anchors(by_label.get(label, []), anchors).items()]
+        lines.append(f"{label} against the best anchor, {figures[0]}" + "".join(f"; {f}" for f in figures[1:]))
+    return lines
 
 
 def _share(value: float | None) -> str:
@@ -181,6 +211,12 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         parts += ["## Oracle bound per category", "",
                   "Measured speedup over the method's own backend's ar / what an oracle draft length over the same "
                   "candidates would reach under the measured cost curve.", "", oracle, ""]
+    against = anchor_lines(results)
+    if against:
+        parts += ["## auto against the anchors", "",
+                  "auto's wall time per new token against each anchor's on the same backend (other libraries' own "
+                  "decoding; their tokens can differ), median over the prompts both ran; the best anchor, the one "
+                  "auto gains least over, first.", "", *(f"- {line}" for line in against), ""]
     costs = cost_table(results)
     if costs:
         parts += ["## Cost curve", "",

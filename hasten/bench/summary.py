@@ -155,6 +155,14 @@ def summarise(records: list[RunRecord], baseline: Mapping[QuestionId, RunRecord]
     }
 
 
+def against_anchors(records: list[RunRecord], anchors: Mapping[str, list[RunRecord]]) -> dict[str, Speedup]:
+    """A method's speedup over each anchor (by label), per new token over the prompts both ran (another library's
+    tokens can differ), the anchor it gains least over first: the best of them."""
+    figures = {label: _speedup(records, {r.question_id: r for r in anchor}, PER_TOKEN) for label, anchor in
+               anchors.items()}
+    return dict(sorted(figures.items(), key=lambda item: (item[1].value is None, item[1].value or 0.0)))
+
+
 def method_stats(records: list[RunRecord]) -> dict[str, float]:
     """The proposers' statistics over all records, weighted by target passes."""
     merged = RunRecord(0, "", "")

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from hasten.bench import balanced_subset, read_prompts, run_bench, select_categories, with_response_format, write_report
-from hasten.bench.report import table
+from hasten.bench.report import anchor_lines, table
 from hasten.errors import HastenError
 from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
 from hasten.response_format import read_response_format
@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     for warning in results["warnings"]:
         print(f"hasten bench: {warning}", file=sys.stderr)
     print(table(results))
+    for line in anchor_lines(results):
+        print(line)
     print(f"wrote {out / 'results.json'}, {out / 'records.csv'}, {out / 'report.md'}, {out / 'speedup.png'}, "
           f"{out / 'cost_curve.png'}")
     return 0

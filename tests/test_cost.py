@@ -138,7 +138,7 @@ def test_calibration_fits_a_short_model_context():
     clock = [0.0]
     target = RecordingTarget(clock, max_context=60)
     curve = measure(target, widths=(1, 2, 4, 8, 64), contexts=(64, 512, 1536), clock=lambda: clock[0])
-    assert curve.widths == [1, 2, 4, 8] and curve.contexts == [50]
+    assert curve.widths == [1, 2, 4, 8] and curve.contexts == [50] and curve.context == 50  # priced there until told
     assert max(length + len(parents) for length, parents, _ in target.passes) < 60
 
 

@@ -79,6 +79,8 @@ class CostModel:
     column per width), interpolated linearly in both and extended past the widest width and longest context.
 
     ``context`` is the cache length the model was last told (``at_context``); ``cost(width)`` prices a pass there.
+    Until told, it is ``CALIBRATION_CONTEXT`` (within the measured contexts: a model with a shorter context has
+    its own longest).
     A curve built from one row of times (``contexts`` left out) costs the same at every context.
     """
 
@@ -93,7 +95,7 @@ class CostModel:
         self.contexts = list(contexts) if contexts is not None else [CALIBRATION_CONTEXT]
         self.grid = rows
         self.key = key
-        self.context = CALIBRATION_CONTEXT
+        self.context = min(max(CALIBRATION_CONTEXT, self.contexts[0]), self.contexts[-1])  # until told
         self.scale = 1.0  # the real passes' time over the curve's, learned online
         self._evidence = [0.0] * len(widths)  # per width: the passes (weighted) that judged its shape
         self._disagreement = [0.0] * len(widths)  # and their mean log(real / predicted), fading

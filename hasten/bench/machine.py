@@ -34,18 +34,22 @@ def device_info(model: LoadedModel) -> dict[str, Any]:
 
 
 def backend_info(models: Mapping[str, LoadedModel], costs: Mapping[str, CostModel],
-                 costs_start: Mapping[str, list[float]], primary: str) -> dict[str, dict[str, Any]]:
+                 calibrated: Mapping[str, CostModel], primary: str) -> dict[str, dict[str, Any]]:
     """Per backend: the model, its threads and device, its baseline's label and its cost curve before and after
-    the run."""
+    the run (``millis``: calibrated, at the context a curve assumes until told; ``grid``: at every context)."""
     backends = {}
     for backend, model in models.items():
-        cost, start = costs[backend], costs_start[backend]
+        cost, context = costs[backend], calibrated[backend].context  # the context assumed until told
+        start = calibrated[backend].calibrated_at(context)
         backends[backend] = {
             "model": model.name, "threads": getattr(model.backend, "threads", None) or torch.get_num_threads(),
             **device_info(model),
             "baseline": label_for(BASELINE, backend, primary),
-            "cost": {"widths": list(cost.widths), "millis": start, "millis_end": list(cost.millis),
-                     "scale_end": cost.scale, "relative": [m / start[0] for m in start], "key": cost.key},
+            "cost": {"widths": list(cost.widths), "millis": start, "context": context,
+                     "millis_end": [cost.scale * m for m in cost.shape_at(context)],
+                     "scale_end": cost.scale, "corrections_end": cost.corrections,
+                     "relative": [m / start[0] for m in start], "contexts": list(cost.contexts),
+                     "grid": calibrated[backend].grid, "key": cost.key},
         }
     return backends
 

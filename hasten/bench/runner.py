@@ -305,11 +305,9 @@ def run_bench(
     if not params.greedy:
         warnings.append(f"temperature {temperature} > 0: outputs are samples, so exactness against ar is not checked")
     costs = {backend: _cost_curve(model) for backend, model in models.items()}  # calibrated now, not in a run
-    costs_start = {backend: list(cost.calibrated) for backend, cost in costs.items()}
     # The oracle prices steps with the calibrated curve: the online refinement follows whatever else the
     # machine was doing during the run.
-    calibrated = {backend: CostModel(list(cost.widths), costs_start[backend], cost.key)
-                  for backend, cost in costs.items()}
+    calibrated = {backend: cost.calibration() for backend, cost in costs.items()}
 
     records = run_all(runs, models, prompts, warmup=warmup, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed, options=options, draft=draft, progress=progress)
@@ -334,7 +332,7 @@ def run_bench(
     errors = sum(len(entry["errors"]) for entry in summary.values())
     if errors:
         warnings.append(f"{errors} run(s) failed; see 'errors' per method")
-    backends = backend_info(models, costs, costs_start, primary)
+    backends = backend_info(models, costs, calibrated, primary)
     baseline_labels = {entry["baseline"] for entry in summary.values()}
     return {
         "model": models[primary].name,

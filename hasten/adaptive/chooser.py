@@ -133,6 +133,12 @@ class AcceptanceModel:
         seen = rate.offered if rate is not None else 0.0
         return min(1.0, value + EXPLORE * (value * (1 - value) / (seen + self.prior_weight)) ** 0.5)
 
+    def assume(self, feature: Feature, rate: float, weight: float) -> None:
+        """Start an unseen ``feature`` at ``rate`` worth ``weight`` nodes (a source's own calibrated confidence,
+        such as the draft's probability of its token), its coarser features untouched; real evidence outweighs it
+        as it comes."""
+        self.rates.setdefault(feature, Rate(rate * weight, weight))
+
     def record(self, feature: Feature, accepted: bool) -> None:
         """One verified node with this feature (and so with each coarser one)."""
         while feature is not None:

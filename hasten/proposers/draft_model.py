@@ -11,12 +11,14 @@ output keeps the target's distribution whatever the policy has learned (see ``Dr
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from hasten.adaptive.chooser import DraftPolicy, Feature, sibling_shares
+from hasten.adaptive.chooser import AcceptanceModel, DraftPolicy, Feature, sibling_shares
+from hasten.adaptive.costly import CostlySource
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal, Proposer, StepOutcome
@@ -40,9 +42,23 @@ def check_same_vocabulary(target: ModelBackend, draft: ModelBackend, target_tok=
         raise HastenError("draft and target tokenizers map tokens to different ids; they must share a vocabulary")
 
 
+TOP_CHILD_RATE = 0.6  # assumed acceptance of a level's likeliest child (the shipped draft's validation top-1)
+CONFIDENCE_WEIGHT = 4.0  # pseudo-nodes behind the assumption that a draft token is accepted at its own probability
+
+
 def confidence_bucket(prob: float) -> int:
     """The draft's probability of a token in tenths (0..9): the feature the policy learns acceptance on."""
     return min(int(prob * 10), 9)
+
+
+def assume_calibrated(acceptance: AcceptanceModel, depth: int) -> None:
+    """Start the draft's features as if its probabilities were calibrated: a token of probability bucket b is
+    accepted at (b + 0.5) / 10 until verified nodes say otherwise. Without it, unseen siblings all start at one
+    prior, share one acceptance, and a tree of fresh guesses never looks worth a pass."""
+    for level, rank, bucket in itertools.product(range(1, depth + 1), range(3), range(10)):
+        acceptance.assume(("draft", level, rank, bucket), (bucket + 0.5) / 10, CONFIDENCE_WEIGHT)
+    for level in range(1, depth + 1):  # the likeliest child, before its confidence is known
+        acceptance.assume(("draft", level, 0), TOP_CHILD_RATE, CONFIDENCE_WEIGHT)
 
 
 @dataclass
@@ -93,13 +109,24 @@ class DraftModelProposer(Proposer):
         self.generator = generator or params.generator()
         self.policy = policy
         self.children, self.frontier = children, frontier  # None: by mode (a chain without a policy)
-        # Running estimate (EMA) of one draft pass: it prices each further depth. Whether the draft runs at all
-        # is a ``CostlySource`` of the proposer that composes it (auto), not of this one.
+        # Running estimate (EMA) of one draft pass: it prices each further depth.
         self.draft_ms = 0.0
+        # Whether the draft runs at all in a step: while its accepted tokens have paid its time (``propose``; a
+        # proposer that composes this one, auto, gates it itself).
+        self.gate = CostlySource("draft")
         self._offered: tuple[TokenTree, list[list[Feature]]] | None = None  # the tree and features verified
+        self._assumed: AcceptanceModel | None = None  # the acceptance model its confidences were assumed in
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
+        if self.policy is not None:  # what one draft pass costs, warm (the first pass of a process is slow)
+            self.draft_ms = min(self._timed_root_pass(context[-1]) for _ in range(2))
+
+    def _timed_root_pass(self, root: int) -> float:
+        began = time.perf_counter()
+        self.draft.score([root], [-1])
+        self.draft.commit([])
+        return (time.perf_counter() - began) * 1000
 
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         """The drafted tree. Under sampling the policy only decides, before each depth is drawn, how deep to go
@@ -107,7 +134,10 @@ class DraftModelProposer(Proposer):
         later one (pruning by what was sampled biased the output toward tokens the draft is sure of)."""
         self._offered = None
         greedy = self.params.greedy
-        drafted = self.draft_tree(context, min(self.num_tokens, max_depth), greedy)
+        if max_depth <= 0 or not self.gate.should_run(self.policy):
+            return Proposal(TokenTree())
+        with self.gate.timed():
+            drafted = self.draft_tree(context, min(self.num_tokens, max_depth), greedy)
         tree, features = drafted.tree, drafted.features
         if self.policy is not None:
             if greedy:  # point masses: any pruning keeps the output exact
@@ -126,6 +156,9 @@ class DraftModelProposer(Proposer):
         all kept, with their conditional rows.
         """
         out = DraftTree()
+        if self.policy is not None and self.policy.acceptance is not self._assumed:
+            assume_calibrated(self.policy.acceptance, self.num_tokens)
+            self._assumed = self.policy.acceptance
         children, frontier_size = self.sizes(greedy)
         room = self.draft.max_context - len(context)  # a pass over the root and n nodes needs n free cells
         leaves = getattr(self.draft, "max_leaves", None)  # llama.cpp: one sequence id per leaf
@@ -139,9 +172,11 @@ class DraftModelProposer(Proposer):
         accept: dict[int, float] = {ROOT: 1.0}  # the policy's estimate that the path to a node is accepted
         gained = spent = 0.0
         for level in range(1, depth + 1):
+            # The first level runs whenever the draft runs (its gate weighs what drafting earned against its
+            # time); a further level while its best guesses, priced by the confidences drawn so far, pay for it.
             width = 1 if greedy else len(frontier) * children  # greedy: the chooser prunes to what pays
-            if self.policy is not None and not self._level_pays(level, frontier, accept, len(tokens), width,
-                                                                gained, spent):
+            if self.policy is not None and level > 1 and \
+                    not self._level_pays(level, frontier, accept, len(tokens), width, gained, spent):
                 break
             began = time.perf_counter()
             logits = self._frontier_logits(context, frontier, tokens, parents)
@@ -149,7 +184,8 @@ class DraftModelProposer(Proposer):
             picks = self._children(probs, greedy, min(children, room - len(tokens)))
             spent_now = (time.perf_counter() - began) * 1000
             spent += spent_now
-            self.draft_ms += (spent_now - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
+            if tokens or len(context) - self.draft.cache_len == 1:  # not a pass catching up on the context
+                self.draft_ms += (spent_now - self.draft_ms) * (0.2 if self.draft_ms else 1.0)
             if not picks:
                 break
             new = self._add_level(out, frontier, picks, probs, rows, level, room - len(tokens),
@@ -249,7 +285,8 @@ class DraftModelProposer(Proposer):
         depth's learned rate) against a target pass ``width`` tokens wider and one more draft pass."""
         assert self.policy is not None
         cost, others = self.policy.pass_cost, 1 + gained + self.policy.batch_gain
-        rate = min(1.0, self.policy.calibration() * self.policy.acceptance.estimate(("draft", level)))
+        best = ("draft", level, 0)  # the likeliest child's rate (the level's other ranks are rarely accepted)
+        rate = min(1.0, self.policy.calibration() * self.policy.acceptance.estimate(best))
         chance = rate * min(1.0, sum(accept[node] for node in frontier))
         now = others / (cost(1 + nodes) + spent)
         after = (others + chance) / (cost(1 + nodes + width) + spent + self.draft_ms)
@@ -271,6 +308,7 @@ class DraftModelProposer(Proposer):
     def update(self, outcome: StepOutcome) -> None:
         if self.policy is not None and self._offered is not None:
             self.policy.learn(*self._offered, outcome)
+        self.gate.credit(self.policy, len(outcome.accepted_nodes))
         self.rollback(outcome.accepted)
 
     def rollback(self, accepted: list[int]) -> None:

@@ -13,10 +13,10 @@ from hasten.adaptive.cost import clock_for
 from hasten.backends.base import Scores, Target
 from hasten.errors import HastenError
 from hasten.logprobs import TokenLogprob, token_logprobs
-from hasten.proposers.base import Proposal, Proposer, StepOutcome
+from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
 from hasten.sampling import SamplingParams
 from hasten.shaping import PreparedTree, Shaper
-from hasten.tree import ROOT, TokenTree
+from hasten.tree import ROOT, TokenTree, subtree
 from hasten.verify import verify
 
 
@@ -74,6 +74,24 @@ def pass_layout(proposal: Proposal, root: int) -> PassLayout:
         parents += [0 if parent == ROOT else parent + base for parent in extra.tree.parents]
         rows += [base + row for row in extra.read_rows]
     return PassLayout(tokens, parents, rows)
+
+
+def fit_to_room(prepared: PreparedTree, extra: ExtraBranch | None,
+                free: int) -> tuple[PreparedTree, ExtraBranch | None]:
+    """The tree and extra branch cut to ``free`` tokens, as many as the cache has slots after the root's.
+
+    A pass writes one slot per token, however shallow its tree, so its width is what must fit. The extra
+    branch goes first; then the tree keeps its first ``free`` nodes (index order is topological, so they are
+    closed under parents, and a prefix of each node's siblings keeps a sampled tree's rows honest). Only the
+    last passes of a context are cut; the proposer hears of its kept nodes only (``origin``), and a policy
+    counts a cut node whose parent was accepted as one more rejected node.
+    """
+    if len(prepared.tree) + (len(extra.tree) if extra is not None else 0) <= free:
+        return prepared, extra
+    if len(prepared.tree) <= free:
+        return prepared, None
+    tree, _ = subtree(prepared.tree, range(max(free, 0)))
+    return PreparedTree(tree, prepared.origin[: len(tree)]), None
 
 
 class Generation:
@@ -134,14 +152,15 @@ class Generation:
         return self._append([first], scores.logits[-1:])
 
     def begin_step(self) -> PassLayout:
-        """The proposer's tree for this step, laid out as one target pass."""
-        room = min(self.max_new_tokens - self.produced, self.target.max_context - len(self.context)) - 1
+        """The proposer's tree for this step, cut to the room left in the context and laid out as one pass."""
+        free = self.target.max_context - len(self.context)  # cache slots after the root's: one per drafted token
+        room = min(self.max_new_tokens - self.produced, free) - 1
         began = time.perf_counter()
-        self._proposal = self.proposer.propose(self.context, room)
+        proposal = self.proposer.propose(self.context, room)
         self.stats.draft_s += time.perf_counter() - began
-        prepared = self._prepare(self._proposal.tree, room)
-        self._prepared = prepared
-        self._layout = pass_layout(Proposal(prepared.tree, self._proposal.extra), self.context[-1])
+        self._prepared, extra = fit_to_room(self._prepare(proposal.tree, room), proposal.extra, free)
+        self._proposal = Proposal(proposal.tree, extra)
+        self._layout = pass_layout(Proposal(self._prepared.tree, extra), self.context[-1])
         return self._layout
 
     def _prepare(self, tree: TokenTree, room: int) -> PreparedTree:

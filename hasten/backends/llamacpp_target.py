@@ -135,8 +135,9 @@ class LlamaCppTarget:
         if self._pending is not None:
             raise RuntimeError("commit() the previous pass before scoring again")
         plan = plan_pass(tokens, parents, logits_rows)
-        if self.cache_len + plan.depth >= self.max_context:
-            raise HastenError(f"the sequence would exceed the model's context of {self.max_context} tokens")
+        if self.cache_len + len(tokens) > self.max_context:  # one cell per token, however shallow the tree
+            raise HastenError(f"a pass of {len(tokens)} tokens after {self.cache_len} cached ones would exceed "
+                              f"the model's context of {self.max_context} tokens")
         return plan
 
     def commit(self, keep: list[int]) -> None:

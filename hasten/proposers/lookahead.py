@@ -166,10 +166,9 @@ class LookaheadProposer(Proposer):
             return Proposal(TokenTree())
         found = [(tail[:max_depth], origin) for tail, origin in self.pool.lookup_with_origin(context[-1], self.guesses)]
         paths = [path for path, _ in found]
-        fits = self._window_fits(len(context))
         if self.policy is None:
             tree = TokenTree.from_paths(paths)
-            self._sent_window = fits
+            self._sent_window = self._window_fits(len(context), len(tree))
         else:
             last = last_accepted_capped(self._last_accepted)
             features = [[("pool", d, rank, origin == "window", last) for d in range(1, len(path) + 1)]
@@ -179,8 +178,8 @@ class LookaheadProposer(Proposer):
             origins = [any(f[3] for f in node) for node in node_features]
             self._offered = (tree, node_features, origins)
             # A step's window can earn at most one guess's N - 1 tokens: where its width costs more, it never runs.
-            self._sent_window = fits and self.window_source.should_run(self.policy, self._window_ms(len(tree)),
-                                                                       ceiling=self.ngram - 1)
+            self._sent_window = self._window_fits(len(context), len(tree)) and self.window_source.should_run(
+                self.policy, self._window_ms(len(tree)), ceiling=self.ngram - 1)
         self._guessed = len(tree) > 0
         self.window_steps += self._sent_window
         return Proposal(tree, self._branch() if self._sent_window else None)
@@ -191,9 +190,11 @@ class LookaheadProposer(Proposer):
         cost, width = self.policy.pass_cost, tree_size + 1
         return cost(width + self.window * (self.ngram - 1)) - cost(width)
 
-    def _window_fits(self, context_len: int) -> bool:
-        # The root sits at position context_len - 1; the window's last token at + window + ngram - 2.
-        return self.max_context is None or context_len + self.window + self.ngram - 2 <= self.max_context
+    def _window_fits(self, context_len: int, tree_size: int) -> bool:
+        """Whether the pass has a cache slot for every token: the root's is ``context_len - 1``, and the tree's
+        and the window's follow it, one each however shallow they sit."""
+        width = 1 + tree_size + self.window * (self.ngram - 1)
+        return self.max_context is None or context_len - 1 + width <= self.max_context
 
     def _branch(self) -> ExtraBranch:
         height = self.ngram - 1

@@ -67,7 +67,7 @@ class Worker:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.batch = BatchDecoder(getattr(loaded.backend, "score_many", None))
+        self.batch = BatchDecoder(getattr(loaded.backend, "score_many", None), isolate=True)
         self.slots: dict[int, Slot] = {}  # id(generation) -> slot
         self.admitted: list[Admitted] = []  # in arrival order
         self._thread: threading.Thread | None = None
@@ -216,16 +216,22 @@ class Worker:
     # -- a step and its delivery
 
     def _step(self) -> None:
-        """One shared pass; each choice's final text goes to its own client."""
+        """One shared pass; each choice's final text goes to its own client. A choice whose step failed (its
+        proposer, its pass or its verification) fails its own request; the others go on as if it were not there."""
         self.metrics.observe_step(len(self.slots), self.depth())
         try:
             out = self.batch.step()
-        except Exception as error:  # the pass of the whole batch failed: every request in it fails
+        except Exception as error:  # the batch's own bookkeeping failed (not one choice's step): all fail
             for admitted in [a for a in self.admitted if a.live]:
                 self._abort(admitted, error)
             return
         self._stepping = True
         try:
+            for generation, error in self.batch.take_failed():
+                slot = self.slots.get(id(generation))
+                admitted = self._admitted(slot.job) if slot is not None else None
+                if admitted is not None:
+                    self._abort(admitted, error)
             self._deliver_step(out)
         finally:
             self._stepping = False

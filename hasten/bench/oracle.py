@@ -8,8 +8,9 @@ speedup over ``ar`` under that curve: ``tokens * cost(1) / sum of step costs``. 
 not counted, so it is an upper bound on what the method's candidates can earn, not a prediction.
 
 Sources: ``pld`` (lookup matches), ``lookahead`` (its n-gram pool from the context), ``llamacpp_pld`` (its one
-candidate), ``draft`` (the draft model's greedy chain, full depth) and ``auto`` (lookup, the pool where lookup finds
-nothing, and the draft chain where auto has a draft; not ReDrafter beams, which need the target's hidden states).
+candidate), ``draft`` (the paths of the draft model's greedy tree, full depth, widest sizes) and ``auto`` (lookup, the
+pool where lookup finds nothing, and the draft tree's paths where auto has a draft; not ReDrafter beams, which need
+the target's hidden states).
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ class LlamaCppPldSource:
 
 
 class DraftSource:
-    """A draft model's greedy chain after the context, at full depth (the policy is dropped: the oracle picks the
-    length), on the proposer's own cache: rolled back to the agreed prefix after each step, as in the engine."""
+    """A draft model's greedy tree after the context, every root-to-leaf path a candidate, at full depth and the
+    method's widest sizes (the policy is dropped: the oracle picks what to keep), on the proposer's own cache, which
+    keeps only the context, as in the engine."""
 
     def __init__(self, proposer: DraftModelProposer, num_tokens: int | None = None) -> None:
+        proposer.children, proposer.frontier = proposer.sizes(greedy=True)  # the policy's upper bounds
         proposer.policy = None
         self.proposer = proposer
         self.num_tokens = num_tokens or proposer.num_tokens
@@ -124,19 +127,17 @@ class DraftSource:
         self.proposer.start(context, None)
 
     def candidates(self, context: list[int], depth: int) -> list[list[int]]:
-        chain = self.proposer.draft_chain(context, min(depth, self.num_tokens), greedy=True)[0]
-        return [chain] if chain else []
+        return self.proposer.draft_tree(context, min(depth, self.num_tokens), greedy=True).paths()[0]
 
     def advance(self, context: list[int], new: list[int]) -> None:
-        # The accepted drafted tokens, as the engine passes them (``new`` less the target's bonus token; the chain
-        # cannot agree with that one: it is where the best candidate, so the chain too, diverged or ended). The
-        # next chain feeds the draft what its cache lacks, from ``cache_len`` on.
+        # The accepted drafted tokens, as the engine passes them (``new`` less the target's bonus token); the next
+        # tree feeds the draft what its cache lacks, from ``cache_len`` on.
         self.proposer.rollback(new[:-1])
 
 
 class AutoSource:
-    """``auto``'s candidates: prompt lookup, the n-gram pool only where lookup finds nothing, and the draft's chain
-    where auto has a draft. ReDrafter beams are left out (they need the target's hidden states): where auto runs
+    """``auto``'s candidates: prompt lookup, the n-gram pool only where lookup finds nothing, and the draft tree's
+    paths where auto has a draft. ReDrafter beams are left out (they need the target's hidden states): where auto runs
     the head, its measured tokens per pass can exceed this bound."""
 
     def __init__(self, num_tokens: int = 8, lookup: PldSource | None = None, draft: DraftModelProposer | None = None

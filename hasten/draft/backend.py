@@ -23,6 +23,8 @@ def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRA
     """
     if target.backend != "llamacpp":
         draft, vocab_ids, config = load_draft_on(target, directory)
+        if _bfloat16_pays(target):
+            draft = _in_bfloat16(draft)
         return TransformersModel(draft), vocab_ids, config
     from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
     from hasten.draft.gguf_export import cached_export
@@ -32,6 +34,27 @@ def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRA
     path = target.path  # type: ignore[attr-defined]
     exported = cached_export(directory, path, weights)
     return ReducedDraftModel(exported, path, threads=getattr(target, "threads", None)), vocab_ids, config
+
+
+def _bfloat16_pays(target: ModelBackend) -> bool:
+    """Whether the draft runs faster in bfloat16 than in the target's float32: on a CPU with native bfloat16
+    arithmetic (``avx512_bf16`` or ``amx_bf16``), where a draft pass costs ~4.5 ms against ~6-8 ms in float32 on the
+    2-core EPYC (AVX2-only CPUs emulate it, and wide passes cost more there). The draft only proposes, so its
+    precision never changes the output."""
+    if torch.device(getattr(target, "device", "cpu")).type != "cpu" or getattr(target, "dtype", None) != torch.float32:
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def _in_bfloat16(draft: torch.nn.Module) -> torch.nn.Module:
+    """The draft in bfloat16 with its own copy of the embedding table (the target's shared table stays as it is)."""
+    table = draft.get_input_embeddings().weight.detach().to(torch.bfloat16)
+    draft.set_input_embeddings(torch.nn.Embedding.from_pretrained(table, freeze=True))
+    return draft.to(torch.bfloat16)
 
 
 _SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

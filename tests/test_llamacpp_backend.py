@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -465,9 +466,28 @@ def test_real_model_hidden_states_match_transformers_after_the_norm(real_model):
     assert np.isclose(float(real_model.output_embeddings().sum()), float(embed.sum()))  # tied in SmolLM2
 
 
+class DecodeRecorder:
+    """A llama.cpp library that records each llama_decode's token count and whether embeddings were on."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib, self.embeddings, self.decodes = lib, True, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lib, name)
+
+    def llama_set_embeddings(self, ctx: Any, on: bool) -> None:
+        self.embeddings = bool(on)
+        self.lib.llama_set_embeddings(ctx, on)
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        self.decodes.append((batch.n_tokens, self.embeddings))
+        return self.lib.llama_decode(ctx, batch)
+
+
 def test_a_prefill_with_hidden_states_computes_one_row_and_gives_the_same_bits(tmp_path):
-    """A target that wants hidden states prefills all but the last token with embeddings off (llama.cpp would
-    otherwise compute the logits of every row); its last row and its cells equal the all-rows way's."""
+    """A target that wants hidden states prefills the whole prompt in one batch with embeddings off (as a plain
+    target does; with them on llama.cpp would compute the logits of every row), then the last token's hidden state
+    in a one-token pass on the side; its last row and its cells equal the all-rows way's."""
     path = write_tiny_gguf(tmp_path / "wide.gguf", hidden=128, heads=4, kv_heads=2, ffn=256, context=1024,
                            vocab_size=VOCAB, init_std=0.5)
     model = LlamaCppModel(path, threads=2, prompt_cache_bytes=0)
@@ -475,7 +495,10 @@ def test_a_prefill_with_hidden_states_computes_one_row_and_gives_the_same_bits(t
     for length in (2, 17, 90):
         prompt = [rng.randrange(2, VOCAB) for _ in range(length)]
         quick = model.new_target(want_hidden=True)
+        quick._lib = recorder = DecodeRecorder(quick._lib)
         got = quick.start(prompt)
+        assert recorder.decodes == [(length, False), (1, True)]  # (tokens, embeddings on) of each llama_decode
+        quick._lib = recorder.lib
         every_row = model.new_target(want_hidden=True)  # the prompt as one scored chain: every row an output
         every_row.start(prompt[:1])
         want = every_row.score(prompt[1:], list(range(-1, length - 2)))

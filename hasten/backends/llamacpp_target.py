@@ -62,7 +62,12 @@ class LlamaCppTarget:
 
     def start(self, context: list[int]) -> Scores:
         """Clear the cache and prefill ``context`` (what the model's prompt cache holds of it is restored, not
-        run); scores for its last position."""
+        run); scores for its last position.
+
+        A target that wants hidden states prefills in the batches a plain target uses, so its logits are plain
+        decoding's bits: with embeddings off and the hidden state from a pass on the side (``_last_hidden``),
+        or, where that has no free cell or sequence (or one token is left to run), with embeddings on, where
+        llama.cpp computes every row but the last row's logits are still the same bits."""
         if self._shared is not None:  # a prefill runs in a context of its own, as plain decoding runs it
             self._shared.leave(self, keep=False)
         self.check_open()
@@ -79,29 +84,48 @@ class LlamaCppTarget:
         cache = self.model.prompt_cache
         self.cache_len = cache.restore(self._ctx, context) if cache is not None else 0
         rest = context[self.cache_len:]
-        if self.want_hidden and len(rest) > 1:  # only the last position's hidden state is wanted
-            self._run_without_outputs(rest[:-1])
-            rest = rest[-1:]
-        self._fill_chain(rest, [len(rest) - 1])
-        logits, hidden = self._decode(len(rest), [len(rest) - 1])
+        side = self.want_hidden and len(rest) > 1 and n < self.max_context and self._n_seq_max > 1
+        if side:  # the prefill as a plain target runs it, then the last position's hidden state on the side
+            logits = self._prefill_without_embeddings(rest)
+            hidden = self._last_hidden(context[-1], n - 1)
+        else:  # one batch (with embeddings on, every row computed: the last row's logits are the same bits)
+            self._fill_chain(rest, [len(rest) - 1])
+            logits, hidden = self._decode(len(rest), [len(rest) - 1])
         self.cache_len = self._synced[0] = n
         if cache is not None:
             cache.store(self._ctx, context)
         return Scores(logits, hidden)
 
-    def _run_without_outputs(self, tokens: list[int]) -> None:
-        """Run a chain into the cache with embeddings off: with them on, llama.cpp would compute the logits of
-        every row. The cells are the same either way (rows do not depend on the decode they are in)."""
+    def _prefill_without_embeddings(self, tokens: list[int]) -> torch.Tensor:
+        """Run a chain into the cache exactly as a target without hidden states runs it (the same batches, one
+        output row), so its last row's logits are plain decoding's bits; with embeddings on, llama.cpp would
+        compute the logits of every row. The logits of the last row."""
         lib = self._lib
         lib.llama_set_embeddings(self._ctx, False)
         self.want_hidden = False
         try:
             self._fill_chain(tokens, [len(tokens) - 1])
-            self._decode(len(tokens), [])
+            logits, _ = self._decode(len(tokens), [len(tokens) - 1])
         finally:
             self.want_hidden = True
             lib.llama_set_embeddings(self._ctx, True)
-        self.cache_len += len(tokens)
+        return logits
+
+    def _last_hidden(self, token: int, position: int) -> torch.Tensor:
+        """The hidden state of ``token`` at ``position`` (the last one of the prefill, already in the cache),
+        from a one-token pass in the scratch sequence, which sees the cells before it and is dropped afterwards:
+        the cache keeps the prefill's own cells. Needs one free cell. The row comes from another pass than the
+        prefill's, so it can differ from it in the last bits (past 64 cached tokens with an F16 cache); it only
+        steers drafts, while the logits are the prefill's."""
+        scratch = self._n_seq_max - 1  # never used by a pass
+        self._lib.llama_memory_seq_cp(self._mem, 0, scratch, 0, position)
+        self._tok[0], self._pos[0], self._nseq[0], self._seq[0, 0], self._out[0] = token, position, 1, scratch, 1
+        try:
+            _, hidden = self._decode(1, [0])
+        finally:
+            self._drop_cells(scratch, 0)
+        assert hidden is not None
+        return hidden
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""

@@ -5,9 +5,10 @@
 - No source file in ``hasten/`` is over ``MAX_LINES`` lines.
 - No test file is named after a tracker issue.
 
-Imports are those that run when a module is imported: module level, class bodies, ``try`` and ``if`` blocks, but
-not ``if TYPE_CHECKING:`` blocks. Imports inside functions run late and cannot close a cycle at import time; they
-are left out of both rules, and those that reach a higher layer are reported as warnings.
+Imports are those that run when a module is imported (module level, class bodies, ``try`` and ``if`` blocks) and
+those of ``if TYPE_CHECKING:`` blocks: they never run, but they are dependencies all the same (to read one file you
+must read the other), so both rules count them. Imports inside functions run late and cannot close a cycle at import
+time; they are left out of both rules, and those that reach a higher layer or close a cycle are reported as warnings.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ LAYERS: dict[str, int] = {
 # of them is gone, so that it is removed from here at once.
 KNOWN_VIOLATIONS: set[tuple[str, str]] = set()  # none today
 
+# Import cycles known today and being removed elsewhere, each with all its modules, sorted. The test fails when one
+# of them changes or is gone, so that it is removed from here at once.
+KNOWN_CYCLES: list[list[str]] = [
+    # llama.cpp's model, target and shared context name each other's types under ``if TYPE_CHECKING:``. Removed by
+    # the move of hasten/backends/ into packages (issue 28), which deletes this entry.
+    ["hasten.backends.llamacpp_model", "hasten.backends.llamacpp_shared_context",
+     "hasten.backends.llamacpp_shared_exactness", "hasten.backends.llamacpp_target"],
+]
+
 
 @dataclass(frozen=True, order=True)
 class Import:
@@ -75,6 +85,7 @@ class Import:
     imported: str
     line: int
     local: bool  # inside a function: runs on call, not on import
+    type_only: bool = False  # under ``if TYPE_CHECKING:``: never runs, still a dependency
 
 
 def module_name(path: Path) -> str:
@@ -111,24 +122,27 @@ def targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, 
 
 
 def imports_of(name: str, path: Path, modules: set[str]) -> list[Import]:
-    """Every import of a hasten module in one file, with whether it sits inside a function."""
+    """Every import of a hasten module in one file, with whether it sits inside a function and whether it sits
+    under ``if TYPE_CHECKING:``."""
     found: list[Import] = []
     is_package = path.name == "__init__.py"
 
-    def visit(node: ast.AST, local: bool) -> None:
+    def visit(node: ast.AST, local: bool, type_only: bool) -> None:
         if isinstance(node, ast.If) and is_type_checking(node):
+            for child in node.body:
+                visit(child, local, True)
             for child in node.orelse:
-                visit(child, local)
+                visit(child, local, type_only)
             return
         if isinstance(node, ast.Import | ast.ImportFrom):
-            found.extend(Import(name, target, node.lineno, local)
+            found.extend(Import(name, target, node.lineno, local, type_only)
                          for target in targets(node, name, is_package, modules) if target != name)
             return
         inner = local or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
         for child in ast.iter_child_nodes(node):
-            visit(child, inner)
+            visit(child, inner, type_only)
 
-    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), False)
+    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), False, False)
     return found
 
 
@@ -201,9 +215,13 @@ def test_every_module_has_a_layer():
 
 def test_no_import_cycles():
     imports = all_imports()
-    assert cycles({(item.importer, item.imported) for item in imports if not item.local}) == []
+    found = cycles({(item.importer, item.imported) for item in imports if not item.local})
+    assert [component for component in found if component not in KNOWN_CYCLES] == [], "import cycles"
+    assert [component for component in KNOWN_CYCLES if component not in found] == [], \
+        "changed or fixed: update or remove these in KNOWN_CYCLES"
     for component in cycles({(item.importer, item.imported) for item in imports}):
-        warnings.warn(f"a cycle through imports inside functions: {', '.join(component)}", stacklevel=1)
+        if component not in found:
+            warnings.warn(f"a cycle through imports inside functions: {', '.join(component)}", stacklevel=1)
 
 
 def test_imports_go_down_the_layers():
@@ -229,26 +247,50 @@ def test_no_test_file_is_named_after_an_issue():
 
 # The checker itself, on small sources.
 
-def test_the_checker_finds_a_cycle_and_ignores_type_checking_and_local_imports(tmp_path):
-    files = {
-        "a.py": "from hasten import b\n",
-        "b.py": "import hasten.c\n",
-        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hasten.a import x\n"
-                "def f():\n    from hasten.a import y\nfrom hasten import a\n",
-        "d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hasten.a import x\n",
-    }
+def imports_of_sources(tmp_path: Path, files: dict[str, str]) -> list[Import]:
     modules = {f"hasten.{name[:-3]}" for name in files}
     imports = []
     for name, text in files.items():
         path = tmp_path / name
         path.write_text(text)
         imports += imports_of(f"hasten.{name[:-3]}", path, modules)
-    assert {(i.importer, i.imported, i.local) for i in imports} == {
-        ("hasten.a", "hasten.b", False), ("hasten.b", "hasten.c", False), ("hasten.c", "hasten.a", True),
-        ("hasten.c", "hasten.a", False)}
+    return imports
+
+
+def test_the_checker_finds_a_cycle_and_ignores_local_imports(tmp_path):
+    imports = imports_of_sources(tmp_path, {
+        "a.py": "from hasten import b\n",
+        "b.py": "import hasten.c\n",
+        "c.py": "def f():\n    from hasten.a import y\nfrom hasten import a\n",
+        "d.py": "def f():\n    from hasten.a import y\n",
+    })
+    assert {(i.importer, i.imported, i.local, i.type_only) for i in imports} == {
+        ("hasten.a", "hasten.b", False, False), ("hasten.b", "hasten.c", False, False),
+        ("hasten.c", "hasten.a", True, False), ("hasten.c", "hasten.a", False, False),
+        ("hasten.d", "hasten.a", True, False)}
     assert cycles({(i.importer, i.imported) for i in imports if not i.local}) == [["hasten.a", "hasten.b",
                                                                                    "hasten.c"]]
     assert cycles({("hasten.a", "hasten.b"), ("hasten.b", "hasten.c")}) == []
+
+
+def test_the_checker_counts_type_checking_imports(tmp_path):
+    imports = imports_of_sources(tmp_path, {
+        "a.py": "from hasten import b\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hasten.a import x\n"
+                "else:\n    import hasten.c\n",
+        "c.py": "import typing\nif typing.TYPE_CHECKING:\n    def f():\n        from hasten.a import y\n",
+    })
+    assert {(i.importer, i.imported, i.local, i.type_only) for i in imports} == {
+        ("hasten.a", "hasten.b", False, False), ("hasten.b", "hasten.a", False, True),
+        ("hasten.b", "hasten.c", False, False), ("hasten.c", "hasten.a", True, True)}
+    assert cycles({(i.importer, i.imported) for i in imports if not i.local}) == [["hasten.a", "hasten.b"]]
+    assert upward([Import("hasten.tree", "hasten.verify", 3, False, True)]) == {("hasten.tree", "hasten.verify")}
+
+
+def test_known_cycles_are_whole_components():
+    assert all(component == sorted(component) and len(component) > 1 for component in KNOWN_CYCLES)
+    assert all(module in all_modules() for component in KNOWN_CYCLES for module in component), \
+        "a known cycle names a module that is gone: remove it from KNOWN_CYCLES"
 
 
 def test_the_checker_resolves_relative_imports_and_ranks_layers(tmp_path):

@@ -17,18 +17,27 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
 from hasten.errors import HastenError
 
-if TYPE_CHECKING:
-    from hasten.training.selfdistill import DistillData
-
 TOKEN_KEYS = ("tokens", "seq_starts", "prompt_lens", "prompt_index")
 SOFT_KEYS = ("topk_ids", "topk_logprobs")
+
+
+class Shards(Protocol):
+    """What a corpus needs of ``hasten train data`` shards (``selfdistill.DistillData``): their sequences."""
+
+    meta: dict[str, Any]
+    seq_starts: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int: ...
+
+    def sequence(self, index: int) -> dict[str, torch.Tensor]: ...
 
 
 class TokenFile:
@@ -75,7 +84,7 @@ class Corpus:
     """Examples drawn from several sources: ``items`` are (source, sequence) pairs, each with a prompt id, a
     length, a loss weight and whether it may serve for validation."""
 
-    sources: list[Any]  # TokenFile or DistillData: anything with ``example(i)``
+    sources: list[TokenFile | Shards]
     items: list[tuple[int, int]]
     prompts: list[int]
     lengths: list[int]
@@ -105,7 +114,7 @@ class Corpus:
         return mass
 
 
-def shard_corpus(data: DistillData) -> Corpus:
+def shard_corpus(data: Shards) -> Corpus:
     """``hasten train data`` shards as a corpus: one answer per prompt, every sequence may validate."""
     n = data.num_sequences
     lengths = (data.seq_starts[1:] - data.seq_starts[:-1]).tolist()

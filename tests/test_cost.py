@@ -87,23 +87,24 @@ def test_shape_correction_attributes_a_width_between_measured_ones_to_both():
 
 class RecordingTarget:
     """A target on a fake clock: a pass over n tokens takes ``1 + n + rows`` ms plus 1 per 100 cached tokens, a
-    tree (several leaves) ``tree_extra`` more; every third pass is interrupted (+50 ms). Records every pass."""
+    tree (several leaves) ``tree_extra`` more, and the first pass of each shape after each context is cold (+50
+    ms). Records every pass."""
 
     vocab_size = 50
 
     def __init__(self, clock: list[float], max_context: int = 4000, tree_extra: float = 0.0) -> None:
         self.clock, self.max_context, self.tree_extra = clock, max_context, tree_extra
-        self.cache_len, self.calls, self.passes = 0, 0, []
+        self.cache_len, self.passes = 0, []
 
     def start(self, context):
         self.cache_len = len(context)
 
     def score(self, tokens, parents, logits_rows=None):
-        self.calls += 1
         rows = len(tokens) if logits_rows is None else len(logits_rows)
+        cold = not any(p[:2] == (self.cache_len, list(parents)) for p in self.passes)
         self.passes.append((self.cache_len, list(parents), None if logits_rows is None else list(logits_rows)))
         millis = 1 + len(tokens) + rows + self.cache_len / 100 + (0 if is_chain(parents) else self.tree_extra)
-        self.clock[0] += (millis + (50 if self.calls % 3 == 0 else 0)) / 1000
+        self.clock[0] += (millis + (50 if cold else 0)) / 1000
 
     def commit(self, keep):
         self.cache_len += len(keep)
@@ -118,8 +119,10 @@ def test_calibration_reads_every_row_of_chains_and_trees_at_several_contexts():
     assert all(rows == list(range(len(parents))) for _, parents, rows in timed)  # verification reads every row
     assert {length for length, _, _ in timed} == {100, 500, 1000}
     assert any(not is_chain(parents) for _, parents, _ in timed)  # trees are timed as well as chains
+    main = [len(parents) for length, parents, _ in timed if length == 500]
+    assert main[1:7] == [1, 2, 4, 8, 4, 8] and main[7:13] == main[1:7]  # rounds go round the shapes
     assert curve.contexts == [100, 500, 1000] and curve.widths == [1, 2, 4, 8]
-    # 1 + 2n ms + context/100, the interrupted passes ignored: the main context exactly, the others rescaled
+    # 1 + 2n ms + context/100, the cold passes ignored: the main context exactly, the others rescaled
     assert curve.grid[1] == pytest.approx([8.0, 10.0, 14.0, 22.0])
     assert curve.grid[0][0] == pytest.approx(4.0) and curve.grid[2][-1] == pytest.approx(27.0)
     ratio = 13 / 8 + (27 / 22 - 13 / 8) * 3 / 7  # at width 4, between those measured at 1 and 8

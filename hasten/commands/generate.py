@@ -12,6 +12,7 @@ from hasten.commands.common import (
     add_model_options,
     add_sampling_options,
     add_shaping_options,
+    check_chat,
     load_options,
     method_options,
     read_text_file,
@@ -35,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prediction", default=None, metavar="FILE",
                         help="text the answer is expected to resemble (e.g. the code being edited): pld, lookahead "
                              "and auto draft from it too; the output is unchanged")
-    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--no-chat", action="store_true",
+                        help="send the prompt as raw text, without the chat template (a base model such as "
+                             "gemma3-270m needs it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.set_defaults(run=run)
 
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError(f"--threads must be >= 1, got {args.threads}")
     prediction = None if args.prediction is None else read_text_file("--prediction", args.prediction)
     loaded = load_model(args.model, args.backend, **load_options(args))
+    check_chat(loaded, not args.no_chat)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "chat": not args.no_chat,
                 "prediction": prediction, **shaping}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
 from hasten.commands.common import add_model_options, load_options, method_options
 from hasten.errors import HastenError
-from hasten.models import load_model
+from hasten.models import has_chat_template, load_model
 from hasten.server.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, KEEPALIVE_S, MAX_BODY_BYTES, MAX_GENERATIONS
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from hasten.server import create_app
 
     loaded = load_model(args.model, args.backend, **load_options(args))
+    if not has_chat_template(loaded.tokenizer):
+        print(f"hasten serve: model {loaded.name!r} has no chat template (a base model): /v1/completions takes raw "
+              "text; /v1/chat/completions is refused", file=sys.stderr)
     options = method_options(args, loaded)
     draft = options.pop("draft", None)
     app = create_app(loaded, args.method, draft, args.max_queue, default_max_tokens=args.max_tokens,

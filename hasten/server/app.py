@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from hasten.api import GenerationResult, Prompt, prompt_ids
 from hasten.errors import HastenError
 from hasten.methods import METHODS, build_proposer, options_for
-from hasten.models import LoadedModel
+from hasten.models import LoadedModel, has_chat_template
 from hasten.sampling import SamplingParams
 from hasten.server.errors import APIError, add_error_handlers, invalid_input, queue_full
 from hasten.server.formats import KEEPALIVE, Reply, sse, statistics
@@ -150,6 +150,9 @@ def create_app(loaded: LoadedModel, default_method: str = "auto", draft: LoadedM
             field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             raise APIError(400, f"{field} is {sampling['max_new_tokens']}; this server generates at most {token_cap} "
                                 f"tokens per choice (the model's context is {context} tokens)", param=field)
+        if chat and not has_chat_template(loaded.tokenizer):
+            raise APIError(400, f"the model {served!r} has no chat template (a base model): send raw text to "
+                                "/v1/completions", param="messages", code="no_chat_template")
         try:
             ids = await asyncio.to_thread(lambda: [prompt_ids(loaded, prompt, chat) for prompt in prompts])
         except HastenError as error:  # no chat template, an id outside the vocabulary, ...

@@ -27,7 +27,7 @@ DRAFT_MODEL_MODULES = ("hasten.draft",)
 
 # Bottom to top. A module takes the layer of its own name, else of the nearest package above it listed here.
 LAYERS: dict[str, int] = {
-    # 1. Foundations: errors, token trees, sampling, and the protocol every backend implements.
+    # 1. Foundations: errors, token trees, sampling, the protocol every backend implements, values kept per model.
     "hasten.errors": 1,
     "hasten.tree": 1,
     "hasten.sampling": 1,
@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "hasten.grammar": 1,
     "hasten.response_format": 1,
     "hasten.backends.base": 1,
+    "hasten.per_model": 1,
     # 2. The backends: llama.cpp and transformers behind that protocol.
     "hasten.backends": 2,
     # 3. The pieces proposers are made of: verification, the adaptive chooser, ReDrafter's head, the draft model.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from hasten.backends.base import ModelBackend
 from hasten.backends.transformers_target import TransformersModel
 from hasten.draft.model import SHIPPED_DRAFT, check_fits, load_draft_on, read_draft_dir
+from hasten.per_model import once_per_model
 
 GGUF_WEIGHTS = "f16"  # the exported draft's layer weights on llama.cpp (f16: the stored precision)
 
@@ -57,11 +57,7 @@ def _in_bfloat16(draft: torch.nn.Module) -> torch.nn.Module:
     return draft.to(torch.bfloat16)
 
 
-_SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
+@once_per_model
 def shipped_draft(target: ModelBackend) -> tuple[ModelBackend, torch.Tensor, dict]:
     """The draft that ships with hasten, distilled from the default model, on ``target`` (loaded once per model)."""
-    if target not in _SHIPPED:
-        _SHIPPED[target] = load_draft_backend(target, SHIPPED_DRAFT)
-    return _SHIPPED[target]
+    return load_draft_backend(target, SHIPPED_DRAFT)

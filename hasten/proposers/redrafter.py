@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from hasten.adaptive.chooser import DraftPolicy, Feature
 from hasten.adaptive.costly import CostlySource
 from hasten.backends.base import ModelBackend
 from hasten.errors import HastenError
+from hasten.per_model import once_per_model
 from hasten.proposers.base import Proposal, Proposer, StepOutcome, last_hidden
 from hasten.redrafter.beam import beam_search
 from hasten.redrafter.head import ReDrafterHead
@@ -126,7 +126,9 @@ class ReDrafterProposer(Proposer):
         self._hidden = last_hidden(outcome.hidden)
 
 
-_SHIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@once_per_model
+def _shipped_head(target: ModelBackend) -> ReDrafterHead:
+    return ReDrafterHead.load(SHIPPED_HEAD).attach(target)
 
 
 def load_head(target_name: str, target: ModelBackend, head: str | Path | ReDrafterHead | None) -> ReDrafterHead:
@@ -138,9 +140,7 @@ def load_head(target_name: str, target: ModelBackend, head: str | Path | ReDraft
                 f"--method redrafter needs a head trained for {target_name!r} (--head DIR; train one with "
                 "'hasten train redrafter'); the shipped head fits only the default model"
             )
-        if target not in _SHIPPED:
-            _SHIPPED[target] = ReDrafterHead.load(SHIPPED_HEAD).attach(target)
-        return _SHIPPED[target]
+        return _shipped_head(target)
     if not isinstance(head, ReDrafterHead):
         head = ReDrafterHead.load(head)
     return head.attach(target)

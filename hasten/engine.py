@@ -83,8 +83,8 @@ def fit_to_room(prepared: PreparedTree, extra: ExtraBranch | None,
     A pass writes one slot per token, however shallow its tree, so its width is what must fit. The extra
     branch goes first; then the tree keeps its first ``free`` nodes (index order is topological, so they are
     closed under parents, and a prefix of each node's siblings keeps a sampled tree's rows honest). Only the
-    last passes of a context are cut; the proposer hears of its kept nodes only (``origin``), and a policy
-    counts a cut node whose parent was accepted as one more rejected node.
+    last passes of a context are cut; the proposer hears of its kept nodes only (``origin``) and is told how
+    many of its nodes the pass scored (``scored_nodes``), so a policy learns nothing of the cut ones.
     """
     if len(prepared.tree) + (len(extra.tree) if extra is not None else 0) <= free:
         return prepared, extra
@@ -92,6 +92,19 @@ def fit_to_room(prepared: PreparedTree, extra: ExtraBranch | None,
         return prepared, None
     tree, _ = subtree(prepared.tree, range(max(free, 0)))
     return PreparedTree(tree, prepared.origin[: len(tree)]), None
+
+
+def scored_nodes(prepared: PreparedTree, held: int) -> int | None:
+    """How many of the proposer's nodes, in index order, a pass holding the first ``held`` nodes of ``prepared``
+    scores (None: all): those before the first one it cut.
+
+    The shaper keeps the proposer's order (the nodes it merges into forced tokens come before the rest and are
+    a chain, parents first), so the cut nodes are those from there on; the count stops at the lowest cut one, so
+    a scored node may be left out of what a policy learns, never a cut one counted as rejected. Nodes from there
+    on that the grammar pruned are left out with them.
+    """
+    cut = [node for node in prepared.origin[held:] if node is not None]
+    return min(cut) if cut else None
 
 
 class Generation:
@@ -135,6 +148,7 @@ class Generation:
         self.logprobs: list[TokenLogprob] = []
         self._proposal: Proposal | None = None
         self._prepared: PreparedTree | None = None
+        self._scored: int | None = None  # the proposer's nodes the pass scores (``scored_nodes``)
         self._layout: PassLayout | None = None
 
     def prefill(self) -> list[int]:
@@ -158,7 +172,9 @@ class Generation:
         began = time.perf_counter()
         proposal = self.proposer.propose(self.context, room)
         self.stats.draft_s += time.perf_counter() - began
-        self._prepared, extra = fit_to_room(self._prepare(proposal.tree, room), proposal.extra, free)
+        prepared = self._prepare(proposal.tree, room)
+        self._prepared, extra = fit_to_room(prepared, proposal.extra, free)
+        self._scored = scored_nodes(prepared, len(self._prepared.tree))
         self._proposal = Proposal(proposal.tree, extra)
         self._layout = pass_layout(Proposal(self._prepared.tree, extra), self.context[-1])
         return self._layout
@@ -194,7 +210,7 @@ class Generation:
         # The proposer hears of its own nodes only (forced tokens it did not draft are accepted tokens all the same).
         own_nodes = list(takewhile(lambda node: node is not None, (origin[node] for node in verdict.accepted)))
         self.proposer.update(StepOutcome(accepted, verdict.next_token, hidden, extra_logits, own_nodes,
-                                         pass_width or len(layout.tokens), pass_ms))
+                                         pass_width or len(layout.tokens), pass_ms, self._scored))
         stats.draft_s += time.perf_counter() - began
         self._proposal = self._prepared = self._layout = None
         return self._append(new, scores.logits[keep])

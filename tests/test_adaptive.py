@@ -12,7 +12,15 @@ from conftest import EOS, greedy_reference, random_prompts, tiny_loaded, tiny_mo
 from test_sampling_lossless import PROMPT, VOCAB, assert_same_distribution
 from tiny_gguf import write_tiny_gguf
 
-from hasten.adaptive.chooser import TRIALS, AcceptanceModel, DraftPolicy, best_size, path_probabilities
+from hasten.adaptive.chooser import (
+    TRIALS,
+    AcceptanceModel,
+    DraftPolicy,
+    best_size,
+    path_probabilities,
+    sibling_shares,
+    verified_nodes,
+)
 from hasten.adaptive.cost import CostModel
 from hasten.api import generate
 from hasten.backends import TransformersModel
@@ -104,6 +112,19 @@ def test_learning_counts_only_nodes_whose_parent_was_accepted():
     model.learn(tree, features, accepted_nodes=[0])  # 1 accepted, then 2 and 4 rejected; 3 was never reached
     assert model.rates[("a", 1)].accepted == 1 and model.rates[("b", 2)].offered == 1
     assert ("a", 3) not in model.rates
+
+
+def test_learning_leaves_out_the_nodes_the_pass_did_not_score():
+    """Nodes from ``scored_nodes`` on were cut from the pass (the context's end): neither accepted nor rejected."""
+    tree = TokenTree([1, 2, 3, 4, 5], [ROOT, 0, ROOT, 0, ROOT])
+    features = [[("a", node)] for node in range(5)]
+    assert verified_nodes(tree, [0], 3) == [(0, True), (1, False), (2, False)]
+    assert verified_nodes(tree, [0]) == [(0, True), (1, False), (2, False), (3, False), (4, False)]
+    policy = DraftPolicy(frozen(CPU))
+    policy.learn(tree, features, StepOutcome([1], 2, None, None, [0], 4, 12.0, scored_nodes=3))
+    assert set(policy.acceptance.rates) == {("a", 0), ("a", 1), ("a", 2)}
+    assert policy.realized == 1 and policy.predicted == pytest.approx(sum(sibling_shares(
+        tree, [policy.acceptance.prior_mean] * 5)[:3]))
 
 
 def test_policy_learns_to_stop_drafting_what_is_never_accepted():

@@ -13,8 +13,10 @@ from test_redrafter import random_head
 from tiny_gguf import write_tiny_gguf
 
 import hasten
+from hasten.adaptive.chooser import DraftPolicy
+from hasten.adaptive.cost import CostModel
 from hasten.backends.base import Scores, Target
-from hasten.engine import Generation, fit_to_room
+from hasten.engine import Generation, fit_to_room, scored_nodes
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer, StepOutcome
@@ -186,6 +188,50 @@ def test_fit_to_room_drops_the_extra_branch_first_then_the_last_nodes():
     cut, dropped = fit_to_room(prepared, extra, 3)
     assert dropped is None
     assert (cut.tree.tokens, cut.tree.parents, cut.origin) == ([5, 6, 7], [-1, 0, -1], [None, 0, 1])
+
+
+def test_scored_nodes_counts_the_proposers_nodes_before_the_first_cut_one():
+    # the proposer's node 0 merged into the first of two forced tokens; its nodes 1 and 3 pruned by the grammar
+    prepared = PreparedTree(TokenTree([5, 6, 7, 8], [-1, 0, 1, 1]), [0, None, 2, 4])
+    assert [scored_nodes(prepared, held) for held in range(5)] == [0, 2, 2, 4, None]
+
+
+class Learning(Bushy):
+    """A bushy proposer whose policy learns each step's tree under features of its own for every node."""
+
+    def __init__(self) -> None:
+        super().__init__(siblings=12)
+        self.policy = DraftPolicy(CostModel([1, 64], [10.0, 10.0]))
+
+    def update(self, outcome: StepOutcome) -> None:
+        super().update(outcome)
+        step, tree = len(self.outcomes) - 1, self.proposed[-1].tree
+        assert self.policy is not None
+        self.policy.learn(tree, [[("bushy", step, node)] for node in range(len(tree))], outcome)
+
+    def learned(self, step: int) -> set[int]:
+        assert self.policy is not None
+        return {f[2] for f in self.policy.acceptance.rates if len(f) == 3 and f[1] == step}
+
+
+def test_nodes_cut_for_the_room_are_not_learned_as_rejected(models):
+    """Near the end of the context the engine cuts the bushy tree (its 12 wrong guesses below the root last):
+    the proposer is told how many of its nodes were scored, and its policy records those only."""
+    loaded = models["transformers"][0]
+    proposer = Learning()
+    _run(loaded, proposer, periodic(236))
+    cut_siblings = 0
+    for step, (proposal, outcome) in enumerate(zip(proposer.proposed, proposer.outcomes, strict=True)):
+        tree, scored = proposal.tree, outcome.scored_nodes
+        if scored is None:
+            assert outcome.pass_width >= 1 + len(tree)
+            scored = len(tree)
+        else:  # the extra branch dropped, the tree cut to its first nodes
+            assert 0 <= scored < len(tree) and outcome.pass_width == 1 + scored
+            cut_siblings += sum(parent == -1 for parent in tree.parents[scored:])
+        on_path = {-1, *outcome.accepted_nodes}
+        assert proposer.learned(step) == {node for node in range(scored) if tree.parents[node] in on_path}
+    assert cut_siblings > 0  # guesses below the root, which would have counted as rejected
 
 
 def test_llamacpp_guard_counts_the_pass_width(models):

@@ -38,6 +38,9 @@ class VerifiedStep(Protocol):
     @property
     def pass_ms(self) -> float: ...  # its wall time
 
+    @property
+    def scored_nodes(self) -> int | None: ...  # the tree's nodes the pass could score, in index order (None: all)
+
 
 EXPLORE = 0.5  # width of the optimism bonus, in standard errors
 CALIBRATION_PRIOR = 6.0  # pseudo-nodes a generation's calibration starts with, accepted at the model's rate
@@ -147,18 +150,27 @@ class AcceptanceModel:
             rate.offered += 1
             feature = coarser(feature)
 
-    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], accepted_nodes: Sequence[int]) -> None:
-        """Record every node whose parent was accepted (the root counts): accepted or not, under each of its
-        features (a node several sources proposed has one per source)."""
-        for node, accepted in verified_nodes(tree, accepted_nodes):
+    def learn(self, tree: TokenTree, features: Sequence[Sequence[Feature]], accepted_nodes: Sequence[int],
+              scored: int | None = None) -> None:
+        """Record every node whose parent was accepted (the root counts), of the first ``scored`` (None: all):
+        accepted or not, under each of its features (a node several sources proposed has one per source)."""
+        for node, accepted in verified_nodes(tree, accepted_nodes, scored):
             for feature in features[node]:
                 self.record(feature, accepted)
 
 
-def verified_nodes(tree: TokenTree, accepted_nodes: Sequence[int]) -> list[tuple[int, bool]]:
-    """The nodes a step verified, those whose parent was accepted (the root counts), and whether each was."""
+def verified_nodes(tree: TokenTree, accepted_nodes: Sequence[int],
+                   scored: int | None = None) -> list[tuple[int, bool]]:
+    """The nodes a step verified, those whose parent was accepted (the root counts), and whether each was.
+
+    Only the first ``scored`` nodes (None: all) count: the engine cut the others from the pass for the room left
+    in the context, and a node never scored was not rejected. Nodes before them that a grammar pruned from the
+    pass do count: they were offered and the target could never accept them, so they are rejected where their
+    parent was accepted.
+    """
     on_path, taken = {ROOT, *accepted_nodes}, set(accepted_nodes)
-    return [(node, node in taken) for node, parent in enumerate(tree.parents) if parent in on_path]
+    end = len(tree) if scored is None else min(scored, len(tree))
+    return [(node, node in taken) for node, parent in enumerate(tree.parents[:end]) if parent in on_path]
 
 
 def sibling_shares(tree: TokenTree, conditional: Sequence[float]) -> list[float]:
@@ -245,10 +257,10 @@ class DraftPolicy:
         self.predicted *= CALIBRATION_MEMORY
         # predicted as ``choose`` predicts: siblings' shares sum to at most 1
         shares = sibling_shares(tree, [max(self.acceptance.mean(f) for f in node) for node in features])
-        for node, accepted in verified_nodes(tree, outcome.accepted_nodes):
+        for node, accepted in verified_nodes(tree, outcome.accepted_nodes, outcome.scored_nodes):
             self.predicted += shares[node]
             self.realized += accepted
-        self.acceptance.learn(tree, features, outcome.accepted_nodes)
+        self.acceptance.learn(tree, features, outcome.accepted_nodes, outcome.scored_nodes)
         if outcome.pass_ms > 0:
             self.cost.observe(outcome.pass_width, outcome.pass_ms)
 

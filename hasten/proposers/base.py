@@ -42,6 +42,9 @@ class StepOutcome:
     accepted_nodes: list[int] = field(default_factory=list)  # tree indices of the accepted tokens
     pass_width: int = 1  # tokens the target pass scored (root, tree and extra branch)
     pass_ms: float = 0.0  # wall time of that pass
+    # how many of the proposer's nodes, in index order, the pass could score (None: all); those after were cut
+    # for the room left in the context, never verified, and are neither accepted nor rejected
+    scored_nodes: int | None = None
 
 
 class Proposer:

@@ -61,6 +61,13 @@ class TokenTree:
     def is_chain(self) -> bool:
         return is_chain(self.parents)
 
+    def depths(self) -> list[int]:
+        """Depth of every node, the root's children being at depth 1 (a pass's tokens: ``tree_depths``)."""
+        out: list[int] = []
+        for parent in self.parents:
+            out.append(1 if parent == ROOT else out[parent] + 1)
+        return out
+
     def children(self) -> dict[int, list[int]]:
         """Children of every node (key ``ROOT`` for the root), in index order."""
         kids: dict[int, list[int]] = {ROOT: []}
@@ -110,20 +117,15 @@ def is_chain(parents: Sequence[int]) -> bool:
     return all(parent == i - 1 for i, parent in enumerate(parents))
 
 
-def depths(parents: Sequence[int]) -> list[int]:
-    """Depth of every node of a tree, the root's children being at depth 1."""
-    out: list[int] = []
-    for parent in parents:
-        out.append(1 if parent == ROOT else out[parent] + 1)
-    return out
-
-
 def tree_depths(parents: Sequence[int]) -> list[int]:
-    """Depth of every token of a pass (the root, token 0, at 0), refusing any other layout."""
+    """Depth of every token of a pass (the root, token 0, at 0), refusing any other layout (a ``TokenTree``'s own
+    nodes: ``TokenTree.depths``)."""
+    out: list[int] = []
     for i, parent in enumerate(parents):
         if not -1 <= parent < i or (parent == -1) != (i == 0):
             raise ValueError(f"token {i} has parent {parent}: token 0 is the root and parents precede children")
-    return [depth - 1 for depth in depths(parents)]
+        out.append(0 if parent == -1 else out[parent] + 1)
+    return out
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

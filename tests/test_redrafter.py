@@ -22,7 +22,7 @@ from hasten.redrafter.head import HeadConfig, ReDrafterHead
 from hasten.sampling import SamplingParams
 from hasten.training.redrafter import STATE_FILE, TrainConfig, train
 from hasten.training.selfdistill import DistillData, teacher_force
-from hasten.tree import ROOT, TokenTree, ancestor_mask, depths, tree_depths
+from hasten.tree import ROOT, TokenTree, ancestor_mask, tree_depths
 
 
 def random_head(vocab_size: int = 64, hidden: int = 32, draft_vocab: int = 48, seed: int = 1) -> ReDrafterHead:
@@ -100,7 +100,7 @@ def test_beams_merge_by_shared_prefix_hand_worked():
     tree = TokenTree.from_paths(beams.tolist())  # nodes in beam-major order: the best beam's path comes first
     assert tree.tokens == [5, 6, 7, 8, 9, 7, 4, 6, 7]
     assert tree.parents == [ROOT, 0, 1, 1, 0, 4, ROOT, 6, 7]
-    assert depths(tree.parents) == [1, 2, 3, 3, 2, 3, 1, 2, 3]
+    assert tree.depths() == [1, 2, 3, 3, 2, 3, 1, 2, 3]
     layout = pass_layout(Proposal(tree), root=3)
     assert layout.tokens == [3, 5, 6, 7, 8, 9, 7, 4, 6, 7]
     assert tree_depths(layout.parents) == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]

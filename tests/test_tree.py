@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from hasten.tree import ROOT, TokenTree, ancestor_mask, depths, is_chain, merge_paths, subtree, tree_depths
+from hasten.tree import ROOT, TokenTree, ancestor_mask, is_chain, merge_paths, subtree, tree_depths
 
 
 def test_from_paths_merges_shared_prefixes():
     tree = TokenTree.from_paths([[5, 6, 7], [5, 6, 8], [5, 9], [4]])
     assert tree.tokens == [5, 6, 7, 8, 9, 4]
     assert tree.parents == [ROOT, 0, 1, 1, 0, ROOT]
-    assert depths(tree.parents) == [1, 2, 3, 3, 2, 1]
+    assert tree.depths() == [1, 2, 3, 3, 2, 1]
     assert tree.children() == {ROOT: [0, 5], 0: [1, 4], 1: [2, 3]}
     assert not tree.is_chain and not is_chain(tree.parents)
 
@@ -32,6 +32,7 @@ def test_pass_depths_and_ancestor_mask_hand_worked():
     tree = TokenTree.from_paths([[5, 6], [5, 7], [8]])
     parents = [-1, *(p + 1 for p in tree.parents)]  # a pass: the root first, then the nodes
     assert tree_depths(parents) == [0, 1, 2, 2, 1]
+    assert tree_depths(parents)[1:] == tree.depths()  # a node is as deep in its pass as in its tree
     # rows/cols: root, 5, 6, 7, 8
     expected = torch.tensor(
         [

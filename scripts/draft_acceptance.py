@@ -10,7 +10,8 @@ vocabulary as ``ReducedVocabDraftProposer.vocab_logits`` does. A greedy draft wh
 true prefix, so one pass over prompt + answer gives its top-1 at every answer position t; the chain from t is
 accepted to depth d when the guesses at t..t+d-1 all match. Positions: t = 1 .. n-D (token 0 comes from the
 prefill, never drafted; a chain of D must fit in the answer). ``--check N`` replays the first N prompts through
-hasten's proposer (``draft_chain`` at every position) and counts the positions whose accepted run agrees.
+hasten's proposer (``draft_tree`` at every position, built as a greedy chain: no policy, one child per node and
+one node per depth) and counts the positions whose accepted run agrees.
 
   python scripts/draft_acceptance.py --drafts hasten/artifacts/draft /tmp/draft-distill-snap \
       --out /tmp/draft-acc.json --plot /tmp/draft-acc.png
@@ -97,10 +98,12 @@ def proposer_runs(draft: ModelBackend, vocab_ids: torch.Tensor, vocab_size: int,
                   answer: list[int], depth: int) -> list[int]:
     """The accepted run at each position 1..n-depth when hasten's proposer drafts a chain of ``depth`` there."""
     proposer = ReducedVocabDraftProposer(draft, vocab_ids, vocab_size, SamplingParams(), num_tokens=depth)
+    assert proposer.policy is None and proposer.sizes(greedy=True) == (1, 1)  # a greedy chain: its tree's only path
     proposer.start([*prompt, answer[0]], None)
     runs = []
     for t in range(1, len(answer) - depth + 1):
-        chain, _, _ = proposer.draft_chain([*prompt, *answer[:t]], depth, greedy=True)
+        paths, _ = proposer.draft_tree([*prompt, *answer[:t]], depth, greedy=True).paths()
+        chain = paths[0] if paths else []
         runs.append(leading_run([a == b for a, b in zip(chain, answer[t:], strict=False)], 0, depth))
         proposer.rollback([])  # back to the true prefix; the next position feeds the true token
     return runs

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hasten.errors import HastenError
+from hasten.response_format import check_response_format
 
 _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 _TOKENIZERS: dict[tuple[int, int], llguidance.LLTokenizer] = {}
@@ -37,28 +38,19 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
     return _TOKENIZERS[key]
 
 
-def _schema_grammar(schema: object) -> str:
-    if not isinstance(schema, Mapping):
-        raise HastenError("a JSON schema must be a JSON object")
+def _schema_grammar(schema: Mapping[str, Any]) -> str:
     layout = {**_JSON_LAYOUT, **schema.get("x-guidance", {})}
     return llguidance.LLMatcher.grammar_from_json_schema(json.dumps({**schema, "x-guidance": layout}))
 
 
 def _response_format_grammar(response_format: object) -> str | None:
-    """The grammar of an OpenAI ``response_format`` (None for plain text)."""
-    if not isinstance(response_format, Mapping) or not isinstance(response_format.get("type"), str):
-        raise HastenError('response_format must be an object with a "type" ("text", "json_object" or "json_schema")')
-    kind = response_format["type"]
-    if kind == "text":
+    """The grammar of an OpenAI ``response_format`` (None for plain text), once ``check_response_format`` took it."""
+    checked = check_response_format(response_format)
+    if checked["type"] == "text":
         return None
-    if kind == "json_object":
+    if checked["type"] == "json_object":
         return _schema_grammar({"type": "object"})
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, Mapping) or "schema" not in spec:
-            raise HastenError('response_format "json_schema" needs {"json_schema": {"name": ..., "schema": {...}}}')
-        return _schema_grammar(spec["schema"])
-    raise HastenError(f'response_format type must be "text", "json_object" or "json_schema", got {kind!r}')
+    return _schema_grammar(checked["json_schema"]["schema"])
 
 
 @dataclass(frozen=True)

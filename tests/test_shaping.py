@@ -209,3 +209,18 @@ def test_a_tokenizer_llguidance_cannot_read_is_a_one_line_error():
 
     with pytest.raises(HastenError, match="not available for this model's tokenizer"):
         compile_constraint(tiny_tokenizer(), 64, {"type": "json_object"})
+
+
+@pytest.mark.parametrize("bad", [
+    5, {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+])
+def test_a_response_format_is_checked_by_check_response_format_alone(bad):
+    from hasten.grammar import compile_constraint
+    from hasten.response_format import check_response_format
+
+    with pytest.raises(HastenError) as expected:
+        check_response_format(bad)
+    with pytest.raises(HastenError) as got:
+        compile_constraint(None, VOCAB, bad)  # refused before the tokenizer is read
+    assert str(got.value) == str(expected.value)

@@ -92,8 +92,10 @@ class RecordingTarget:
 
     vocab_size = 50
 
-    def __init__(self, clock: list[float], max_context: int = 4000, tree_extra: float = 0.0) -> None:
+    def __init__(self, clock: list[float], max_context: int = 4000, tree_extra: float = 0.0,
+                 by_width: dict[int, float] | None = None) -> None:
         self.clock, self.max_context, self.tree_extra = clock, max_context, tree_extra
+        self.by_width = by_width or {}  # ms more for a pass of these widths
         self.cache_len, self.passes = 0, []
 
     def start(self, context):
@@ -104,10 +106,15 @@ class RecordingTarget:
         cold = not any(p[:2] == (self.cache_len, list(parents)) for p in self.passes)
         self.passes.append((self.cache_len, list(parents), None if logits_rows is None else list(logits_rows)))
         millis = 1 + len(tokens) + rows + self.cache_len / 100 + (0 if is_chain(parents) else self.tree_extra)
+        millis += self.by_width.get(len(tokens), 0.0)
         self.clock[0] += (millis + (50 if cold else 0)) / 1000
 
     def commit(self, keep):
         self.cache_len += len(keep)
+
+    def truncate(self, length):
+        assert length <= self.cache_len
+        self.cache_len = length
 
 
 def test_calibration_reads_every_row_of_chains_and_trees_at_several_contexts():
@@ -135,6 +142,17 @@ def test_calibration_prices_the_dearer_of_a_chain_and_a_tree():
     curve = measure(RecordingTarget(clock, tree_extra=4.0), widths=(1, 2, 4), contexts=(100,), rounds=3,
                     clock=lambda: clock[0])
     assert curve.grid == [pytest.approx([4.0, 6.0, 14.0])]  # width 2 is a chain either way; width 4 a tree
+
+
+def test_a_jagged_curve_is_measured_at_every_width():
+    clock = [0.0]
+    slow = {2: 9.0, 3: 9.0, 6: 9.0, 7: 9.0, 10: 9.0, 11: 9.0}  # rows blocked by four: 2 and 3 more of a block
+    curve = measure(RecordingTarget(clock, by_width=slow), widths=(1, 2, 3, 4, 6, 8, 12, 16), contexts=(100,),
+                    clock=lambda: clock[0])
+    assert curve.widths == list(range(1, 17))
+    assert curve(7) == pytest.approx(4 + 12 + 9) and curve(8) == pytest.approx(18.0)
+    smooth = measure(RecordingTarget(clock), widths=(1, 2, 4, 8), contexts=(100,), clock=lambda: clock[0])
+    assert smooth.widths == [1, 2, 4, 8]
 
 
 def test_calibration_fits_a_short_model_context():

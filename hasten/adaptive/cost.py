@@ -32,7 +32,8 @@ COST_VERSION = 2  # what a curve measures (2: every row read, trees, cache lengt
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # wider passes: extended along the last two
 CALIBRATION_CONTEXT = 512  # the cache length the whole curve is measured at, and the one assumed until told
 CALIBRATION_CONTEXTS = (64, 512, 1024)  # clamped to the model's context; longer: extended along the last two
-CONTEXT_WIDTHS = (1, 4, 16)  # at the other cache lengths: the shape in between is the main curve's
+CONTEXT_WIDTHS = (1, 4, 16)  # at the other cache lengths (3 rounds): the shape in between is the main curve's
+DENSE_WIDTHS = 16  # where the measured curve is jagged, every width up to this one is measured
 TREE_WIDTHS = (4, 8, 16)  # widths whose bushy trees are timed beside their chains
 TREE_BRANCHES = 4  # a calibration tree hangs this many chains below the root (one sequence id each on llama.cpp)
 ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of the curve's scale
@@ -293,14 +294,16 @@ def extend(target: Target, filler: list[int], length: int) -> None:
 def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
             contexts: Sequence[int] = CALIBRATION_CONTEXTS, rounds: int = 3,
             clock: Callable[[], float] = time.perf_counter, *, tree_widths: Sequence[int] = TREE_WIDTHS,
-            context_widths: Sequence[int] = CONTEXT_WIDTHS, context_rounds: int = 2) -> CostModel:
+            context_widths: Sequence[int] = CONTEXT_WIDTHS, context_rounds: int = 3) -> CostModel:
     """Time verification passes, every row read, of each width after each of ``contexts`` cached tokens
-    (clamped to the model's context; the cache is left holding filler).
+    (clamped to the model's context): the cache is filled to the longest first, then cut down to each in turn,
+    so the passes of every context are timed within a few seconds of each other (it is left holding filler).
 
     The context nearest ``CALIBRATION_CONTEXT`` gets chains of every width and bushy trees (``bushy``) of
     ``tree_widths``, the fastest of ``rounds`` each (``fastest``): where a tree costs more than a chain (on
     llama.cpp each of its leaves is a sequence id of its own) that ratio, interpolated between those widths,
-    prices every width. The other contexts get chains of ``context_widths``, ``context_rounds`` times: a longer
+    prices every width; where those chains' curve is ``jagged``, every width up to ``DENSE_WIDTHS`` is timed
+    too. The other contexts get chains of ``context_widths``, ``context_rounds`` times: a longer
     cache adds attention, which changes the shape slowly, so there the main row is rescaled by the ratios
     measured. Each row is made at most linear (``capped``).
     """
@@ -310,20 +313,25 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
     main = min(lengths, key=lambda c: (abs(c - CALIBRATION_CONTEXT), c))
     filler = [(7 * i + 3) % target.vocab_size for i in range(lengths[-1])]
     target.start(filler[: lengths[0]])
+    extend(target, filler, lengths[-1])  # filled once, first: then every context's passes follow each other
     measured: dict[int, dict[int, float]] = {}
     trees: dict[int, float] = {}
-    for length in lengths:
-        extend(target, filler, length)
+    for length in reversed(lengths):
+        target.truncate(length)
         fastest(target, {"warm-up": chain(1)}, 1, clock)  # the first pass after a long one is often slow
         if length == main:
             times = fastest(target, {**{("chain", w): chain(w) for w in widths},
                                      **{("tree", w): bushy(w) for w in tree_widths if 2 < w <= widths[-1]}},
                             rounds, clock)
             trees = {w: t for (shape, w), t in times.items() if shape == "tree"}
+            if jagged(widths, [times["chain", w] for w in widths]):
+                dense = [w for w in range(1, min(DENSE_WIDTHS, widths[-1]) + 1) if w not in widths]
+                times |= fastest(target, {("chain", w): chain(w) for w in dense}, rounds, clock)
         else:
             at = [w for w in context_widths if w <= widths[-1]] or widths[:1]
             times = fastest(target, {("chain", w): chain(w) for w in at}, context_rounds, clock)
         measured[length] = {w: t for (shape, w), t in times.items() if shape == "chain"}
+    widths = sorted(measured[main])
     row = [measured[main][w] for w in widths]
     if trees:  # the dearer of a chain and a tree, the ratio interpolated (a tree of 1 or 2 tokens is a chain)
         chains = {w: m for w, m in zip(widths, row, strict=True) if w <= 2}
@@ -331,6 +339,12 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
     row = capped(widths, row)
     grid = [row if length == main else rescaled(widths, row, measured[length]) for length in lengths]
     return CostModel(widths, grid, contexts=lengths)
+
+
+def jagged(widths: Sequence[int], millis: Sequence[float]) -> bool:
+    """Whether a curve falls somewhere (by more than 5%): a wider pass cheaper than a narrower one, as where a
+    backend's kernels block rows by four (transformers fp32 on a CPU: 6 and 7 tokens cost 102 and 123 ms, 8 92)."""
+    return any(b < 0.95 * a for a, b in zip(millis, millis[1:], strict=False))
 
 
 def rescaled(widths: Sequence[int], row: Sequence[float], times: dict[int, float]) -> list[float]:

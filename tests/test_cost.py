@@ -185,7 +185,7 @@ def test_save_and_load_round_trip(tmp_path):
     path, grid = tmp_path / "curve.json", two_contexts()
     grid.save(path)
     loaded = CostModel.load(path)
-    assert loaded is not None and loaded.key == "k"
+    assert loaded is not None and loaded.key == "k" and [p.name for p in tmp_path.iterdir()] == ["curve.json"]
     assert (loaded.widths, loaded.contexts, loaded.grid) == (grid.widths, grid.contexts, grid.grid)
     for width in (1, 3, 9):
         for context in (0, 400, 5000):

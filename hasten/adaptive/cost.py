@@ -194,9 +194,12 @@ class CostModel:
                 "millis": self.grid, "measured_at": time.time()}
 
     def save(self, path: Path) -> None:
+        """Write the curve to ``path`` whole (through a temporary file: a reader never sees half of it)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.to_json()))
+            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(self.to_json()))
+            temporary.replace(path)
         except OSError:
             pass  # a read-only home: calibrate again next time
 

@@ -112,7 +112,8 @@ class GrammarState:
         self.vocab_size = vocab_size
         self.path: list[int] = []  # tokens consumed past the committed answer
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
-        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # path -> mask, until the next commit
+        self._placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}  # the same, copied to a device
 
     def _follow(self, path: Sequence[int]) -> None:
         """Move the matcher to the committed answer plus ``path`` (a path the grammar allows)."""
@@ -127,19 +128,26 @@ class GrammarState:
                 raise HastenError(f"the grammar rejects token {token}: {_one_line(self.matcher.get_error())}")
             self.path.append(token)
 
-    def allowed(self, path: Sequence[int] = ()) -> torch.Tensor:
-        """The tokens the grammar allows after the committed answer and ``path`` (bool, vocabulary-sized)."""
+    def allowed(self, path: Sequence[int] = (), device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tokens the grammar allows after the committed answer and ``path`` (bool, vocabulary-sized), on
+        ``device``: made once per path, and copied once per path and device, until the next ``commit``."""
         key = tuple(path)
         if key not in self._masks:
             self._follow(path)
             llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
             self._masks[key] = _unpack(self._bitmask[0], self.vocab_size)
-        return self._masks[key]
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._masks[key]
+        if (key, device) not in self._placed:
+            self._placed[key, device] = self._masks[key].to(device)
+        return self._placed[key, device]
 
-    def valid_prefix(self, path: Sequence[int]) -> int:
-        """How many leading tokens of ``path`` the grammar accepts after the committed answer."""
-        self._follow(())
-        return self.matcher.validate_tokens(list(path))
+    def accepts(self, path: Sequence[int], token: int) -> bool:
+        """Whether the grammar allows ``token`` after the committed answer and ``path`` (a path it allows). The
+        matcher moves from the last path asked for, so a walk down a tree checks about one token per node."""
+        self._follow(path)
+        return self.matcher.validate_tokens([token]) == 1
 
     def forced(self, limit: int) -> list[int]:
         """Tokens the grammar forces next (at most ``limit``): drafted without a proposer, verified as usual."""
@@ -150,6 +158,7 @@ class GrammarState:
         """Tokens added to the answer (the tentative path is dropped first)."""
         self._follow(())
         self._masks.clear()
+        self._placed.clear()
         for token in tokens:
             if self.matcher.is_stopped():  # after the grammar's end only the end of sequence follows
                 break

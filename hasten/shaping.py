@@ -45,8 +45,7 @@ class Shaper:
         if self.penalties is not None:
             row = self.penalties.shape(row, path)
         if self.grammar is not None:
-            allowed = self.grammar.allowed(path).to(row.device)
-            row = row.masked_fill(~allowed, float("-inf"))
+            row = row.masked_fill(~self.grammar.allowed(path, row.device), float("-inf"))
         return row
 
     def commit(self, tokens: Sequence[int]) -> None:
@@ -64,26 +63,27 @@ class Shaper:
         return self._pruned(merged)
 
     def _pruned(self, prepared: PreparedTree) -> PreparedTree:
+        """Drop each node the grammar rejects after its parent's path, and all below it: a node is checked by its
+        one token (its parent's path was checked when the parent was kept)."""
         assert self.grammar is not None
         tree = prepared.tree
-        paths: list[list[int]] = []
+        paths: dict[int, tuple[int, ...]] = {ROOT: ()}  # kept old node -> its path below the root
         kept: dict[int, int] = {ROOT: ROOT}  # old node -> new node
         tokens: list[int] = []
         parents: list[int] = []
         origin: list[int | None] = []
         rows: list[torch.Tensor] = []
         for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
-            above = paths[parent] if parent != ROOT else []
-            path = [*above, token]
-            paths.append(path)
-            if parent not in kept or self.grammar.valid_prefix(path) < len(path):
+            above = paths.get(parent)
+            if above is None or not self.grammar.accepts(above, token):
                 continue
+            paths[node] = (*above, token)
             kept[node] = len(tokens)
             tokens.append(token)
             parents.append(kept[parent])
             origin.append(prepared.origin[node])
             if tree.draft_probs is not None:  # drawn from p; kept only where allowed, so from p restricted there
-                row = tree.draft_probs[node].float() * self.grammar.allowed(above).to(tree.draft_probs.device)
+                row = tree.draft_probs[node].float() * self.grammar.allowed(above, tree.draft_probs.device)
                 rows.append(row / row.sum())
         probs = torch.stack(rows) if rows else None if tree.draft_probs is None else tree.draft_probs[:0]
         return PreparedTree(TokenTree(tokens, parents, probs), origin)

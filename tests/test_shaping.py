@@ -126,6 +126,67 @@ def test_pruned_sampled_rows_are_restricted_to_the_grammar():
     assert row.sum() == pytest.approx(1.0)
 
 
+class _CountingMatcher:
+    """An LLMatcher that counts the tokens it is asked to check or consume."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher, self.tokens = matcher, 0
+
+    def validate_tokens(self, tokens: list[int]) -> int:
+        self.tokens += len(tokens)
+        return self.matcher.validate_tokens(tokens)
+
+    def consume_token(self, token: int) -> bool:
+        self.tokens += 1
+        return self.matcher.consume_token(token)
+
+    def __getattr__(self, name: str):
+        return getattr(self.matcher, name)
+
+
+def test_pruning_checks_each_node_by_its_own_token():
+    state = letter_grammar("(ab)*c").matcher()
+    counting = state.matcher = _CountingMatcher(state.matcher)
+    chain = TokenTree.chain(ids("abababababababab"))  # 16 tokens: the whole path of each node would be 136
+    assert Shaper(grammar=state).prepare(chain, room=0).tree.tokens == chain.tokens
+    assert counting.tokens <= 2 * len(chain)  # one check per node, one step of the matcher per level
+
+
+def test_pruning_keeps_what_the_whole_path_allows():
+    grammar = letter_grammar("(de|f|bc|g)+")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        size = int(torch.randint(1, 24, (), generator=generator))
+        parents = [ROOT] + [int(torch.randint(-1, i, (), generator=generator)) for i in range(1, size)]
+        tokens = ids("bcdefg")
+        tree = TokenTree([tokens[int(torch.randint(0, 6, (), generator=generator))] for _ in parents], parents)
+        prepared = Shaper(grammar=grammar.matcher(), jump_forward=False).prepare(tree, room=0)
+        expected = [node for node in range(size) if grammar.matcher().matcher.validate_tokens(
+            path := path_to(tree, node)) == len(path)]  # each node on its own, its whole path from the start
+        assert prepared.origin == expected
+        assert prepared.tree.tokens == [tree.tokens[node] for node in expected]
+
+
+def path_to(tree: TokenTree, node: int) -> list[int]:
+    path = []
+    while node != ROOT:
+        path.append(tree.tokens[node])
+        node = tree.parents[node]
+    return path[::-1]
+
+
+def test_a_mask_goes_to_a_device_once_per_path_and_step():
+    state = letter_grammar("ab(c|d)e").matcher()
+    shaper = Shaper(grammar=state)
+    placed = state.allowed(ids("ab"), "meta")
+    assert placed.device.type == "meta" and state.allowed(ids("ab"), "meta") is placed
+    assert shaper.shape(torch.zeros(VOCAB, device="meta"), ids("ab")).device.type == "meta"
+    assert state.allowed(ids("ab"), "meta") is placed  # the row was masked by the copy already there
+    assert state.allowed(ids("ab")) is state.allowed(ids("ab"), "cpu")  # the CPU mask is not copied
+    shaper.commit(ids("a"))
+    assert state.allowed(ids("b"), "meta") is not placed  # a new step, a new answer: masks made again
+
+
 # --- lossless end to end on a tiny model -----------------------------------------------------------------------
 
 def makers(params, draft_model):

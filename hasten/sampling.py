@@ -103,14 +103,15 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Indices that ``TopPLogitsWarper`` keeps: a token stays when the mass of the tokens before it is below top_p.
 
     Tokens are binned by their logit's distance below the top (``_BIN`` apart; the last bin holds the rest)
-    and one ``bincount`` gives each bin's mass: the bins above the one where the mass reaches top_p stay, the
-    bins below go, and only that one bin is sorted. Probabilities are float64, where transformers' ascending
-    float32 cumsum and the exact rule agree (a float32 cumsum from the top of the vocabulary drifts by a token
-    now and then).
+    and one accumulating ``index_put_`` gives each bin's mass: the bins above the one where the mass reaches
+    top_p stay, the bins below go, and only that one bin is sorted. Probabilities are float64, where
+    transformers' ascending float32 cumsum and the exact rule agree (a float32 cumsum from the top of the
+    vocabulary drifts by a token now and then). The bin masses are deterministic on CUDA too (sorted by bin, then
+    summed; ``bincount`` with weights adds atomically there), and on the CPU the same bits as ``bincount``'s.
     """
     probs = logits.double().softmax(-1)
     bins = ((logits.max() - logits) / _BIN).clamp_(max=_BINS - 1).long()
-    mass = torch.bincount(bins, weights=probs, minlength=_BINS).cumsum(0)
+    mass = probs.new_zeros(_BINS).index_put_((bins,), probs, accumulate=True).cumsum(0)
     edge = min(int(torch.searchsorted(mass, top_p)), _BINS - 1)  # the first bin whose mass reaches top_p
     above = float(mass[edge - 1]) if edge else 0.0
     band = (bins == edge).nonzero().squeeze(-1)

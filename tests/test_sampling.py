@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from scipy.stats import chisquare
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
+from hasten import sampling
 from hasten.api import generate
 from hasten.sampling import MIN_TEMPERATURE, SamplingParams, sample
 from hasten.server import create_app
@@ -103,6 +104,47 @@ def test_top_p_does_not_sort_the_vocabulary(monkeypatch):
     for top_k, top_p in ((0, 0.9), (0, 0.99), (50, 0.9)):
         SamplingParams(0.8, top_k, top_p).probs(logits)
     assert sizes and max(sizes) < 49152 // 8, sizes
+
+
+def bincount_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``sampling._nucleus`` as it was at 525553e, bin masses from ``torch.bincount`` with weights (not
+    deterministic on CUDA): the reference the deterministic one must match bit for bit on the CPU."""
+    probs = logits.double().softmax(-1)
+    bins = ((logits.max() - logits) / sampling._BIN).clamp_(max=sampling._BINS - 1).long()
+    mass = torch.bincount(bins, weights=probs, minlength=sampling._BINS).cumsum(0)
+    edge = min(int(torch.searchsorted(mass, top_p)), sampling._BINS - 1)
+    above = float(mass[edge - 1]) if edge else 0.0
+    band = (bins == edge).nonzero().squeeze(-1)
+    values, order = probs[band].sort(descending=True)
+    keep = sampling._before(values.cumsum(0), above) < top_p
+    return torch.cat([(bins < edge).nonzero().squeeze(-1), band[order[keep]]])
+
+
+def test_top_p_gives_the_bits_bincount_gave_on_the_cpu(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randn(49152, generator=gen) * scale for scale in (0.5, 1.0, 3.0, 8.0, 30.0) for _ in range(4)]
+    rows += [torch.randint(-6, 6, (5000,), generator=gen).float() for _ in range(4)]  # ties inside every bin
+    settings = [SamplingParams(temperature, 0, top_p) for temperature in (0.3, 1.0, 2.5)
+                for top_p in (0.05, 0.5, 0.9, 0.99, 0.999999)]
+    new = [params.probs(row) for params in settings for row in rows]
+    monkeypatch.setattr(sampling, "_nucleus", bincount_nucleus)
+    old = [params.probs(row) for params in settings for row in rows]
+    assert all(torch.equal(a, b) for a, b in zip(new, old, strict=True))
+    assert sum(int((row > 0).sum()) for row in new) > 10 * len(new)  # wide nuclei, not a few tokens each
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_top_p_is_deterministic_on_cuda():
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(6)).cuda() * 3
+    params = SamplingParams(0.8, 0, 0.9)
+    torch.use_deterministic_algorithms(True)  # bincount with weights would raise here: it adds atomically
+    try:
+        first = params.probs(logits)
+        assert all(torch.equal(params.probs(logits), first) for _ in range(5))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_same(first.cpu(), warped(params, logits.cpu()))
 
 
 def test_sampling_never_calls_multinomial(monkeypatch):

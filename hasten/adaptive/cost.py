@@ -45,15 +45,20 @@ MAX_AGE_S = 7 * 24 * 3600.0  # a saved curve is measured again after a week (dri
 OUTLIER = 3.0  # a pass this many times off its prediction (preempted, or a cold cache) teaches nothing
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
+def cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in ``/proc/cpuinfo`` (None where there is none, or no such file)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def interpolate(xs: Sequence[int], ys: Sequence[float], x: float, extend: bool = True) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from hasten.adaptive.cost import cpuinfo
 from hasten.backends.base import ModelBackend
 from hasten.backends.transformers_target import TransformersModel
 from hasten.draft.model import SHIPPED_DRAFT, check_fits, load_draft_on, read_draft_dir
@@ -43,11 +44,7 @@ def _bfloat16_pays(target: ModelBackend) -> bool:
     precision never changes the output."""
     if torch.device(getattr(target, "device", "cpu")).type != "cpu" or getattr(target, "dtype", None) != torch.float32:
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    return bool({"avx512_bf16", "amx_bf16"} & set((cpuinfo("flags") or "").split()))
 
 
 def _in_bfloat16(draft: torch.nn.Module) -> torch.nn.Module:

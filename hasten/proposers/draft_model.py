@@ -271,7 +271,8 @@ class DraftModelProposer(Proposer):
         the level's expected accepted tokens."""
         assert self.policy is not None
         factor = self.policy.calibration()
-        conditional = [min(1.0, factor * self.policy.acceptance.estimate(features[n][0])) if n in new else 0.0
+        fresh = set(new)
+        conditional = [min(1.0, factor * self.policy.acceptance.estimate(features[n][0])) if n in fresh else 0.0
                        for n in range(len(tree))]
         shares = sibling_shares(tree, conditional)
         for n in new:

@@ -169,6 +169,8 @@ class Generation:
         """The proposer's tree for this step, cut to the room left in the context and laid out as one pass."""
         free = self.target.max_context - len(self.context)  # cache slots after the root's: one per drafted token
         room = min(self.max_new_tokens - self.produced, free) - 1
+        if self.proposer.policy is not None:  # an adaptive proposer prices this pass at this cache length
+            self.proposer.policy.at_context(len(self.context) - 1)
         began = time.perf_counter()
         proposal = self.proposer.propose(self.context, room)
         self.stats.draft_s += time.perf_counter() - began

@@ -221,6 +221,15 @@ class DraftPolicy:
     batch_gain: float = 0.0  # tokens those sequences are expected to emit from it
     realized: float = 0.0  # this generation's verified nodes that were accepted (fading)
     predicted: float = 0.0  # how many of them the acceptance model expected (fading)
+    context: int | None = None  # tokens in this sequence's cache at this step (None: the curve's default)
+
+    def at_context(self, context: int) -> None:
+        """This step's pass runs after ``context`` cached tokens: price it (and learn from it) there.
+
+        The curve is shared by every sequence on the model; each sequence tells it its own cache length before
+        it drafts (a pass after 1,500 tokens costs 1.7x one after 50 on the default model with llama.cpp)."""
+        self.context = context
+        self.cost.at_context(context)
 
     def calibration(self) -> float:
         """This generation's accepted nodes over what the shared acceptance model predicted for them.
@@ -262,7 +271,7 @@ class DraftPolicy:
             self.realized += accepted
         self.acceptance.learn(tree, features, outcome.accepted_nodes, outcome.scored_nodes)
         if outcome.pass_ms > 0:
-            self.cost.observe(outcome.pass_width, outcome.pass_ms)
+            self.cost.observe(outcome.pass_width, outcome.pass_ms, self.context)
 
     def stats(self) -> dict[str, float]:
         steps = sum(self.choices.values())

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hasten.backends.base import ModelBackend
-from hasten.backends.transformers_target import TransformersModel
+from hasten.backends.transformers.target import TransformersModel
 from hasten.errors import HastenError
 
 DEFAULT_MODEL = "default"
@@ -250,7 +250,7 @@ def load_model(spec: str = DEFAULT_MODEL, backend: str = "auto", *, device: str 
     try:
         tokenizer = load_tokenizer(folder, gguf_file)
         if chosen == "llamacpp":
-            from hasten.backends.llamacpp_model import LlamaCppModel
+            from hasten.backends.llamacpp.model import LlamaCppModel
 
             engine: ModelBackend = LlamaCppModel(folder / gguf_file, threads=threads)
         else:

@@ -214,7 +214,7 @@ def test_api_methods_are_adaptive_by_default_and_exact():
 
 @pytest.fixture(scope="module")
 def tiny_gguf_loaded(tmp_path_factory) -> LoadedModel:
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=4, vocab_size=64, init_std=0.6)
     return LoadedModel("tiny-gguf", LlamaCppModel(path, threads=1), tiny_tokenizer(64), path)
@@ -222,7 +222,7 @@ def tiny_gguf_loaded(tmp_path_factory) -> LoadedModel:
 
 @pytest.mark.parametrize("curve", [FLAT, CPU], ids=["flat", "cpu"])
 def test_adaptive_methods_match_ar_on_llamacpp(tiny_gguf_loaded, curve, tmp_path):
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     backend = tiny_gguf_loaded.backend
     other = LlamaCppModel(write_tiny_gguf(tmp_path / "other.gguf", seed=9, vocab_size=64, init_std=0.6), threads=1)
@@ -306,7 +306,7 @@ def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_
     if backend == "transformers":
         engine = TransformersModel(tiny_model("llama", 21, vocab_size=VOCAB, init_std=0.1))
     else:
-        from hasten.backends.llamacpp_model import LlamaCppModel
+        from hasten.backends.llamacpp.model import LlamaCppModel
 
         engine = LlamaCppModel(write_tiny_gguf(tmp_path / "s.gguf", seed=21, vocab_size=VOCAB, init_std=0.1),
                                threads=1)

@@ -75,8 +75,8 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = set()  # none today
 KNOWN_CYCLES: list[list[str]] = [
     # llama.cpp's model, target and shared context name each other's types under ``if TYPE_CHECKING:``. Removed by
     # the move of hasten/backends/ into packages (issue 28), which deletes this entry.
-    ["hasten.backends.llamacpp_model", "hasten.backends.llamacpp_shared_context",
-     "hasten.backends.llamacpp_shared_exactness", "hasten.backends.llamacpp_target"],
+    ["hasten.backends.llamacpp.model", "hasten.backends.llamacpp.shared_context",
+     "hasten.backends.llamacpp.shared_exactness", "hasten.backends.llamacpp.target"],
 ]
 
 
@@ -300,7 +300,7 @@ def test_the_checker_resolves_relative_imports_and_ranks_layers(tmp_path):
     modules = {"hasten.backends.base", "hasten.backends.x", "hasten.tree", "hasten.backends.tree", "hasten.errors"}
     assert [i.imported for i in imports_of("hasten.backends.x", path, modules)] == [
         "hasten.backends.tree", "hasten.backends.base", "hasten.errors"]
-    assert layer("hasten.backends.base") == 1 and layer("hasten.backends.llamacpp_target") == 2
+    assert layer("hasten.backends.base") == 1 and layer("hasten.backends.llamacpp.target") == 2
     assert layer("hasten.server.worker") == 6 and layer("hasten") == 7 and layer("hasten.unknown") is None
     assert upward([Import("hasten.verify", "hasten.proposers.base", 1, False)]) == {
         ("hasten.verify", "hasten.proposers.base")}

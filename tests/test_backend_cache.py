@@ -59,7 +59,7 @@ def test_trees_stay_exact_past_a_sliding_window(arch):
 
 
 def test_cache_length_is_the_context_after_every_step_on_both_backends(tmp_path):
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     backends = [TransformersModel(tiny_model("llama", 3, init_std=0.6)),
                 LlamaCppModel(write_tiny_gguf(tmp_path / "t.gguf", seed=1, vocab_size=64, init_std=0.6), threads=1)]

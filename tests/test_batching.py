@@ -22,7 +22,7 @@ GREEDY = SamplingParams()
 
 @pytest.fixture(scope="module")
 def gguf_loaded(tmp_path_factory) -> LoadedModel:
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=4, vocab_size=64, init_std=0.6)
     return LoadedModel("tiny-gguf", LlamaCppModel(path, threads=1), tiny_tokenizer(64), path)

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import greedy_reference, tiny_loaded
 
-from hasten.backends.transformers_generate import generate_ids, generation_config
+from hasten.backends.transformers.generate import generate_ids, generation_config
 from hasten.bench import BenchPrompt, run_bench
 from hasten.bench.records import RunRecord
 from hasten.bench.report import anchor_lines, markdown

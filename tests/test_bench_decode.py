@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_loaded
 
-from hasten.backends.transformers_generate import first_pass_timer
+from hasten.backends.transformers.generate import first_pass_timer
 from hasten.bench.anchors import run_hf_anchor
 from hasten.bench.records import Run, RunRecord, decode_fields, decode_ms_per_token, decode_s, decode_tokens
 from hasten.bench.report import decode_table, table, write_records_csv

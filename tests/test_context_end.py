@@ -34,7 +34,7 @@ def periodic(length: int) -> list[int]:
 
 
 def tiny_gguf_loaded(folder, seed: int) -> LoadedModel:
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     path = write_tiny_gguf(folder / f"tiny-{seed}.gguf", seed=seed, vocab_size=64, context=CONTEXT, init_std=0.6)
     return LoadedModel(f"tiny-gguf-{seed}", LlamaCppModel(path, threads=1, n_ctx=CONTEXT), tiny_tokenizer(64), path)

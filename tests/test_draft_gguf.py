@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_gguf import write_tiny_gguf
 
-from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
+from hasten.backends.llamacpp.embedding_input import ReducedDraftModel
 from hasten.draft.backend import load_draft_backend
 from hasten.draft.gguf_export import cached_export
 from hasten.draft.model import build_draft, load_draft_on, save_draft

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from hasten.api import generate, prompt_ids
-from hasten.backends.transformers_target import TransformersModel, TransformersTarget
+from hasten.backends.transformers.target import TransformersModel, TransformersTarget
 from hasten.draft.model import build_draft, load_draft_dir, save_draft
 from hasten.engine import DecodeStats, decode
 from hasten.errors import HastenError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import EOS, greedy_reference, random_prompts, tiny_model
 
-from hasten.backends.transformers_target import TransformersModel
+from hasten.backends.transformers.target import TransformersModel
 from hasten.engine import DecodeStats, Generation, pass_layout, run
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer
 from hasten.sampling import SamplingParams

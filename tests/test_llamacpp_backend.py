@@ -23,8 +23,8 @@ import pytest
 import torch
 from tiny_gguf import EOS, write_tiny_gguf
 
-from hasten.backends.llamacpp_model import LlamaCppModel
-from hasten.backends.llamacpp_tree_layout import kept_path_sequence, tree_sequences
+from hasten.backends.llamacpp.model import LlamaCppModel
+from hasten.backends.llamacpp.tree_layout import kept_path_sequence, tree_sequences
 from hasten.errors import HastenError
 from hasten.tree import tree_depths
 

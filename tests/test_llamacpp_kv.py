@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny_gguf import write_tiny_gguf
 
-from hasten.backends.llamacpp_model import LlamaCppModel
-from hasten.backends.llamacpp_shared_exactness import attention_is_batch_invariant, kv_types, lone_token_splits
+from hasten.backends.llamacpp.model import LlamaCppModel
+from hasten.backends.llamacpp.shared_exactness import attention_is_batch_invariant, kv_types, lone_token_splits
 
 CONTEXT = [(7 * i + 3) % 90 + 4 for i in range(700)]  # past 512 cells: where an F16 cache switches kernels
 

@@ -9,7 +9,7 @@ import torch
 from tiny_gguf import write_tiny_gguf
 
 from hasten.api import generate
-from hasten.backends.llamacpp_model import LlamaCppModel
+from hasten.backends.llamacpp.model import LlamaCppModel
 from hasten.bench.prompts import read_prompts
 from hasten.models import LoadedModel
 

@@ -18,10 +18,10 @@ import torch
 from test_llamacpp_backend import VOCAB, chain, random_path, random_tree, tokens
 from tiny_gguf import write_tiny_gguf
 
-from hasten.backends.llamacpp_model import LlamaCppModel
-from hasten.backends.llamacpp_shared_context import SharedCache
-from hasten.backends.llamacpp_shared_exactness import MAX_TOKENS
-from hasten.backends.llamacpp_target import LlamaCppTarget
+from hasten.backends.llamacpp.model import LlamaCppModel
+from hasten.backends.llamacpp.shared_context import SharedCache
+from hasten.backends.llamacpp.shared_exactness import MAX_TOKENS
+from hasten.backends.llamacpp.target import LlamaCppTarget
 from hasten.errors import HastenError
 
 

@@ -18,7 +18,7 @@ from conftest import (
 )
 
 from hasten.api import generate
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.transformers.target import TransformersTarget
 from hasten.engine import DecodeStats, decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_parents

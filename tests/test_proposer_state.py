@@ -20,7 +20,7 @@ from conftest import random_prompts, tiny_model
 from test_redrafter import random_head
 
 from hasten.backends.base import ModelBackend, Target
-from hasten.backends.transformers_target import TransformersModel
+from hasten.backends.transformers.target import TransformersModel
 from hasten.engine import Generation
 from hasten.proposers.base import Proposer
 from hasten.proposers.draft_model import DraftModelProposer
@@ -30,7 +30,7 @@ from hasten.tree import TokenTree
 from hasten.verify import verify
 
 if TYPE_CHECKING:
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
 GREEDY = SamplingParams()
 
@@ -138,7 +138,7 @@ def tiny_llamacpp(vocab: int) -> LlamaCppModel:
     """A tiny random GGUF on llama.cpp (one thread, so scores are deterministic across pass shapes)."""
     from tiny_gguf import write_tiny_gguf
 
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     path = write_tiny_gguf(f"{tempfile.mkdtemp(prefix='hasten-proposer-state-')}/tiny.gguf", vocab_size=vocab, seed=6)
     return LlamaCppModel(path, threads=1)

@@ -12,7 +12,7 @@ from conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts
 from scipy.stats import chisquare
 
 import hasten
-from hasten.backends.transformers_target import TransformersTarget
+from hasten.backends.transformers.target import TransformersTarget
 from hasten.engine import decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.base import Proposal

@@ -46,7 +46,7 @@ def trained(confident_accepted: bool) -> AcceptanceModel:
 def engine_on(backend: str, tmp_path):
     if backend == "transformers":
         return TransformersModel(tiny_model("llama", 21, vocab_size=VOCAB, init_std=0.1))
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     return LlamaCppModel(write_tiny_gguf(tmp_path / "s.gguf", seed=21, vocab_size=VOCAB, init_std=0.1), threads=1)
 
@@ -55,7 +55,7 @@ def draft_engine_on(backend: str, tmp_path):
     """A weaker draft of the same vocabulary: some of its tokens are accepted, some not."""
     if backend == "transformers":
         return TransformersModel(tiny_model("llama", 22, vocab_size=VOCAB, layers=1, init_std=0.1))
-    from hasten.backends.llamacpp_model import LlamaCppModel
+    from hasten.backends.llamacpp.model import LlamaCppModel
 
     return LlamaCppModel(write_tiny_gguf(tmp_path / "d.gguf", seed=22, vocab_size=VOCAB, layers=1, init_std=0.1),
                          threads=1)

@@ -18,7 +18,7 @@ from transformers import (
 
 from hasten.api import generate
 from hasten.backends import TransformersModel
-from hasten.backends.transformers_target import sliding_window
+from hasten.backends.transformers.target import sliding_window
 from hasten.engine import DecodeStats, Generation
 from hasten.models import LoadedModel
 from hasten.proposers.base import Proposer

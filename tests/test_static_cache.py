@@ -15,8 +15,8 @@ import torch
 from conftest import EOS, random_prompts, tiny_model
 
 from hasten.backends import TransformersModel
-from hasten.backends.pass_inputs import PassInputs
-from hasten.backends.static_kv import TreeMask, padded_ancestor_mask
+from hasten.backends.transformers.pass_inputs import PassInputs
+from hasten.backends.transformers.static_kv import TreeMask, padded_ancestor_mask
 from hasten.engine import DecodeStats, Generation
 from hasten.proposers.base import Proposer
 from hasten.proposers.lookahead import LookaheadProposer

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hasten.adaptive.cost import clock_for
-from hasten.backends.transformers_generate import Generated, generate_ids, generation_config
+from hasten.backends.transformers.generate import Generated, generate_ids, generation_config
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.sampling import SamplingParams

@@ -8,7 +8,7 @@ import torch
 
 from hasten.adaptive.cost import cpuinfo
 from hasten.backends.base import ModelBackend
-from hasten.backends.transformers_target import TransformersModel
+from hasten.backends.transformers.target import TransformersModel
 from hasten.draft.model import SHIPPED_DRAFT, check_fits, load_draft_on, read_draft_dir
 from hasten.per_model import once_per_model
 
@@ -27,7 +27,7 @@ def load_draft_backend(target: ModelBackend, directory: str | Path = SHIPPED_DRA
         if _bfloat16_pays(target):
             draft = _in_bfloat16(draft)
         return TransformersModel(draft), vocab_ids, config
-    from hasten.backends.llamacpp_embedding_input import ReducedDraftModel
+    from hasten.backends.llamacpp.embedding_input import ReducedDraftModel
     from hasten.draft.gguf_export import cached_export
 
     tensors, vocab_ids, config = read_draft_dir(directory)

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import torch
 
-from hasten.backends.gguf_config import GGUFFile, read_gguf
+from hasten.backends.llamacpp.gguf_config import GGUFFile, read_gguf
 from hasten.errors import HastenError
 
 CACHE = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "drafts"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hasten.backends.base import ModelBackend
-from hasten.backends.transformers_target import TransformersModel
+from hasten.backends.transformers.target import TransformersModel
 from hasten.errors import HastenError
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "artifacts" / "draft"

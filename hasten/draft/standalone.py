@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
-from hasten.backends.gguf_config import GGUFFile, llama_config, read_gguf
+from hasten.backends.llamacpp.gguf_config import GGUFFile, llama_config, read_gguf
 from hasten.draft.gguf_export import CACHE, _add_raw, _copy_raw, draft_layers, head_name, start_writer, write_layers
 from hasten.draft.model import CONFIG, WEIGHTS, check_fits, read_draft_dir
 from hasten.errors import HastenError

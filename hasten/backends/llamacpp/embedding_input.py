@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from hasten.backends.gguf_config import read_gguf
-from hasten.backends.llamacpp_model import LlamaCppModel
-from hasten.backends.llamacpp_target import LlamaCppTarget
+from hasten.backends.llamacpp.gguf_config import read_gguf
+from hasten.backends.llamacpp.model import LlamaCppModel
+from hasten.backends.llamacpp.target import LlamaCppTarget
 from hasten.errors import HastenError
 
 DRAFT_SEQUENCES = 16  # sequence ids of the draft's context: a drafted tree has at most 15 leaves

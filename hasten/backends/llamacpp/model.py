@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp_library import clear_log, first_logged_error, load_llama_cpp
-from hasten.backends.llamacpp_prompt_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PROMPT_CACHE_BYTES
-from hasten.backends.llamacpp_prompt_cache import PromptCache
-from hasten.backends.llamacpp_shared_context import SharedCache, score_many
-from hasten.backends.llamacpp_shared_exactness import attention_is_batch_invariant, kv_types
-from hasten.backends.llamacpp_target import LlamaCppTarget
+from hasten.backends.llamacpp.library import clear_log, first_logged_error, load_llama_cpp
+from hasten.backends.llamacpp.prompt_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from hasten.backends.llamacpp.prompt_cache import PromptCache
+from hasten.backends.llamacpp.shared_context import SharedCache, score_many
+from hasten.backends.llamacpp.shared_exactness import attention_is_batch_invariant, kv_types
+from hasten.backends.llamacpp.target import LlamaCppTarget
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class LlamaCppModel:
     llama.cpp decides, which is on for the CPU) should stay on: its CPU kernel treats every query row on its
     own, so passes are batch-invariant, while without it the real default model's logits move by ~0.5 with
     the number of tokens in a pass. ``score_many`` scores several targets' passes in one ``llama_decode`` in a
-    shared context of ``shared_cells`` cells and ``shared_seq_max`` sequence ids (see ``llamacpp_shared_context``).
+    shared context of ``shared_cells`` cells and ``shared_seq_max`` sequence ids (see ``shared_context``).
 
     ``kv_type`` is the KV cache's type, ``"K/V"`` or one type for both; by default Q8_0 keys and F16 values,
     falling back to F16 (llama.cpp's default) where a quantized cache cannot be made (head sizes not a multiple of
@@ -56,7 +56,7 @@ class LlamaCppModel:
     an F16/F16 cache prefills at 3.5 too, but is not exact).
 
     ``prompt_cache`` keeps the cells of recent prompts (``prompt_cache_bytes``, 64 MiB by default; 0 turns it
-    off) so that a prefill runs only what its prompt does not share with one of them (``llamacpp_prompt_cache``);
+    off) so that a prefill runs only what its prompt does not share with one of them (``prompt_cache``);
     it exists only where that is bit-exact: with a quantized KV cache.
     """
 
@@ -194,7 +194,7 @@ class LlamaCppModel:
 
     def score_many(self, passes: Sequence[tuple[Any, Any]]) -> list[Scores]:
         """Score the passes (target, layout with tokens, parents, logits_rows) of several targets of this model,
-        as far as exactness allows in shared llama_decode calls; see ``llamacpp_shared_context``."""
+        as far as exactness allows in shared llama_decode calls; see ``shared_context``."""
         targets = [target for target, _layout in passes]
         if len({id(target) for target in targets}) != len(targets):
             raise ValueError("score_many takes each target at most once")
@@ -247,7 +247,7 @@ class LlamaCppModel:
 
     def transformers_config(self) -> PretrainedConfig:
         """The GGUF's llama metadata as a transformers ``LlamaConfig`` (drafters built on the target's shapes)."""
-        from hasten.backends.gguf_config import llama_config, read_gguf
+        from hasten.backends.llamacpp.gguf_config import llama_config, read_gguf
 
         return llama_config(read_gguf(self.path))
 

@@ -9,7 +9,7 @@ repeated prompt all of it, and the next turn of a conversation everything up to 
 A stored sequence that another one extends is dropped: the longer one serves both.
 
 Exactness. With a quantized KV cache and flash attention on, ggml's CPU kernels treat every row on its own
-(``llamacpp_model.LlamaCppModel``), so a token's cells and logits do not depend on which decode computed the
+(``model.LlamaCppModel``), so a token's cells and logits do not depend on which decode computed the
 tokens before it: restoring a prefix and running the rest gives bit-identical cells and logits to running the
 whole prompt at once (tested on the shipped prompts). With an F16 cache, passes of 64 or more tokens take a
 tiled kernel that rounds differently, so the cache is off there, as it is without flash attention.

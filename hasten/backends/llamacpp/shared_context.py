@@ -18,7 +18,7 @@ truncation, a target leaving) move to the garbage sequence instead of being free
 end; when the garbage outweighs the live cells or the end comes near, the cache is compacted (every member's
 cells copied out and back, each target contiguous and in order; K/V bytes, nothing recomputed).
 
-Which passes can be exact here, and which run in the target's own context, is ``llamacpp_shared_exactness``.
+Which passes can be exact here, and which run in the target's own context, is ``shared_exactness``.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp_batch import BatchArrays
-from hasten.backends.llamacpp_kv_inspection import caught_up_problems, kv_cells, layout_problems
-from hasten.backends.llamacpp_shared_exactness import MAX_TOKENS, lone_token_splits, shareable
-from hasten.backends.llamacpp_tree_layout import PassPlan, check_kept_path, kept_path_sequence
+from hasten.backends.llamacpp.batch import BatchArrays
+from hasten.backends.llamacpp.kv_inspection import caught_up_problems, kv_cells, layout_problems
+from hasten.backends.llamacpp.shared_exactness import MAX_TOKENS, lone_token_splits, shareable
+from hasten.backends.llamacpp.tree_layout import PassPlan, check_kept_path, kept_path_sequence
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
-    from hasten.backends.llamacpp_model import LlamaCppModel
-    from hasten.backends.llamacpp_target import LlamaCppTarget
+    from hasten.backends.llamacpp.model import LlamaCppModel
+    from hasten.backends.llamacpp.target import LlamaCppTarget
 
 GARBAGE = 0  # the sequence of cells no target needs any more (never attended to; freeing them would leave holes)
 MIN_GARBAGE = 256  # compact once the garbage exceeds this and the live cells

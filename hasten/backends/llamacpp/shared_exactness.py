@@ -1,7 +1,7 @@
 """Which passes score bit-identically in a llama.cpp context shared by several targets.
 
 A shared decode is exact where ggml's CPU kernels treat each query row on its own and walk the cells in cell
-order (``llamacpp_shared_context``). Three things cannot be bit-identical in a shared context; they run in the
+order (``shared_context``). Three things cannot be bit-identical in a shared context; they run in the
 target's own context, where its cells sit exactly as in plain decoding (the cache migrates by a K/V copy of its
 cells, nothing evaluated twice):
 - a decode of 64+ tokens (a long prefill, a huge tree): flash attention tiles its queries (``GGML_FA_TILE_Q``)
@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hasten.backends.llamacpp_model import LlamaCppModel
-    from hasten.backends.llamacpp_target import LlamaCppTarget
+    from hasten.backends.llamacpp.model import LlamaCppModel
+    from hasten.backends.llamacpp.target import LlamaCppTarget
 
 MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
 KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multiple of this

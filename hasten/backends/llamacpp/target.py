@@ -1,13 +1,13 @@
 """A llama.cpp target: one sequence whose llama context holds exactly its committed tokens in its KV cache.
 
-A pass lays its tree out with one sequence id per leaf (``llamacpp_tree_layout``). The committed context must be
+A pass lays its tree out with one sequence id per leaf (``tree_layout``). The committed context must be
 visible in every sequence of the pass; with ``kv_unified`` this only tags cells, and the tags are kept lazily
 (a sequence is caught up from sequence 0 when a pass first needs it), so a step costs a few scans of the cell
 array and never work proportional to the context. After ``commit`` exactly the committed cells remain, all in
 sequence 0; nothing is ever evaluated twice.
 
 ``LlamaCppModel.score_many`` scores several targets' passes in one ``llama_decode``: their caches then live in
-one shared context, each under its own sequence ids (``llamacpp_shared_context``; ``llamacpp_shared_exactness``
+one shared context, each under its own sequence ids (``shared_context``; ``shared_exactness``
 says which passes can be bit-identical there and which run in the target's own context). A target used on its
 own never leaves its own context.
 """
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp_batch import BatchArrays
-from hasten.backends.llamacpp_kv_inspection import Cell, caught_up_problems, kv_cells, layout_problems, sequence_end
-from hasten.backends.llamacpp_library import clear_log, first_logged_error
-from hasten.backends.llamacpp_tree_layout import PassPlan, check_kept_path, kept_path_sequence, plan_pass
+from hasten.backends.llamacpp.batch import BatchArrays
+from hasten.backends.llamacpp.kv_inspection import Cell, caught_up_problems, kv_cells, layout_problems, sequence_end
+from hasten.backends.llamacpp.library import clear_log, first_logged_error
+from hasten.backends.llamacpp.tree_layout import PassPlan, check_kept_path, kept_path_sequence, plan_pass
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
-    from hasten.backends.llamacpp_model import LlamaCppModel
-    from hasten.backends.llamacpp_shared_context import SharedCache
+    from hasten.backends.llamacpp.model import LlamaCppModel
+    from hasten.backends.llamacpp.shared_context import SharedCache
 
 
 class LlamaCppTarget:
@@ -392,7 +392,7 @@ class LlamaCppTarget:
             return out
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[local])
 
-    # -- inspection (tests, debugging): llama.cpp's real cache state (``llamacpp_kv_inspection``)
+    # -- inspection (tests, debugging): llama.cpp's real cache state (``kv_inspection``)
 
     def real_cache_len(self) -> int:
         """One past the last position llama.cpp holds in sequence 0 (in the shared context: in its home)."""

@@ -27,9 +27,9 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hasten.backends.base import Scores
-from hasten.backends.cuda_graphs import GraphRunner, Outputs
-from hasten.backends.pass_inputs import PassInputs
-from hasten.backends.static_kv import StaticKV, TreeMask, causal_block, padded_ancestor_mask, window_mask
+from hasten.backends.transformers.cuda_graphs import GraphRunner, Outputs
+from hasten.backends.transformers.pass_inputs import PassInputs
+from hasten.backends.transformers.static_kv import StaticKV, TreeMask, causal_block, padded_ancestor_mask, window_mask
 from hasten.errors import HastenError
 from hasten.tree import tree_depths
 

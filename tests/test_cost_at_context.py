@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import EOS, tiny_model
 
 from hasten.adaptive.chooser import DraftPolicy
 from hasten.adaptive.cost import CostModel
 from hasten.backends import TransformersModel
 from hasten.backends.base import Target
+from hasten.bench.oracle import PldSource, replay
 from hasten.engine import decode
 from hasten.proposers.base import Proposal
 from hasten.proposers.prompt_lookup import PromptLookupProposer
@@ -49,3 +51,15 @@ def test_each_step_is_priced_at_its_own_cache_length():
     with_candidates = [(cache, drafted) for cache, _, found, drafted in steps if found]
     assert any(cache <= SHORT for cache, _ in with_candidates) and any(cache > SHORT for cache, _ in with_candidates)
     assert all((drafted > 0) == (cache <= SHORT) for cache, drafted in with_candidates), with_candidates
+
+
+def test_the_oracle_prices_each_pass_at_its_cache_length():
+    """A pass after n cached tokens costs 10 + n ms: ar's passes and the oracle's are each priced where they run."""
+    curve = CostModel([1, 8], [[10.0, 10.0], [110.0, 110.0]], contexts=[0, 100])
+    prompt, output = [1, 2, 3, 4, 9, 1], [2, 3, 4, 5, 6]
+    run = replay(prompt, output, PldSource(), curve)
+    # ar: one pass per token after the prefill's, after 6, 7, 8 and 9 cached tokens
+    assert run.ar_ms == pytest.approx(sum(10.0 + n for n in (6, 7, 8, 9)))
+    # the oracle: context [1 2 3 4 9 1 2] matches "1 2" -> "3 4 9": 3 and 4 accepted, 5 the target's own, one pass
+    # after 6 cached; the last token, 6, a plain pass after 9 cached
+    assert run.steps == 2 and run.oracle_ms == pytest.approx(16.0 + 19.0)

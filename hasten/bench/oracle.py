@@ -3,9 +3,9 @@
 A replay along a greedy ``ar`` output, after the prefill's token (the first new token comes from the prefill, not
 from a decode step): at each step the method's candidates are taken from the context so far;
 the oracle drafts exactly the accepted prefix ``L`` of the best candidate (0 if none accepts anything), so the
-step emits ``L + 1`` tokens and costs ``cost(L + 1)`` on the target's measured cost curve. The bound is the
-speedup over ``ar`` under that curve: ``tokens * cost(1) / sum of step costs``. Prefill and drafting time are
-not counted, so it is an upper bound on what the method's candidates can earn, not a prediction.
+step emits ``L + 1`` tokens and costs ``cost(L + 1)`` on the target's measured cost curve, at its cache length. The
+bound is the speedup over ``ar`` under that curve: ``ar``'s passes' cost over the oracle's. Prefill and drafting
+time are not counted, so it is an upper bound on what the method's candidates can earn, not a prediction.
 
 Sources: ``pld`` (lookup matches), ``lookahead`` (its n-gram pool from the context), ``llamacpp_pld`` (its one
 candidate), ``draft`` (the paths of the draft model's greedy tree, full depth, widest sizes) and ``auto`` (lookup, the
@@ -28,7 +28,7 @@ from hasten.proposers.lookahead import DEFAULT_NGRAM, LookaheadProposer, NgramPo
 from hasten.proposers.prompt_lookup import PromptLookupProposer
 from hasten.sampling import SamplingParams
 
-Cost = Callable[[int], float]
+Cost = Callable[[int, int], float]  # milliseconds of a pass over (width) tokens after (cached) tokens
 
 
 class CandidateSource(Protocol):
@@ -227,14 +227,16 @@ def replay(prompt: Sequence[int], output: Sequence[int], source: CandidateSource
 
     As in the engine, the prefill gives the first token and drafting starts after it (``Generation.prefill``): the
     walk starts from ``prompt + output[:1]``, and that token is left out of both costs and of the tokens. A step
-    with ``r`` tokens still to come drafts at most ``r - 1`` (the target adds one).
+    with ``r`` tokens still to come drafts at most ``r - 1`` (the target adds one). Each pass, ``ar``'s and the
+    oracle's, is priced after the tokens cached before it (the context less its last token), as the engine does.
     """
     if not output:
         return OracleRun()
     context = [*prompt, output[0]]
     source.start(context)
     produced = 1
-    run = OracleRun(tokens=len(output) - produced, ar_ms=(len(output) - produced) * cost(1))
+    run = OracleRun(tokens=len(output) - produced,
+                    ar_ms=sum(cost(1, len(prompt) + i) for i in range(len(output) - produced)))
     while produced < len(output):
         depth = len(output) - produced - 1
         best = 0
@@ -243,7 +245,7 @@ def replay(prompt: Sequence[int], output: Sequence[int], source: CandidateSource
             best = max((accepted_prefix(c, truth) for c in source.candidates(context, depth)), default=0)
         new = list(output[produced : produced + best + 1])
         run.steps += 1
-        run.oracle_ms += cost(best + 1)
+        run.oracle_ms += cost(best + 1, len(context) - 1)
         context.extend(new)
         source.advance(context, new)
         produced += len(new)

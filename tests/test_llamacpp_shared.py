@@ -12,6 +12,7 @@ import gc
 import random
 import weakref
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ def model(weights: str = "q8_0", **kwargs) -> LlamaCppModel:
     path = write_tiny_gguf(f"{tempfile.mkdtemp(prefix='hasten-shared-')}/tiny.gguf", weights=weights,
                            vocab_size=VOCAB)
     return LlamaCppModel(path, threads=kwargs.pop("threads", 1), **kwargs)
+
+
+def shared_of(target: LlamaCppTarget) -> SharedCache | None:
+    """The shared context ``target``'s cache lives in (None: its own context)."""
+    return None if target.membership is None else cast(SharedCache, target.membership.cache)
 
 
 def layout(toks: list[int], parents: list[int], rows: list[int] | None = None) -> SimpleNamespace:
@@ -84,8 +90,8 @@ def test_chains_and_trees_batched_are_bit_identical_to_alone(weights):
         step(m, pairs, passes)
         for pair, p in zip(pairs, passes, strict=True):
             pair.commit(random_path(rng, p.parents))
-    assert all(pair.target._shared is not None for pair in pairs)  # they really were scored together
-    assert all(pair.reference._shared is None for pair in pairs)
+    assert all(shared_of(pair.target) is not None for pair in pairs)  # they really were scored together
+    assert all(shared_of(pair.reference) is None for pair in pairs)
 
 
 def test_ragged_acceptance_keeps_each_cache_exact():
@@ -101,7 +107,7 @@ def test_ragged_acceptance_keeps_each_cache_exact():
         short.commit([0])  # the root only: no guess accepted
         assert short.target.cache_len == before + 1
     assert (long.target.cache_len, short.target.cache_len) == (starts[0] + 24, starts[1] + 4)
-    assert long.target._shared is short.target._shared is not None
+    assert shared_of(long.target) is shared_of(short.target) is not None
 
 
 def test_targets_join_and_leave_between_steps_and_closing_frees_ids_and_cells():
@@ -114,7 +120,7 @@ def test_targets_join_and_leave_between_steps_and_closing_frees_ids_and_cells():
             pairs.append(Pair(m, rng))
         if round_ in (5, 9):  # one leaves (its target closed)
             gone = pairs.pop(0)
-            ids = list(gone.target._ids)
+            ids = list(gone.target.membership.ids)
             gone.target.close()
             assert cache is not None and all(s in cache.free_ids for s in ids)
         passes = [random_pass(rng, pair) for pair in pairs]
@@ -126,7 +132,7 @@ def test_targets_join_and_leave_between_steps_and_closing_frees_ids_and_cells():
                 pair.target.truncate(cut)
                 pair.reference.truncate(cut)
                 assert pair.target.cache_problems() == []
-        cache = pairs[0].target._shared
+        cache = shared_of(pairs[0].target)
         assert isinstance(cache, SharedCache)
         assert set(cache.members.values()) == {pair.target for pair in pairs}
     for pair in pairs:
@@ -143,7 +149,7 @@ def test_compaction_drops_garbage_and_stays_exact():
     for _ in range(30):
         passes = [layout(tokens(rng, 10), random_tree(rng, 10)) for _ in pairs]
         step(m, pairs, passes)  # compacts first when the garbage outweighs the live cells
-        cache = pairs[0].target._shared
+        cache = shared_of(pairs[0].target)
         compacted |= cache.garbage < garbage
         for pair in pairs:
             pair.commit([0])  # 9 cells of garbage each, per step
@@ -160,11 +166,11 @@ def test_big_and_lone_passes_run_alone_exactly():
     step(m, [a, b], [layout(tokens(rng, 3), chain(3)), layout(tokens(rng, 3), chain(3))])
     a.commit([0, 1])
     b.commit([0])
-    assert a.target._shared is not None
+    assert shared_of(a.target) is not None
     # 70 tokens: over what one shared decode may hold (flash attention tiles 64+), so its own context scores it
     big = layout(tokens(rng, MAX_TOKENS + 7), random_tree(rng, MAX_TOKENS + 7))
     step(m, [a, b], [big, layout(tokens(rng, 2), chain(2))])
-    assert a.target._shared is None and b.target._shared is not None
+    assert shared_of(a.target) is None and shared_of(b.target) is not None
     a.commit(random_path(rng, big.parents))
     b.commit([0, 1])
     # a target already in the shared context, scored on its own (Target.score)
@@ -175,7 +181,7 @@ def test_big_and_lone_passes_run_alone_exactly():
     context = tokens(rng, 40)
     b.target.start(context)
     b.reference.start(context)
-    assert b.target._shared is None and b.target.cache_problems() == []
+    assert shared_of(b.target) is None and b.target.cache_problems() == []
 
 
 def test_one_token_passes_with_threads_follow_plain_decoding_past_256_cells():
@@ -194,7 +200,7 @@ def test_one_token_passes_with_threads_follow_plain_decoding_past_256_cells():
         for pair in pairs:
             pair.commit([0])
         step(m, pairs, [layout(tokens(rng, 3), [-1, 0, 0]) for _ in pairs])  # trees are shared again
-        assert all(pair.target._shared is not None for pair in pairs)
+        assert all(shared_of(pair.target) is not None for pair in pairs)
         for pair in pairs:
             pair.commit([0, 2])
 
@@ -238,7 +244,7 @@ def test_a_dropped_model_is_freed_at_once_its_shared_context_before_the_model(tm
     for target in targets:
         target.commit([0, 1])
     shared = m.shared_cache_if_made
-    assert shared is not None and all(target._shared is shared for target in targets)
+    assert shared is not None and all(shared_of(target) is shared for target in targets)
     lib, shared_ctx = m.lib, shared.ctx
     freed: list[object] = []
     real_free, real_model_free = lib.llama_free, lib.llama_model_free

@@ -1,5 +1,5 @@
 """A llama_batch over numpy arrays: a pass is written into the arrays with vector operations, and the batch
-only points into them, so nothing is copied token by token through ctypes."""
+only points into them, so nothing is copied token by token through ctypes; and its output rows read back."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import ctypes
 from typing import Any
 
 import numpy as np
+import torch
+
+from hasten.errors import HastenError
 
 
 class BatchArrays:
@@ -42,4 +45,16 @@ class BatchArrays:
         return batch
 
 
-__all__ = ["BatchArrays"]
+def copy_rows(pointer: Any, total: int, width: int, local: Any) -> torch.Tensor:
+    """Copy output rows out of llama.cpp's buffer of ``total`` rows: all of them (``local`` a slice) or those
+    listed."""
+    if not pointer:
+        raise HastenError("llama.cpp returned no outputs for the pass")
+    if isinstance(local, slice):  # one memmove: right after a forward pass every Python step is slow
+        out = torch.empty(total, width)
+        ctypes.memmove(out.data_ptr(), pointer, 4 * total * width)
+        return out
+    return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[local])
+
+
+__all__ = ["BatchArrays", "copy_rows"]

@@ -26,45 +26,58 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from hasten.backends.base import Scores
 from hasten.backends.llamacpp.batch import BatchArrays
+from hasten.backends.llamacpp.interfaces import Membership, TargetModel
 from hasten.backends.llamacpp.kv_inspection import caught_up_problems, kv_cells, layout_problems
-from hasten.backends.llamacpp.shared_exactness import MAX_TOKENS, lone_token_splits, shareable
+from hasten.backends.llamacpp.shared_exactness import MAX_TOKENS, Attention, lone_token_splits, shareable
+from hasten.backends.llamacpp.target import LlamaCppTarget
 from hasten.backends.llamacpp.tree_layout import PassPlan, check_kept_path, kept_path_sequence
 from hasten.errors import HastenError
-
-if TYPE_CHECKING:
-    from hasten.backends.llamacpp.model import LlamaCppModel
-    from hasten.backends.llamacpp.target import LlamaCppTarget
 
 GARBAGE = 0  # the sequence of cells no target needs any more (never attended to; freeing them would leave holes)
 MIN_GARBAGE = 256  # compact once the garbage exceeds this and the live cells
 
-Pass = tuple["LlamaCppTarget", list[int], list[int], Sequence[int] | None]  # target, tokens, parents, rows
+Pass = tuple[LlamaCppTarget, list[int], list[int], Sequence[int] | None]  # target, tokens, parents, rows
 
 
-def score_many(model: LlamaCppModel, passes: Sequence[Pass]) -> list[Scores]:
+class SharingModel(TargetModel, Attention, Protocol):
+    """What the shared context uses of its model (``model.LlamaCppModel``, which imports this module)."""
+
+    shared_seq_max: int
+
+    def new_context(self, n_ctx: int | None = None, n_seq_max: int | None = None) -> Any: ...
+
+    def acquire_context(self) -> Any: ...
+
+    def shared_cache(self) -> SharedCache: ...
+
+    @property
+    def shared_cache_if_made(self) -> SharedCache | None: ...
+
+
+def score_many(model: SharingModel, passes: Sequence[Pass]) -> list[Scores]:
     """Score the passes of distinct, open targets of ``model`` (``LlamaCppModel.score_many`` checks that): those
     that can be exact there in shared decodes (two or more of them), the rest each in its own context; results
     in the order given."""
     plans = [target.plan(tokens, parents, rows) for target, tokens, parents, rows in passes]
-    share = [i for i, (target, tokens, *_) in enumerate(passes) if shareable(target, len(tokens))]
-    if len(share) == 1 and passes[share[0]][0]._shared is None:
+    share = [i for i, (target, tokens, *_) in enumerate(passes) if shareable(model, target.cache_len, len(tokens))]
+    if len(share) == 1 and passes[share[0]][0].membership is None:
         share = []  # alone it runs as fast in its own context, without the copy in
     cache = model.shared_cache() if share else model.shared_cache_if_made
     results: list[Scores | None] = [None] * len(passes)
     if cache is not None:
-        share = [i for i in share if passes[i][0]._shared is cache or cache.join(passes[i][0])]
+        share = [i for i in share if cache.holds(passes[i][0]) or cache.join(passes[i][0])]
         results = cache.decode(passes, plans, share, results)
     for i, (target, tokens, parents, rows) in enumerate(passes):
         if results[i] is None:
-            if target._shared is not None:
-                target._shared.leave(target)
+            if target.membership is not None:
+                target.membership.cache.leave(target)
             results[i] = target.score(tokens, parents, rows)
     return [scores for scores in results if scores is not None]
 
@@ -76,8 +89,8 @@ class SharedCache:
     keeps only a weak proxy of the model, so the two hold no reference cycle and a dropped model is freed at once.
     """
 
-    def __init__(self, model: LlamaCppModel, cells: int) -> None:
-        self.model: LlamaCppModel = weakref.proxy(model)
+    def __init__(self, model: SharingModel, cells: int) -> None:
+        self.model: SharingModel = weakref.proxy(model)
         self._lib = lib = model.lib
         self.n_seq = model.shared_seq_max
         self.ctx = model.new_context(n_ctx=cells, n_seq_max=self.n_seq)
@@ -107,6 +120,10 @@ class SharedCache:
 
     # -- members coming and going
 
+    def holds(self, target: LlamaCppTarget) -> bool:
+        """Whether ``target`` is a member (its cache lives here)."""
+        return target.membership is not None and target.membership.cache is self
+
     def join(self, target: LlamaCppTarget) -> bool:
         """Move a target's cache (from its own context) in; False when there is no room or no id for it."""
         length = target.cache_len
@@ -117,47 +134,38 @@ class SharedCache:
         if self.end + length > self.size or not self.free_ids:
             return False
         home = self.free_ids.pop()
-        self._copy(target._ctx, 0, self.ctx, home)
+        self._copy(target.own_context, 0, self.ctx, home)
         self.end += length
-        self.model.release_context(target._ctx)
-        target._ctx = target._mem = None
-        target._shared, target._ids, target._synced = self, [home], [length]
+        target.moved_in(Membership(self, [home], [length]))
         self.members[home] = target
         return True
 
     def leave(self, target: LlamaCppTarget, keep: bool = True, reopen: bool = True) -> None:
         """Move a target back to a context of its own, its cache copied there (``keep``) or dropped; its cells
         here become garbage and its ids go back to the pool. ``reopen=False``: the target is closing."""
+        ids = _seat(target).ids
         if self.ctx is None:  # freed with its model: a closing target just lets go
             if keep or reopen:
                 raise RuntimeError("the model's shared context was freed")
-            self.members.pop(target._ids[0], None)
-            target._shared, target._ids = None, []
+            self.members.pop(ids[0], None)
+            target.moved_out(None, kept=False)
             return
-        ids = target._ids
         context = None
         if keep:
-            if target._pending is not None:
+            if target.pending is not None:
                 raise RuntimeError("commit() the previous pass before the target leaves the shared context")
             context = self.model.acquire_context()
             self._copy(self.ctx, ids[0], context, 0)
-        self.garbage += target.cache_len + (len(target._pending[0]) if target._pending else 0)
+        self.garbage += target.cache_len + (len(target.pending[0]) if target.pending else 0)
         for s in ids:
             self._lib.llama_memory_seq_cp(self.mem, s, GARBAGE, -1, -1)
         for s in ids:
             self._drop_cells(s, -1)
         self.members.pop(ids[0], None)
         self.free_ids += ids[::-1]
-        target._shared, target._ids = None, []
-        if reopen:
-            if context is None:
-                context = self.model.acquire_context()
-                target.cache_len = 0
-                target._pending = None
-            target._ctx, target._mem = context, self._lib.llama_get_memory(context)
-            self._lib.llama_set_embeddings(context, target.want_hidden)
-            target._synced = [0] * target._n_seq_max
-            target._synced[0] = target.cache_len
+        if reopen and context is None:
+            context = self.model.acquire_context()
+        target.moved_out(context if reopen else None, kept=keep)
         if not self.members:  # nothing live: start over, for free
             self._lib.llama_memory_clear(self.mem, True)
             self.end = self.garbage = 0
@@ -166,33 +174,36 @@ class SharedCache:
         """Drop the garbage: every member's cells copied out and back in, each member contiguous, in order
         (not while a member's pass is pending: its pass cells are in borrowed ids)."""
         members = list(self.members.values())
-        if any(target._pending is not None for target in members):
+        if any(target.pending is not None for target in members):
             return
         lib = self._lib
         saved = []
         for target in members:
-            size = lib.llama_state_seq_get_size(self.ctx, target._ids[0])
+            home = _seat(target).ids[0]
+            size = lib.llama_state_seq_get_size(self.ctx, home)
             data = (ctypes.c_uint8 * size)()
-            lib.llama_state_seq_get_data(self.ctx, data, size, target._ids[0])
+            lib.llama_state_seq_get_data(self.ctx, data, size, home)
             saved.append(data)
         lib.llama_memory_clear(self.mem, True)
         self.end = self.garbage = 0
         for target, data in zip(members, saved, strict=True):
-            if lib.llama_state_seq_set_data(self.ctx, data, len(data), target._ids[0]) != len(data):
+            seat = _seat(target)
+            if lib.llama_state_seq_set_data(self.ctx, data, len(data), seat.ids[0]) != len(data):
                 raise HastenError("llama.cpp could not move cache entries in the shared context")
             self.end += target.cache_len
-            self.free_ids += target._ids[:0:-1]
-            target._ids, target._synced = target._ids[:1], [target.cache_len]
+            self.free_ids += seat.ids[:0:-1]
+            seat.ids, seat.synced = seat.ids[:1], [target.cache_len]
 
     def _reclaim(self, busy: set[int]) -> None:
         """Give the borrowed ids of members that are neither ``busy`` nor mid-pass back to the pool (their cells
         are all in the member's home, so this frees none)."""
         for target in list(self.members.values()):
-            if id(target) not in busy and target._pending is None and len(target._ids) > 1:
-                for s in target._ids[1:]:
+            seat = _seat(target)
+            if id(target) not in busy and target.pending is None and len(seat.ids) > 1:
+                for s in seat.ids[1:]:
                     self._drop_cells(s, -1)
-                self.free_ids += target._ids[:0:-1]
-                target._ids, target._synced = target._ids[:1], target._synced[:1]
+                self.free_ids += seat.ids[:0:-1]
+                seat.ids, seat.synced = seat.ids[:1], seat.synced[:1]
 
     # -- scoring
 
@@ -236,15 +247,16 @@ class SharedCache:
     def _ids_for(self, target: LlamaCppTarget, n_seqs: int, busy: set[int], take: bool) -> bool:
         """Whether ``target`` has (``take``: gets) an id for each of ``n_seqs`` sequences, reclaiming borrowed
         ids from members not ``busy`` when the pool runs short."""
-        missing = n_seqs - len(target._ids)
+        seat = _seat(target)
+        missing = n_seqs - len(seat.ids)
         if missing > len(self.free_ids):
             self._reclaim(busy | {id(target)})
         if missing > len(self.free_ids):
             return False
         if take:
             for _ in range(max(0, missing)):
-                target._ids.append(self.free_ids.pop())
-                target._synced.append(0)
+                seat.ids.append(self.free_ids.pop())
+                seat.synced.append(0)
         return True
 
     def _decode_chunk(self, passes: Sequence[Pass], plans: Sequence[PassPlan], chunk: list[int],
@@ -273,7 +285,7 @@ class SharedCache:
     def _fill(self, target: LlamaCppTarget, tokens: list[int], plan: PassPlan, offset: int,
               embeddings: bool) -> None:
         """Write a member's pass into the batch from ``offset`` on, under the member's sequence ids."""
-        a, ids = self.arrays, target._ids
+        a, ids = self.arrays, _seat(target).ids
         n = len(tokens)
         end = offset + n
         a.tok[offset:end] = tokens
@@ -294,11 +306,11 @@ class SharedCache:
 
     def _catch_up(self, target: LlamaCppTarget, n_seqs: int) -> None:
         """Make the member's borrowed ids 1..n_seqs-1 carry its committed context (tags only)."""
-        ids = target._ids
+        seat = _seat(target)
         for j in range(1, n_seqs):
-            if target._synced[j] < target.cache_len:
-                self._lib.llama_memory_seq_cp(self.mem, ids[0], ids[j], target._synced[j], -1)
-                target._synced[j] = target.cache_len
+            if seat.synced[j] < target.cache_len:
+                self._lib.llama_memory_seq_cp(self.mem, seat.ids[0], seat.ids[j], seat.synced[j], -1)
+                seat.synced[j] = target.cache_len
 
     def _collect(self, passes: Sequence[Pass], plans: Sequence[PassPlan], chunk: list[int], width: int,
                  embeddings: bool, results: list[Scores | None]) -> None:
@@ -317,7 +329,7 @@ class SharedCache:
             results[i] = Scores(torch.from_numpy(logits[picked]),
                                 torch.from_numpy(hidden[picked]) if hidden is not None and target.want_hidden
                                 else None)
-            target._pending = (list(parents), plan.sequences)
+            target.pending = (list(parents), plan.sequences)
             offset += len(tokens)
 
     @staticmethod
@@ -331,11 +343,12 @@ class SharedCache:
     def commit(self, target: LlamaCppTarget, keep: list[int]) -> None:
         """Keep the path ``keep`` of the member's last pass in its home; every other cell of the pass becomes
         garbage (tagged first, so untagging frees nothing)."""
-        if target._pending is None:
+        if target.pending is None:
             raise RuntimeError("commit() needs a scored pass")
-        parents, seqs = target._pending
+        parents, seqs = target.pending
         check_kept_path(parents, keep)
-        lib, mem, ids = self._lib, self.mem, target._ids
+        seat = _seat(target)
+        lib, mem, ids = self._lib, self.mem, seat.ids
         old = target.cache_len
         new = old + len(keep)
         if seqs is None:
@@ -356,35 +369,36 @@ class SharedCache:
             if holder != 0:
                 lib.llama_memory_seq_cp(mem, ids[holder], ids[0], cuts[0], new)
             for j in range(1, n_seqs):
-                target._synced[j] = cuts[j]
+                seat.synced[j] = cuts[j]
         self.garbage += len(parents) - len(keep)
-        target.cache_len = target._synced[0] = new
-        target._pending = None
+        target.cache_len = seat.synced[0] = new
+        target.pending = None
 
     def truncate(self, target: LlamaCppTarget, length: int) -> None:
         """Drop a member's cache entries from ``length`` on (they become garbage)."""
-        if target._pending is not None:
+        if target.pending is not None:
             raise RuntimeError("commit() the previous pass before truncating")
         if not 0 <= length <= target.cache_len:
             raise ValueError(f"cannot truncate a cache of {target.cache_len} tokens to {length}")
-        self._lib.llama_memory_seq_cp(self.mem, target._ids[0], GARBAGE, length, -1)
-        for s in target._ids:
+        seat = _seat(target)
+        self._lib.llama_memory_seq_cp(self.mem, seat.ids[0], GARBAGE, length, -1)
+        for s in seat.ids:
             self._drop_cells(s, length)
         self.garbage += target.cache_len - length
         target.cache_len = length
-        target._synced = [min(synced, length) for synced in target._synced]
+        seat.synced = [min(synced, length) for synced in seat.synced]
 
     def problems(self, target: LlamaCppTarget) -> list[str]:
         """``cache_problems`` for a member: its home holds exactly its committed positions, in order; its borrowed
         ids are caught up as recorded; the whole cache holds ``end`` cells, ``garbage`` of them garbage only."""
-        lib, problems = self._lib, []
-        if target._pending is not None:
+        lib, problems, seat = self._lib, [], _seat(target)
+        if target.pending is not None:
             problems.append("a pass is pending (not committed)")
-        home = target._ids[0]
+        home = seat.ids[0]
         if target.real_cache_len() != target.cache_len:
             problems.append(f"sequence {home} ends at {target.real_cache_len()}, cache_len is {target.cache_len}")
         problems += layout_problems(kv_cells(lib, self.ctx, home), target.cache_len, home)
-        problems += caught_up_problems(lib, self.mem, target._ids[1:], target._synced[1:])
+        problems += caught_up_problems(lib, self.mem, seat.ids[1:], seat.synced[1:])
         cells = kv_cells(lib, self.ctx, -1)
         garbage = sum(ids == (GARBAGE,) for _, ids in cells)
         if len(cells) != self.end or garbage != self.garbage:
@@ -412,4 +426,11 @@ class SharedCache:
             raise HastenError("llama.cpp could not move a cache between contexts")
 
 
-__all__ = ["SharedCache", "score_many"]
+def _seat(target: LlamaCppTarget) -> Membership[LlamaCppTarget]:
+    """A member's place in the shared context."""
+    if target.membership is None:
+        raise RuntimeError("this target's cache is not in the shared context")
+    return target.membership
+
+
+__all__ = ["SharedCache", "SharingModel", "score_many"]

@@ -21,15 +21,20 @@ nothing is shared. F32/F16 weights are not batch-invariant in llama.cpp at all (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hasten.backends.llamacpp.model import LlamaCppModel
-    from hasten.backends.llamacpp.target import LlamaCppTarget
+from typing import Protocol
 
 MAX_TOKENS = 63  # ggml's CPU flash attention tiles passes of GGML_FA_TILE_Q = 64 tokens and more
 KV_PAD = 256  # llama.cpp pads the cells a pass attends over (n_kv) to a multiple of this
 SPLIT_KV_CELLS = 512  # from this n_kv on, a one-token pass splits its cells across threads (split-KV path)
+
+
+class Attention(Protocol):
+    """What exactness depends on in a model (``model.LlamaCppModel``): its KV cache's type, its threads and
+    whether flash attention is on (None: llama.cpp decides)."""
+
+    kv_type: str | None
+    threads: int
+    flash_attn: bool | None
 
 
 def kv_types(kv_type: str) -> tuple[str, str]:
@@ -51,20 +56,20 @@ def n_kv(cells: int) -> int:
     return max(KV_PAD, -(-cells // KV_PAD) * KV_PAD)
 
 
-def lone_token_splits(model: LlamaCppModel, cells: int) -> bool:
+def lone_token_splits(model: Attention, cells: int) -> bool:
     """Whether a one-token pass over ``cells`` cached cells takes the split-KV path (cells split across threads)."""
     if attention_is_batch_invariant(model.kv_type or "f16"):
         return False
     return model.threads > 1 and n_kv(cells + 1) >= SPLIT_KV_CELLS
 
 
-def shareable(target: LlamaCppTarget, n: int) -> bool:
-    """Whether an ``n``-token pass of ``target`` scores bit-identically in a shared decode."""
-    model = target.model
+def shareable(model: Attention, cache_len: int, n: int) -> bool:
+    """Whether an ``n``-token pass of a target of ``model`` with ``cache_len`` cached tokens scores bit-identically
+    in a shared decode."""
     if model.flash_attn is False or n > MAX_TOKENS:
         return False
-    return not (n == 1 and lone_token_splits(model, target.cache_len))
+    return not (n == 1 and lone_token_splits(model, cache_len))
 
 
-__all__ = ["KV_PAD", "MAX_TOKENS", "SPLIT_KV_CELLS", "attention_is_batch_invariant", "kv_types", "lone_token_splits",
-           "n_kv", "shareable"]
+__all__ = ["KV_PAD", "MAX_TOKENS", "SPLIT_KV_CELLS", "Attention", "attention_is_batch_invariant", "kv_types",
+           "lone_token_splits", "n_kv", "shareable"]

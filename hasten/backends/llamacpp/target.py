@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp.batch import BatchArrays
+from hasten.backends.llamacpp.batch import BatchArrays, copy_rows
+from hasten.backends.llamacpp.interfaces import Membership, TargetModel
 from hasten.backends.llamacpp.kv_inspection import Cell, caught_up_problems, kv_cells, layout_problems, sequence_end
 from hasten.backends.llamacpp.library import clear_log, first_logged_error
 from hasten.backends.llamacpp.tree_layout import PassPlan, check_kept_path, kept_path_sequence, plan_pass
 from hasten.errors import HastenError
 
-if TYPE_CHECKING:
-    from hasten.backends.llamacpp.model import LlamaCppModel
-    from hasten.backends.llamacpp.shared_context import SharedCache
-
 
 class LlamaCppTarget:
     """One sequence on a llama.cpp model: a llama context whose KV cache holds exactly the committed tokens."""
 
-    def __init__(self, model: LlamaCppModel, context: Any, want_hidden: bool = False) -> None:
+    def __init__(self, model: TargetModel, context: Any, want_hidden: bool = False) -> None:
         self.model = model
         self.want_hidden = want_hidden
         self.vocab_size = model.vocab_size
@@ -51,12 +47,13 @@ class LlamaCppTarget:
         self._n_batch = model.n_batch
         # _synced[s]: sequence s carries the committed positions [0, _synced[s]); sequence 0 always all of them.
         self._synced = [0] * self._n_seq_max
-        self._pending: tuple[list[int], list[list[int]] | None] | None = None  # (parents, seq ids or None)
+        # the last pass, scored and not yet committed: (parents, each token's sequence ids or None for a chain)
+        self.pending: tuple[list[int], list[list[int]] | None] | None = None
         self._capacity = 0
         self._grow(max(64, self._n_batch))
         self._move_buffer = (ctypes.c_uint8 * 0)()  # scratch for moving kept cells
-        self._shared: SharedCache | None = None  # set while the cache lives in the model's shared context
-        self._ids: list[int] = []  # there: this target's sequence ids, its home (all committed cells) first
+        # set while the cache lives in the model's shared context
+        self.membership: Membership[LlamaCppTarget] | None = None
 
     # -- the Target protocol
 
@@ -68,13 +65,13 @@ class LlamaCppTarget:
         decoding's bits: with embeddings off and the hidden state from a pass on the side (``_last_hidden``),
         or, where that has no free cell or sequence (or one token is left to run), with embeddings on, where
         llama.cpp computes every row but the last row's logits are still the same bits."""
-        if self._shared is not None:  # a prefill runs in a context of its own, as plain decoding runs it
-            self._shared.leave(self, keep=False)
+        if self.membership is not None:  # a prefill runs in a context of its own, as plain decoding runs it
+            self.membership.cache.leave(self, keep=False)
         self.check_open()
         self._lib.llama_memory_clear(self._mem, True)
         self.cache_len = 0
         self._synced = [0] * self._n_seq_max
-        self._pending = None
+        self.pending = None
         n = len(context)
         if n > self.max_context:
             raise HastenError(f"the context of {n} tokens exceeds the model's context of {self.max_context}")
@@ -129,8 +126,8 @@ class LlamaCppTarget:
 
     def score(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None = None) -> Scores:
         """Score a tree below the cache (token 0 the root); logits (and hidden states) for ``logits_rows``."""
-        if self._shared is not None:
-            return self._shared.score(self, tokens, parents, logits_rows)
+        if self.membership is not None:
+            return self.membership.cache.score(self, tokens, parents, logits_rows)
         self.check_open()
         plan = self.plan(tokens, parents, logits_rows)
         rows, n = plan.rows, len(tokens)
@@ -146,7 +143,7 @@ class LlamaCppTarget:
         ascending = logits_rows is None or all(b > a for a, b in zip(rows, rows[1:], strict=False))
         wanted = rows if ascending else sorted(set(rows))
         logits, hidden = self._decode(n, wanted)
-        self._pending = (list(parents), plan.sequences)
+        self.pending = (list(parents), plan.sequences)
         if not ascending:  # llama.cpp returns rows in batch order, once each: reorder (and repeat) them as asked
             rank = {row: j for j, row in enumerate(wanted)}
             index = [rank[row] for row in rows]
@@ -156,7 +153,7 @@ class LlamaCppTarget:
 
     def plan(self, tokens: list[int], parents: list[int], logits_rows: Sequence[int] | None) -> PassPlan:
         """Validate a pass against this target (no pass pending, room in the context) and lay it out."""
-        if self._pending is not None:
+        if self.pending is not None:
             raise RuntimeError("commit() the previous pass before scoring again")
         plan = plan_pass(tokens, parents, logits_rows)
         if self.cache_len + len(tokens) > self.max_context:  # one cell per token, however shallow the tree
@@ -173,13 +170,13 @@ class LlamaCppTarget:
         later scores are bit-identical to decoding the committed tokens one by one wherever llama.cpp's
         passes are batch-invariant (flash attention on, quantized weights, passes under 64 tokens).
         """
-        if self._shared is not None:
-            self._shared.commit(self, keep)
+        if self.membership is not None:
+            self.membership.cache.commit(self, keep)
             return
         self.check_open()
-        if self._pending is None:
+        if self.pending is None:
             raise RuntimeError("commit() needs a scored pass")
-        parents, seqs = self._pending
+        parents, seqs = self.pending
         check_kept_path(parents, keep)
         old = self.cache_len
         new = old + len(keep)
@@ -197,7 +194,7 @@ class LlamaCppTarget:
             self._synced[holder] = new
         self._synced[0] = new
         self.cache_len = new
-        self._pending = None
+        self.pending = None
 
     def _keep_leading_cells(self, seqs: list[list[int]], keep: list[int], old: int, new: int) -> int:
         """Commit a kept path that is the pass's first tokens, where its cells already lie: every sequence but
@@ -229,11 +226,11 @@ class LlamaCppTarget:
 
     def truncate(self, length: int) -> None:
         """Drop the cache entries from ``length`` on (in every sequence)."""
-        if self._shared is not None:
-            self._shared.truncate(self, length)
+        if self.membership is not None:
+            self.membership.cache.truncate(self, length)
             return
         self.check_open()
-        if self._pending is not None:
+        if self.pending is not None:
             raise RuntimeError("commit() the previous pass before truncating")
         if not 0 <= length <= self.cache_len:
             raise ValueError(f"cannot truncate a cache of {self.cache_len} tokens to {length}")
@@ -244,18 +241,18 @@ class LlamaCppTarget:
     def remember(self, tokens: list[int]) -> None:
         """Offer the committed cells, which hold ``tokens`` (a finished conversation), to the model's prompt cache."""
         cache = self.model.prompt_cache
-        if cache is None or self._pending is not None or len(tokens) != self.cache_len or not tokens:
+        if cache is None or self.pending is not None or len(tokens) != self.cache_len or not tokens:
             return
-        if self._shared is not None:
-            cache.store(self._shared.ctx, tokens, self._ids[0])
+        if self.membership is not None:
+            cache.store(self.membership.cache.ctx, tokens, self.membership.ids[0])
         elif self._ctx:
             cache.store(self._ctx, tokens)
 
     def close(self) -> None:
         """Give the llama context back to the model's pool; the target cannot be used afterwards."""
-        shared = getattr(self, "_shared", None)
-        if shared is not None:
-            shared.leave(self, keep=False, reopen=False)
+        membership = getattr(self, "membership", None)
+        if membership is not None:
+            membership.cache.leave(self, keep=False, reopen=False)
         context, self._ctx = getattr(self, "_ctx", None), None
         if context:
             self.model.release_context(context)
@@ -268,8 +265,35 @@ class LlamaCppTarget:
 
     def check_open(self) -> None:
         """Refuse to work on a closed target."""
-        if not self._ctx and self._shared is None:
+        if not self._ctx and self.membership is None:
             raise RuntimeError("this target was closed")
+
+    # -- moving between its own llama context and the model's shared one (``shared_context`` moves the cells)
+
+    @property
+    def own_context(self) -> Any:
+        """This target's own llama context (None while its cache lives in the shared context)."""
+        return self._ctx
+
+    def moved_in(self, membership: Membership[LlamaCppTarget]) -> None:
+        """Its cells were copied into the shared context: give its own context back to the model and live there."""
+        self.model.release_context(self._ctx)
+        self._ctx = self._mem = None
+        self.membership = membership
+
+    def moved_out(self, context: Any, kept: bool) -> None:
+        """It left the shared context: for ``context``, where its cells were copied (``kept``) or which is empty
+        (its cache and pending pass dropped), or for nothing (None: it is closing)."""
+        self.membership = None
+        if context is None:
+            return
+        if not kept:
+            self.cache_len = 0
+            self.pending = None
+        self._ctx, self._mem = context, self._lib.llama_get_memory(context)
+        self._lib.llama_set_embeddings(context, self.want_hidden)
+        self._synced = [0] * self._n_seq_max
+        self._synced[0] = self.cache_len
 
     # -- the KV cache's sequences
 
@@ -377,45 +401,35 @@ class LlamaCppTarget:
             total = m
         else:  # exactly the flagged rows are outputs, in order
             local, total = slice(None), len(wanted)
-        logits.append(self._copy_rows(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
+        logits.append(copy_rows(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
         if self.want_hidden:
-            hidden.append(self._copy_rows(lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
-
-    @staticmethod
-    def _copy_rows(pointer: Any, total: int, width: int, local: Any) -> torch.Tensor:
-        """Copy output rows out of llama.cpp's buffer: all ``total`` of them (a slice) or those listed."""
-        if not pointer:
-            raise HastenError("llama.cpp returned no outputs for the pass")
-        if isinstance(local, slice):  # one memmove: right after a forward pass every Python step is slow
-            out = torch.empty(total, width)
-            ctypes.memmove(out.data_ptr(), pointer, 4 * total * width)
-            return out
-        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[local])
+            hidden.append(copy_rows(lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
 
     # -- inspection (tests, debugging): llama.cpp's real cache state (``kv_inspection``)
 
     def real_cache_len(self) -> int:
         """One past the last position llama.cpp holds in sequence 0 (in the shared context: in its home)."""
-        if self._shared is not None:
-            return sequence_end(self._lib, self._shared.mem, self._ids[0])
+        if self.membership is not None:
+            return sequence_end(self._lib, self.membership.cache.mem, self.membership.ids[0])
         return sequence_end(self._lib, self._mem, 0)
 
     def kv_cells(self, seq: int = -1) -> list[Cell]:
         """(position, sequence ids) of every used cell (or of sequence ``seq``'s cells), from llama.cpp's state
         serialisation; copies the cells' K/V data, so it is for tests and debugging only."""
         ctx = self._ctx
-        if self._shared is not None:  # this target's sequences there (-1: all of its cells, its home's)
-            ctx, seq = self._shared.ctx, self._ids[0] if seq == -1 else self._ids[seq]
+        if self.membership is not None:  # this target's sequences there (-1: all of its cells, its home's)
+            ids = self.membership.ids
+            ctx, seq = self.membership.cache.ctx, ids[0] if seq == -1 else ids[seq]
         return kv_cells(self._lib, ctx, seq)
 
     def cache_problems(self) -> list[str]:
         """Every way the real cache differs from "exactly positions 0..cache_len-1, each once, in this order,
         in sequence 0" (in the shared context: in its home sequence) (empty when all is well). Checks, never
         asserts."""
-        if self._shared is not None:
-            return self._shared.problems(self)
+        if self.membership is not None:
+            return self.membership.cache.problems(self)
         problems: list[str] = []
-        if self._pending is not None:
+        if self.pending is not None:
             problems.append("a pass is pending (not committed)")
         if self.real_cache_len() != self.cache_len:
             problems.append(f"sequence 0 ends at {self.real_cache_len()}, cache_len is {self.cache_len}")

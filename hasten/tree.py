@@ -62,11 +62,8 @@ class TokenTree:
         return is_chain(self.parents)
 
     def depths(self) -> list[int]:
-        """Depth of every node, the root's children being at depth 1 (a pass's tokens: ``tree_depths``)."""
-        out: list[int] = []
-        for parent in self.parents:
-            out.append(1 if parent == ROOT else out[parent] + 1)
-        return out
+        """Depth of every node, the root's children being at depth 1: as deep as in its pass (``depths_of``)."""
+        return depths_of([-1] + [parent + 1 for parent in self.parents])[1:]
 
     def children(self) -> dict[int, list[int]]:
         """Children of every node (key ``ROOT`` for the root), in index order."""
@@ -117,7 +114,7 @@ def is_chain(parents: Sequence[int]) -> bool:
     return all(parent == i - 1 for i, parent in enumerate(parents))
 
 
-def tree_depths(parents: Sequence[int]) -> list[int]:
+def depths_of(parents: Sequence[int]) -> list[int]:
     """Depth of every token of a pass (the root, token 0, at 0), refusing any other layout (a ``TokenTree``'s own
     nodes: ``TokenTree.depths``)."""
     out: list[int] = []

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_loaded, tiny_tokenizer
+from conftest import tiny_loaded, tiny_model, tiny_tokenizer
 from test_redrafter import random_head
 from tiny_gguf import write_tiny_gguf
 
@@ -16,6 +16,7 @@ import hasten
 from hasten.adaptive.chooser import DraftPolicy
 from hasten.adaptive.cost import CostModel
 from hasten.backends.base import Scores, Target
+from hasten.backends.transformers.target import TransformersModel
 from hasten.engine import Generation, fit_to_room, scored_nodes
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
@@ -234,14 +235,31 @@ def test_nodes_cut_for_the_room_are_not_learned_as_rejected(models):
     assert cut_siblings > 0  # guesses below the root, which would have counted as rejected
 
 
-def test_llamacpp_guard_counts_the_pass_width(models):
-    target = models["llamacpp"][0].backend.new_target()
+@pytest.mark.parametrize("backend", ["transformers", "transformers-padded", "llamacpp"])
+def test_a_pass_wider_than_the_room_left_is_refused(models, backend):
+    """Each backend refuses a pass wider than the cache cells or slots left (one per token, however shallow the
+    tree) with one clear error, before it writes anything; a pass that fills the context exactly runs."""
+    if backend == "llamacpp":
+        model = models["llamacpp"][0].backend
+    else:  # transformers with eager passes, and with passes padded to a width of 16 over a static span
+        pass_width = 16 if backend == "transformers-padded" else None
+        model = TransformersModel(tiny_model("llama", 0), pass_width=pass_width, static_span=pass_width is not None)
+    assert model.max_context == CONTEXT
+    target = model.new_target()
     target.start(periodic(250))
-    with pytest.raises(HastenError, match="a pass of 11 tokens after 250 cached ones would exceed the model's "
-                                          "context of 256 tokens"):
+    with pytest.raises(HastenError, match="^a pass of 11 tokens after 250 cached ones would exceed the model's "
+                                          "context of 256 tokens$"):
         target.score([5] + list(range(10, 20)), [-1] + [0] * 10)  # depth 1, width 11
-    scores = target.score([5] + list(range(10, 15)), [-1] + [0] * 5)  # width 6: exactly the cells left
+    scores = target.score([5] + list(range(10, 15)), [-1] + [0] * 5)  # width 6: exactly the room left
     assert tuple(scores.logits.shape) == (6, 64)
     target.commit([0, 3])
-    assert target.cache_len == 252 and target.cache_problems() == []
-    target.close()
+    assert target.cache_len == 252
+    if backend == "llamacpp":
+        assert target.cache_problems() == []  # exactly the committed cells, in order
+    else:
+        assert target.cached_length() == 252
+    with pytest.raises(HastenError, match="a pass of 5 tokens after 252"):
+        target.score([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3])
+    assert tuple(target.score([1, 2, 3, 4], [-1, 0, 1, 2]).logits.shape) == (4, 64)
+    if backend == "llamacpp":
+        target.close()

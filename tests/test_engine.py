@@ -8,7 +8,7 @@ from hasten.backends.transformers.target import TransformersModel
 from hasten.engine import DecodeStats, Generation, pass_layout, run
 from hasten.proposers.base import ExtraBranch, Proposal, Proposer
 from hasten.sampling import SamplingParams
-from hasten.tree import ROOT, TokenTree, ancestor_mask, tree_depths
+from hasten.tree import ROOT, TokenTree, ancestor_mask, depths_of
 
 GREEDY = SamplingParams()
 
@@ -24,7 +24,7 @@ def test_tree_with_extra_branch_hand_worked():
     assert layout.tokens == [9, 3, 4, 20, 21]
     assert layout.parents == [-1, 0, 0, 0, 3]
     assert layout.logits_rows == [0, 1, 2, 4]
-    assert tree_depths(layout.parents) == [0, 1, 1, 1, 2]
+    assert depths_of(layout.parents) == [0, 1, 1, 1, 2]
     expected = [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],

@@ -26,7 +26,7 @@ from tiny_gguf import EOS, write_tiny_gguf
 from hasten.backends.llamacpp.model import LlamaCppModel
 from hasten.backends.llamacpp.tree_layout import kept_path_sequence, tree_sequences
 from hasten.errors import HastenError
-from hasten.tree import tree_depths
+from hasten.tree import depths_of
 
 VOCAB = 96
 
@@ -116,7 +116,7 @@ def test_tree_sequences_lookahead_window_by_hand():
     # window_parents): level 0 is the chain 3 -> 4 -> 5 below the root, level 1 hangs off its own column.
     #   token: 0   1  2   3  4  5   6  7  8
     parents = [-1, 0, 1, 0, 3, 4, 3, 4, 5]
-    assert tree_depths(parents) == [0, 1, 2, 1, 2, 3, 2, 3, 4]  # column c, level l at depth c + 1 + l
+    assert depths_of(parents) == [0, 1, 2, 1, 2, 3, 2, 3, 4]  # column c, level l at depth c + 1 + l
     seqs, n = tree_sequences(parents)
     # leaves in index order: 2 (the guess), 6, 7, 8 (the columns' tops) -> sequences 0, 1, 2, 3
     assert n == 4

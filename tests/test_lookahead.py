@@ -23,7 +23,7 @@ from hasten.engine import DecodeStats, decode, pass_layout
 from hasten.errors import HastenError
 from hasten.proposers.lookahead import LookaheadProposer, NgramPool, window_parents
 from hasten.sampling import SamplingParams
-from hasten.tree import ancestor_mask, tree_depths
+from hasten.tree import ancestor_mask, depths_of
 
 SIZES = [(4, 4, 3), (3, 2, 2), (5, 3, 5), (2, 6, 1)]  # (window, ngram, guesses)
 
@@ -83,7 +83,7 @@ def test_api_method_and_options():
 
 def test_window_mask_and_offsets_hand_worked():
     parents = [-1, *(p + 1 for p in window_parents(3, 2))]  # W=3, N=3: two levels of three columns
-    offsets, mask = tree_depths(parents)[1:], ancestor_mask(parents)
+    offsets, mask = depths_of(parents)[1:], ancestor_mask(parents)
     assert offsets == [1, 2, 3, 2, 3, 4]
     #            root  a0 a1 a2 b0 b1 b2      (a = level 0, b = level 1)
     expected = [[1, 1, 0, 0, 0, 0, 0],  # a0 at 1: root a0

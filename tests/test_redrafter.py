@@ -22,7 +22,7 @@ from hasten.redrafter.head import HeadConfig, ReDrafterHead
 from hasten.sampling import SamplingParams
 from hasten.training.redrafter import STATE_FILE, TrainConfig, train
 from hasten.training.selfdistill import DistillData, teacher_force
-from hasten.tree import ROOT, TokenTree, ancestor_mask, tree_depths
+from hasten.tree import ROOT, TokenTree, ancestor_mask, depths_of
 
 
 def random_head(vocab_size: int = 64, hidden: int = 32, draft_vocab: int = 48, seed: int = 1) -> ReDrafterHead:
@@ -103,7 +103,7 @@ def test_beams_merge_by_shared_prefix_hand_worked():
     assert tree.depths() == [1, 2, 3, 3, 2, 3, 1, 2, 3]
     layout = pass_layout(Proposal(tree), root=3)
     assert layout.tokens == [3, 5, 6, 7, 8, 9, 7, 4, 6, 7]
-    assert tree_depths(layout.parents) == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]
+    assert depths_of(layout.parents) == [0, 1, 2, 3, 3, 2, 3, 1, 2, 3]
     mask = ancestor_mask(layout.parents)
     # rows/cols: root, then the nodes; each row sees the root, its ancestors and itself.
     sees = {1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 4], 5: [0, 1, 5], 6: [0, 1, 5, 6],

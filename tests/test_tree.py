@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hasten.tree import ROOT, TokenTree, ancestor_mask, is_chain, merge_paths, subtree, tree_depths
+from hasten.tree import ROOT, TokenTree, ancestor_mask, depths_of, is_chain, merge_paths, subtree
 
 
 def test_from_paths_merges_shared_prefixes():
@@ -31,8 +31,8 @@ def test_merged_nodes_keep_the_distinct_features_of_every_path_through_them():
 def test_pass_depths_and_ancestor_mask_hand_worked():
     tree = TokenTree.from_paths([[5, 6], [5, 7], [8]])
     parents = [-1, *(p + 1 for p in tree.parents)]  # a pass: the root first, then the nodes
-    assert tree_depths(parents) == [0, 1, 2, 2, 1]
-    assert tree_depths(parents)[1:] == tree.depths()  # a node is as deep in its pass as in its tree
+    assert depths_of(parents) == [0, 1, 2, 2, 1]
+    assert depths_of(parents)[1:] == tree.depths()  # a node is as deep in its pass as in its tree
     # rows/cols: root, 5, 6, 7, 8
     expected = torch.tensor(
         [
@@ -47,7 +47,7 @@ def test_pass_depths_and_ancestor_mask_hand_worked():
     assert torch.equal(ancestor_mask(parents), expected)
     for bad in ([0], [-1, -1], [-1, 1], [-1, 0, 3]):  # a root that is not token 0, a second root, a forward parent
         with pytest.raises(ValueError):
-            tree_depths(bad)
+            depths_of(bad)
 
 
 def test_subtree_renumbers_the_kept_nodes():

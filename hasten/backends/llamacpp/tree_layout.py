@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from hasten.tree import is_chain, tree_depths
+from hasten.tree import depths_of, is_chain
 
 
 class PassPlan(NamedTuple):
@@ -26,7 +26,7 @@ class PassPlan(NamedTuple):
 def tree_sequences(parents: Sequence[int]) -> tuple[list[list[int]], int]:
     """Sequence ids of a pass: leaf j (in index order) is sequence j, and a token carries the ids of every leaf
     below it, ascending. Returns (ids per token, number of sequences). A chain is one sequence, 0."""
-    tree_depths(parents)  # validates
+    depths_of(parents)  # validates
     n = len(parents)
     has_child = [False] * n
     for parent in parents[1:]:
@@ -53,7 +53,7 @@ def plan_pass(tokens: Sequence[int], parents: Sequence[int], logits_rows: Sequen
         raise ValueError(f"logits_rows must lie in [0, {n})")
     if is_chain(parents):
         return PassPlan(rows, None, None, 1, n - 1)
-    depths = tree_depths(parents)
+    depths = depths_of(parents)
     sequences, n_sequences = tree_sequences(parents)
     return PassPlan(rows, depths, sequences, n_sequences, max(depths))
 

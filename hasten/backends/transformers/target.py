@@ -31,7 +31,7 @@ from hasten.backends.transformers.cuda_graphs import GraphRunner, Outputs
 from hasten.backends.transformers.pass_inputs import PassInputs
 from hasten.backends.transformers.static_kv import StaticKV, TreeMask, causal_block, padded_ancestor_mask, window_mask
 from hasten.errors import HastenError
-from hasten.tree import tree_depths
+from hasten.tree import depths_of
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids (checked in the tests).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"})
@@ -251,7 +251,7 @@ class TransformersTarget:
         if self.cache_len + len(tokens) > self.max_context:  # one cache slot per token, whatever the tree's depth
             raise HastenError(f"a pass of {len(tokens)} tokens after {self.cache_len} cached ones would exceed the "
                               f"model's context of {self.max_context} tokens")
-        depths = tree_depths(parents)
+        depths = depths_of(parents)
         n, start = len(tokens), self.cache_len
         width = self._width(n)
         pad = width - n

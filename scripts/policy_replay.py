@@ -50,6 +50,9 @@ class ContextCost:
     them (and extrapolated linearly past the longest)."""
 
     def __init__(self, curve: dict) -> None:
+        if "contexts" in curve:  # a saved grid (hasten's own curves): one row of times per context
+            curve = {"widths": curve["widths"], "by_context": dict(zip(map(str, curve["contexts"]),
+                                                                      curve.get("grid", curve["millis"]), strict=True))}
         by_context = curve.get("by_context") or {"0": curve["millis"]}
         self.contexts = sorted(int(c) for c in by_context)
         self.curves = [CostModel(curve["widths"], by_context[str(c)]) for c in self.contexts]

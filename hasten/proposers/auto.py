@@ -22,7 +22,7 @@ from hasten.adaptive.costly import CostlySource
 from hasten.proposers.base import Proposal, Proposer, StepOutcome, accepted_if_drafted, last_accepted_capped
 from hasten.proposers.draft_model import DraftModelProposer
 from hasten.proposers.lookahead import NgramPool
-from hasten.proposers.prompt_lookup import PromptLookupProposer
+from hasten.proposers.prompt_lookup import PromptLookupProposer, lookup_features
 from hasten.proposers.redrafter import ReDrafterProposer
 from hasten.redrafter.head import ReDrafterHead
 from hasten.tree import TokenTree, merge_paths
@@ -84,11 +84,10 @@ class AutoProposer(Proposer):
         last = last_accepted_capped(self._last_accepted)
         paths: list[list[int]] = []
         features: list[list[Feature]] = []
-        ngram, found = self.lookup.matches(context, depth)
-        for rank, path in enumerate(found):
-            paths.append(path)
-            features.append([("pld", d, ngram, min(rank, 2), last) for d in range(1, len(path) + 1)])
-        if not found:  # the pool's n-grams come from the same context: only a fall-back when lookup finds nothing
+        match = self.lookup.lookup(context, depth)
+        paths += match.paths
+        features += lookup_features(match, last)
+        if not match.paths:  # the pool's n-grams come from the same context: only a fall-back when lookup finds nothing
             for rank, tail in enumerate(self.pool.lookup(context[-1], POOL_GUESSES)):
                 paths.append(tail[:depth])
                 features.append([("pool", d, rank, last) for d in range(1, len(paths[-1]) + 1)])

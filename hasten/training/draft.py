@@ -26,6 +26,7 @@ from hasten.draft.model import CONFIG, WEIGHTS, build_draft, load_draft_dir, rea
 from hasten.errors import HastenError
 from hasten.models import LoadedModel
 from hasten.training.draft_batches import batch_loss, collate, evaluate, length_batches
+from hasten.training.schedule import floor_of, warmup_cosine
 from hasten.training.selfdistill import DEFAULT_OUT, META, DistillData, load_shards
 from hasten.training.token_data import Corpus, shard_corpus, split_by_prompt, token_corpus
 
@@ -46,6 +47,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validations (0: at each epoch's end only)
     save_every: int = 0  # steps between checkpoints (0: at each epoch's end only)
     warmup: int = 0  # steps of linear learning-rate warm-up before the cosine decay
+    min_lr: float | None = None  # the cosine's floor (None: schedule.DEFAULT_FLOOR of the peak)
 
 
 def top_vocab(mass: torch.Tensor, size: int, always: set[int] | frozenset[int]) -> torch.Tensor:
@@ -71,10 +73,8 @@ def split_sequences(data: DistillData, val_fraction: float, seed: int) -> tuple[
 
 
 def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``total`` steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    """Linear warm-up, then a cosine from ``cfg.lr`` down to the floor, reached at the last of ``total`` steps."""
+    return warmup_cosine(step, total, cfg.lr, floor_of(cfg.lr, cfg.min_lr), cfg.warmup)
 
 
 def save_checkpoint(draft, vocab_ids: torch.Tensor, optimizer: torch.optim.Optimizer, out: Path,
@@ -200,8 +200,11 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--init", default=None,
                         help="start from this saved draft's layers and norm (the vocabulary is chosen from the data)")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="output vocabulary of the draft")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="passes over the data (default 4; the learning rate falls to --min-lr over all of them)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument("--min-lr", type=float, default=None,
+                        help="floor of the cosine decay, reached at the last step (default: 10%% of --lr)")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch")
     parser.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt positions")
@@ -235,10 +238,13 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError(f"--layers takes comma-separated layer indices, got {args.layers!r}") from error
     if args.epochs < 1 or args.draft_vocab < 2 or args.batch_tokens < 1 or args.lr <= 0:
         raise HastenError("--epochs, --batch-tokens must be >= 1, --draft-vocab >= 2 and --lr > 0")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise HastenError(f"--min-lr must be in [0, --lr], got {args.min_lr}")
     if not 0 <= args.val_fraction < 1:
         raise HastenError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     cfg = TrainConfig(layers, args.draft_vocab, args.epochs, args.lr, args.batch_tokens, args.prompt_weight,
-                      args.ce_weight, args.val_fraction, args.seed, args.eval_every, args.save_every, args.warmup)
+                      args.ce_weight, args.val_fraction, args.seed, args.eval_every, args.save_every, args.warmup,
+                      args.min_lr)
     if args.resume and (Path(args.out) / CONFIG).is_file():  # the run's own settings; only the length may change
         saved = json.loads((Path(args.out) / CONFIG).read_text()).get("train", {})
         cfg = TrainConfig(**{**saved, "epochs": args.epochs, "eval_every": args.eval_every or saved.get(

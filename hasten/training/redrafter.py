@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from hasten.errors import HastenError
 from hasten.redrafter.head import HeadConfig, ReDrafterHead
+from hasten.training.schedule import floor_of, warmup_cosine
 from hasten.training.selfdistill import DEFAULT_OUT, DistillData, load_shards
 
 STATE_FILE = "trainer_state.pt"
@@ -30,6 +30,7 @@ class TrainConfig:
     steps: int = 600
     batch_size: int = 256
     lr: float = 1e-3
+    min_lr: float | None = None  # the cosine's floor (None: schedule.DEFAULT_FLOOR of the peak)
     warmup: float = 0.05  # fraction of the steps
     horizon: int = 4  # drafted tokens per beam the head learns (beam_length - 1)
     draft_vocab: int = 6144
@@ -163,12 +164,10 @@ def train(data: DistillData, target: torch.nn.Module, out: str | Path, config: T
     if len(examples) == 0:
         raise HastenError("the data has no response positions to train on")
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
-    warmup = max(1, int(config.warmup * config.steps))
+    warmup, floor = max(1, int(config.warmup * config.steps)), floor_of(config.lr, config.min_lr) / config.lr
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
+    def schedule(step: int) -> float:  # a factor of the peak: warm-up, then a cosine to the floor at the last step
+        return warmup_cosine(step, config.steps, 1.0, floor, warmup)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, history, curve = 0, [], []
@@ -228,10 +227,13 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=DEFAULT_OUT, help="self-distillation data (from `hasten train data`)")
     parser.add_argument("--model", default=None, help="the target (default: the model the data was built with)")
     parser.add_argument("--out", default=DEFAULT_HEAD_OUT, help="where to write the head")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="updates; the learning rate falls to --min-lr over all of them (the shipped head: 5000)")
     parser.add_argument("--resume", action="store_true", help="continue the training saved in --out")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--min-lr", type=float, default=None,
+                        help="floor of the cosine decay, reached at the last step (default: 10%% of --lr)")
     parser.add_argument("--horizon", type=int, default=defaults.horizon, help="tokens drafted per beam")
     parser.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab, help="draft vocabulary size")
     parser.add_argument("--state-size", type=int, default=defaults.state_size)
@@ -252,12 +254,14 @@ def run(args: argparse.Namespace) -> int:
             raise HastenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.layers < 0 or args.eval_every < 0 or not args.lr > 0:
         raise HastenError("--layers and --eval-every must be >= 0 and --lr > 0")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise HastenError(f"--min-lr must be in [0, --lr], got {args.min_lr}")
     data = load_shards(args.data)
     name = args.model or data.meta.get("model", "default")
     loaded = load_model(name, backend="transformers")
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, horizon=args.horizon,
-                         draft_vocab=args.draft_vocab, state_size=args.state_size, num_layers=args.layers,
-                         seed=args.seed, all_positions=not args.response_only)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                         horizon=args.horizon, draft_vocab=args.draft_vocab, state_size=args.state_size,
+                         num_layers=args.layers, seed=args.seed, all_positions=not args.response_only)
     report = train(data, loaded.model, args.out, config, resume=args.resume, model_name=name,
                    eval_every=args.eval_every)
     print(json.dumps(report))

@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 # Each module has ``register(train_subparsers)`` adding one ``hasten train <name>`` sub-command.
-TRAIN_COMMANDS = ["hasten.training.selfdistill", "hasten.training.draft", "hasten.training.redrafter"]
+TRAIN_COMMANDS = ["hasten.training.prompt_mix", "hasten.training.selfdistill", "hasten.training.draft",
+                  "hasten.training.redrafter"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -347,6 +347,9 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
                         help="number of prompts, interleaved across files (default 240), or of --from-tokens "
                              "sequences (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 96)")
+    parser.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                        help=f"longer prompts are skipped (default {MAX_PROMPT_CHARS}; `hasten train prompts` "
+                             "writes RAG and summarization prompts up to 1,500)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=16, help="sequences per shard")
     parser.add_argument("--method", default="pld", help="method that generates the answers (output is the same)")
@@ -375,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {meta['sequences']} sequences, {meta['tokens']} tokens in {meta['shards']} shards to {args.out}")
         return 0
     files = args.prompts or [p for p in SHARED_PROMPTS if Path(p).is_file()]
-    pairs = [(s, p) for s, p in read_prompt_files(files) if len(p) <= MAX_PROMPT_CHARS]
+    pairs = [(s, p) for s, p in read_prompt_files(files) if len(p) <= args.max_prompt_chars]
     if not args.no_builtin:
         pairs += [("builtin", p) for p in BUILTIN_PROMPTS]
     planned = plan_prompts(pairs, args.limit or 240, args.seed)

@@ -25,6 +25,7 @@ from hasten.errors import HastenError
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "artifacts" / "draft"
 WEIGHTS = "draft.safetensors"
 CONFIG = "config.json"
+HELD_OUT_TOP1 = "held_out_top1"  # the config's bench-like agreement (``bench_like_agreement``)
 
 
 DRAFT_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -106,6 +107,15 @@ def validation_agreement(directory: str | Path = SHIPPED_DRAFT) -> float:
     once per folder (``auto`` asks for every request)."""
     history = json.loads((Path(directory) / CONFIG).read_text()).get("history") or [{}]
     return float(history[-1].get("val_top1", 1.0))
+
+
+@functools.lru_cache(maxsize=8)
+def bench_like_agreement(directory: str | Path = SHIPPED_DRAFT) -> float | None:
+    """A saved draft's top-1 agreement with its target's greedy answers to held-out prompts of every bench category
+    (``held_out_top1`` in its config, written by ``scripts/drafter_agreement.py``), or None where it records none;
+    read once per folder. Unlike ``validation_agreement`` it is measured on prompts like those the draft serves."""
+    value = json.loads((Path(directory) / CONFIG).read_text()).get(HELD_OUT_TOP1)
+    return None if value is None else float(value)
 
 
 def read_draft_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from hasten.adaptive import DraftPolicy, draft_policy
+from hasten.adaptive.sizing import BeamSizes, free_width, lookahead_sizes, redrafter_sizes
 from hasten.errors import HastenError
 from hasten.models import LoadedModel, choose_backend, load_model, resolve
 from hasten.proposers.auto import AutoProposer
@@ -61,14 +62,16 @@ def _redrafter(target: LoadedModel, params: SamplingParams, generator, options: 
                           "(--head DIR; train one with 'hasten train redrafter')")
     head = load_head(target.name, target.backend, options.get("head"))
     policy = _policy(target, "redrafter", params, options)
-    width, length = (3, 5) if policy is not None else (2, 5)  # the policy prunes the beams' tree
-    return ReDrafterProposer(head, options.get("beam_width", width), options.get("beam_length", length), policy)
+    # adaptive: as wide as the cost curve makes nearly free (the policy prunes the beams' tree); fixed: 2 x 5
+    sizes = redrafter_sizes(free_width(policy.pass_cost)) if policy is not None else BeamSizes(2, 5)
+    return ReDrafterProposer(head, options.get("beam_width", sizes.beam_width),
+                             options.get("beam_length", sizes.beam_length), policy)
 
 
 def _lookahead(target: LoadedModel, params: SamplingParams, generator, options: dict[str, Any]) -> Proposer:
     policy = _policy(target, "lookahead", params, options)
-    if policy is not None:
-        options = {"guesses": 4, **options}
+    if policy is not None:  # a window as wide as the cost curve makes nearly free; options given win
+        options = {**lookahead_sizes(free_width(policy.pass_cost))._asdict(), **options}
     return LookaheadProposer(**options, max_context=target.max_context, policy=policy)
 
 

@@ -396,13 +396,20 @@ def test_redrafter_skips_its_beam_search_while_it_does_not_pay():
     assert trees == [0] * 10 and not searched  # plain steps, and no beam search was run
 
 
-def test_auto_takes_the_shipped_draft_only_where_a_second_token_costs_less_than_it_earns():
-    from hasten.draft.model import validation_agreement
+def test_auto_takes_the_shipped_draft_only_where_its_chain_can_pay_at_some_depth():
+    from hasten.draft.model import bench_like_agreement, validation_agreement
     from hasten.methods import _draft_can_pay
 
     agreement = validation_agreement()  # the shipped draft's, from its config
     assert 0.5 < agreement < 0.7
+    held_out = bench_like_agreement()  # on held-out prompts like the bench's: what auto's gate reads
+    assert held_out is not None and 0.2 < held_out < agreement
     epyc = DraftPolicy(frozen(CostModel([1, 2, 4], [8.9, 15.4, 24.3])))  # measured: a second token costs 0.73
     xeon = DraftPolicy(frozen(CostModel([1, 2, 4], [12.0, 14.9, 21.9])))  # measured: 0.24
     assert not _draft_can_pay(epyc, agreement) and _draft_can_pay(xeon, agreement)
     assert _draft_can_pay(DraftPolicy(frozen(FLAT)), 0.1) and not _draft_can_pay(DraftPolicy(frozen(CPU)), 0.3)
+    # transformers fp32 on the 2-core EPYC blocks rows by four: a second token costs 0.72 of a pass, five tokens
+    # 1.49x one. A 0.6 draft loses at depth 1 and pays at depth 4 (2.18 tokens for 1.49); a 0.3 one pays nowhere.
+    blocked = DraftPolicy(frozen(CostModel([1, 2, 3, 4, 5], [70.0, 120.6, 148.6, 111.9, 104.6])))
+    assert _draft_can_pay(blocked, 0.6) and not _draft_can_pay(blocked, 0.6, depth=1)
+    assert not _draft_can_pay(blocked, 0.3)

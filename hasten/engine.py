@@ -160,10 +160,13 @@ class Generation:
         self.stats.prefill_s += elapsed
         self.stats.wall_s += elapsed
         self.stats.target_passes += 1
-        first = verify(TokenTree(), scores.logits[-1:], self.params, self.generator, self.shaper).next_token
+        last = scores if len(scores) == 1 else Scores(scores.logits[-1:])  # a target gives its last row alone
+        first = verify(TokenTree(), last, self.params, self.generator, self.shaper).next_token
         hidden = scores.hidden[-1:] if scores.hidden is not None else None
         self.proposer.start([*self.context, first], hidden)
-        return self._append([first], scores.logits[-1:])
+        new = self._append([first], last, [0])
+        scores.release()
+        return new
 
     def begin_step(self) -> PassLayout:
         """The proposer's tree for this step, cut to the room left in the context and laid out as one pass."""
@@ -194,7 +197,7 @@ class Generation:
             "begin_step() first"
         proposal, layout, stats = self._proposal, self._layout, self.stats
         tree, origin = self._prepared.tree, self._prepared.origin
-        verdict = verify(tree, scores.logits[: len(tree) + 1], self.params, self.generator, self.shaper)
+        verdict = verify(tree, scores, self.params, self.generator, self.shaper)  # reads only the rows it visits
         keep = [0, *(node + 1 for node in verdict.accepted)]
         self.target.commit(keep)
         accepted = [tree.tokens[node] for node in verdict.accepted]
@@ -207,7 +210,7 @@ class Generation:
         stats.pass_widths.append(len(layout.tokens))
         stats.pass_ms.append(pass_ms)
         hidden = scores.hidden[keep[-1] : keep[-1] + 1] if scores.hidden is not None else None
-        extra_logits = scores.logits[len(tree) + 1 :] if proposal.extra is not None else None
+        extra_logits = scores.rows(range(len(tree) + 1, len(scores))) if proposal.extra is not None else None
         began = time.perf_counter()
         # The proposer hears of its own nodes only (forced tokens it did not draft are accepted tokens all the same).
         own_nodes = list(takewhile(lambda node: node is not None, (origin[node] for node in verdict.accepted)))
@@ -215,17 +218,19 @@ class Generation:
                                          pass_width or len(layout.tokens), pass_ms, self._scored))
         stats.draft_s += time.perf_counter() - began
         self._proposal = self._prepared = self._layout = None
-        return self._append(new, scores.logits[keep])
+        new = self._append(new, scores, keep)
+        scores.release()  # nothing else reads this pass's rows: llama.cpp's buffer is not copied
+        return new
 
-    def _append(self, new: list[int], rows: torch.Tensor) -> list[int]:
+    def _append(self, new: list[int], scores: Scores, rows: list[int]) -> list[int]:
         """Add a pass's new tokens to the context, cut at an end of sequence and at ``max_new_tokens``;
-        ``rows`` holds the target's logits that produced each of them."""
+        ``scores``' rows ``rows`` are the target's logits that produced each of them (read for logprobs only)."""
         ended = next((i for i, tok in enumerate(new) if tok in self.eos_token_ids), None)
         if ended is not None:
             new = new[: ended + 1]
         new = new[: self.max_new_tokens - self.produced]
         if self.want_logprobs is not None:
-            self.logprobs += token_logprobs(rows[: len(new)], new, self.want_logprobs)
+            self.logprobs += token_logprobs(scores.rows(rows[: len(new)]), new, self.want_logprobs)
         if self.shaper is not None:
             self.shaper.commit(new)
         self.context.extend(new)

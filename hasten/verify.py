@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from hasten.backends.base import Scores
 from hasten.sampling import SamplingParams, sample, uniform
 from hasten.tree import ROOT, TokenTree
 
@@ -42,19 +43,23 @@ class Verdict:
 
 def verify(
     tree: TokenTree,
-    logits: torch.Tensor,
+    logits: Scores | torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
     shaper: RowShaper | None = None,
 ) -> Verdict:
-    """Accept a root-to-node path of ``tree``; ``logits`` has one row for the root then one per node.
+    """Accept a root-to-node path of ``tree``; ``logits`` has one row for the root then one per node (rows
+    after those are not read), as a tensor or as the target's ``Scores``.
 
-    With a ``shaper`` (penalties, grammar), each visited row is first reshaped by the tokens on its own path.
+    Only the rows the walk visits are read: greedy takes each one's argmax (in place, where the backend reads
+    rows on demand), sampling copies each visited row. With a ``shaper`` (penalties, grammar), each visited row
+    is first reshaped by the tokens on its own path.
     """
+    scores = logits if isinstance(logits, Scores) else Scores(logits)
     children = tree.children()
     if params.greedy and shaper is None:
-        return _verify_greedy(tree, children, logits)
-    rows = _ShapedRows(tree, logits, shaper)
+        return _verify_greedy(tree, children, scores)
+    rows = _ShapedRows(tree, scores, shaper)
     if params.greedy:
         return _verify_greedy_shaped(tree, children, rows)
     if generator is None:
@@ -65,11 +70,11 @@ def verify(
 class _ShapedRows:
     """The row of each tree node as the sampler sees it (reshaped by its path when there is a shaper)."""
 
-    def __init__(self, tree: TokenTree, logits: torch.Tensor, shaper: RowShaper | None) -> None:
-        self.tree, self.logits, self.shaper = tree, logits, shaper
+    def __init__(self, tree: TokenTree, scores: Scores, shaper: RowShaper | None) -> None:
+        self.tree, self.scores, self.shaper = tree, scores, shaper
 
     def __getitem__(self, node: int) -> torch.Tensor:
-        row = self.logits[node + 1]
+        row = self.scores.row(node + 1)
         if self.shaper is None:
             return row
         path: list[int] = []
@@ -79,12 +84,12 @@ class _ShapedRows:
         return self.shaper.shape(row, path[::-1])
 
 
-def _verify_greedy(tree: TokenTree, children: dict[int, list[int]], logits: torch.Tensor) -> Verdict:
-    best = logits.argmax(-1).tolist()
+def _verify_greedy(tree: TokenTree, children: dict[int, list[int]], scores: Scores) -> Verdict:
+    """The greedy walk: the argmax of each visited row (root first), never a row off the accepted path."""
     accepted: list[int] = []
     node = ROOT
     while True:
-        wanted = best[node + 1]
+        wanted = scores.argmax(node + 1)
         match = next((c for c in children.get(node, ()) if tree.tokens[c] == wanted), None)
         if match is None:
             return Verdict(accepted, wanted)

@@ -1,9 +1,11 @@
 """A llama_batch over numpy arrays: a pass is written into the arrays with vector operations, and the batch
-only points into them, so nothing is copied token by token through ctypes; and its output rows read back."""
+only points into them, so nothing is copied token by token through ctypes; and its output rows, read on demand."""
 
 from __future__ import annotations
 
 import ctypes
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,16 +47,83 @@ class BatchArrays:
         return batch
 
 
-def copy_rows(pointer: Any, total: int, width: int, local: Any) -> torch.Tensor:
-    """Copy output rows out of llama.cpp's buffer of ``total`` rows: all of them (``local`` a slice) or those
-    listed."""
+class OutputRows:
+    """Output rows of a decode read on demand out of llama.cpp's buffer (``LogitRows``): an argmax in place, a
+    copy of just the rows asked for. Valid until the context's next decode, which ``detach``es them first."""
+
+    def __init__(self, view: np.ndarray, index: Sequence[int]) -> None:
+        self._view: np.ndarray | None = view  # (rows, V) over llama.cpp's buffer, or a copy of our own
+        self._index = index  # buffer row of each row, in order
+        self._own = False  # the view is a copy of our own
+
+    @classmethod
+    def joined(cls, parts: Sequence[OutputRows], width: int) -> OutputRows:
+        """The rows of several decodes, one after another, copied into an array of our own."""
+        arrays = [part._buffer()[list(part._index)] for part in parts]
+        data = np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
+        rows = cls(data, range(len(data)))
+        rows._own = True
+        return rows
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def pick(self, index: Sequence[int]) -> None:
+        """Keep rows ``index`` (in that order, repeats allowed) of these rows."""
+        self._index = [self._index[i] for i in index]
+
+    def _buffer(self) -> np.ndarray:
+        if self._view is None:
+            raise RuntimeError("these logits were released; read them before release()")
+        return self._view
+
+    def row(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._buffer()[self._index[i]].copy())
+
+    def argmax(self, i: int) -> int:
+        return int(self._buffer()[self._index[i]].argmax())
+
+    def rows(self, index: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(self._buffer()[[self._index[i] for i in index]])  # a fancy index copies
+
+    def release(self) -> None:
+        self._view = None
+
+    def detach(self) -> None:
+        """Copy the rows out of llama.cpp's buffer (before it is overwritten or freed), unless released."""
+        if self._view is not None and not self._own:
+            self._view, self._index, self._own = self._view[list(self._index)], range(len(self._index)), True
+
+
+class LiveRows:
+    """The last ``OutputRows`` a llama context handed out, held weakly: before the context decodes again (or goes
+    back to the pool) they are copied out if someone still holds them unreleased, else nothing is copied."""
+
+    def __init__(self) -> None:
+        self._last: weakref.ref[OutputRows] | None = None
+
+    def hand_out(self, pointer: Any, total: int, width: int, index: Sequence[int]) -> OutputRows:
+        """Rows ``index`` of llama.cpp's buffer of ``total`` output rows, read on demand."""
+        if not pointer:
+            raise HastenError("llama.cpp returned no outputs for the pass")
+        self.detach()
+        rows = OutputRows(np.ctypeslib.as_array(pointer, shape=(total, width)), index)
+        self._last = weakref.ref(rows)
+        return rows
+
+    def detach(self) -> None:
+        """Before the buffer is overwritten or freed: the rows still held are copied out."""
+        rows = self._last() if self._last is not None else None
+        if rows is not None:
+            rows.detach()
+        self._last = None
+
+
+def copy_rows(pointer: Any, total: int, width: int, local: Sequence[int]) -> torch.Tensor:
+    """Copy the listed output rows out of llama.cpp's buffer of ``total`` rows."""
     if not pointer:
         raise HastenError("llama.cpp returned no outputs for the pass")
-    if isinstance(local, slice):  # one memmove: right after a forward pass every Python step is slow
-        out = torch.empty(total, width)
-        ctypes.memmove(out.data_ptr(), pointer, 4 * total * width)
-        return out
-    return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[local])
+    return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(total, width))[list(local)])
 
 
-__all__ = ["BatchArrays", "copy_rows"]
+__all__ = ["BatchArrays", "LiveRows", "OutputRows", "copy_rows"]

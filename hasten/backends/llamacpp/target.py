@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp.batch import BatchArrays, copy_rows
+from hasten.backends.llamacpp.batch import BatchArrays, LiveRows, OutputRows, copy_rows
 from hasten.backends.llamacpp.interfaces import Membership, TargetModel
 from hasten.backends.llamacpp.kv_inspection import Cell, caught_up_problems, kv_cells, layout_problems, sequence_end
 from hasten.backends.llamacpp.library import clear_log, first_logged_error
@@ -40,6 +40,7 @@ class LlamaCppTarget:
         self.max_context = model.max_context
         self.cache_len = 0
         self._lib = lib = model.lib
+        self._outputs = LiveRows()  # the logits rows of the last pass, read on demand out of llama.cpp's buffer
         self._ctx = context  # this target's own llama context (None while it lives in the shared one)
         self._mem = lib.llama_get_memory(context)  # and that context's KV memory
         lib.llama_set_embeddings(context, want_hidden)
@@ -93,7 +94,7 @@ class LlamaCppTarget:
             cache.store(self._ctx, context)
         return Scores(logits, hidden)
 
-    def _prefill_without_embeddings(self, tokens: list[int]) -> torch.Tensor:
+    def _prefill_without_embeddings(self, tokens: list[int]) -> OutputRows:
         """Run a chain into the cache exactly as a target without hidden states runs it (the same batches, one
         output row), so its last row's logits are plain decoding's bits; with embeddings on, llama.cpp would
         compute the logits of every row. The logits of the last row."""
@@ -147,7 +148,7 @@ class LlamaCppTarget:
         if not ascending:  # llama.cpp returns rows in batch order, once each: reorder (and repeat) them as asked
             rank = {row: j for j, row in enumerate(wanted)}
             index = [rank[row] for row in rows]
-            logits = logits[index]
+            logits.pick(index)
             hidden = None if hidden is None else hidden[index]
         return Scores(logits, hidden)
 
@@ -255,6 +256,7 @@ class LlamaCppTarget:
             membership.cache.leave(self, keep=False, reopen=False)
         context, self._ctx = getattr(self, "_ctx", None), None
         if context:
+            self._outputs.detach()
             self.model.release_context(context)
 
     def __del__(self) -> None:
@@ -277,6 +279,7 @@ class LlamaCppTarget:
 
     def moved_in(self, membership: Membership[LlamaCppTarget]) -> None:
         """Its cells were copied into the shared context: give its own context back to the model and live there."""
+        self._outputs.detach()
         self.model.release_context(self._ctx)
         self._ctx = self._mem = None
         self.membership = membership
@@ -356,9 +359,10 @@ class LlamaCppTarget:
 
     # -- decoding
 
-    def _decode(self, n: int, wanted: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the ascending rows ``wanted``."""
-        logits: list[torch.Tensor] = []
+    def _decode(self, n: int, wanted: Sequence[int]) -> tuple[OutputRows, torch.Tensor | None]:
+        """Decode the n filled tokens in chunks of n_batch; (logits, hidden) of the ascending rows ``wanted``: the
+        logits read on demand when one chunk holds them all."""
+        logits: list[OutputRows] = []
         hidden: list[torch.Tensor] = []
         start = 0
         first = 0  # index into wanted of the first row at or after start
@@ -372,18 +376,16 @@ class LlamaCppTarget:
                 self._collect_outputs(start, m, wanted[first:last], logits, hidden)
             first = last
             start += m
-        out_h = None
         if len(logits) == 1:
             return logits[0], (hidden[0] if self.want_hidden else None)
-        if self.want_hidden:
-            out_h = torch.cat(hidden) if hidden else torch.empty(0, self.hidden_size)
-        out = torch.cat(logits) if logits else torch.empty(0, self.vocab_size)
-        return out, out_h
+        out_h = (torch.cat(hidden) if hidden else torch.empty(0, self.hidden_size)) if self.want_hidden else None
+        return OutputRows.joined(logits, self.vocab_size), out_h
 
     def _decode_chunk(self, start: int, m: int) -> None:
         """Run the ``m`` filled tokens from ``start`` on through llama_decode."""
         batch = self._batch if start == 0 else self._batch_at(start)
         batch.n_tokens = m
+        self._outputs.detach()  # the rows of the last pass still held are copied before llama.cpp overwrites them
         clear_log()
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
@@ -391,17 +393,17 @@ class LlamaCppTarget:
                 raise HastenError(f"the llama.cpp KV cache ({self.max_context} cells) has no room for the pass")
             raise HastenError(f"llama_decode failed ({rc}): {first_logged_error('see llama.cpp')}")
 
-    def _collect_outputs(self, start: int, m: int, wanted: Sequence[int], logits: list[torch.Tensor],
+    def _collect_outputs(self, start: int, m: int, wanted: Sequence[int], logits: list[OutputRows],
                          hidden: list[torch.Tensor]) -> None:
-        """Append the rows ``wanted`` of the chunk of ``m`` tokens from ``start`` just decoded. With embeddings
-        on, llama.cpp outputs every token (it overrides the flags), so rows are picked here."""
+        """Append the rows ``wanted`` of the chunk of ``m`` tokens from ``start`` just decoded (the logits read on
+        demand). With embeddings on, llama.cpp outputs every token (it overrides the flags), so rows are picked."""
         lib = self._lib
         if self.want_hidden:  # every token of the chunk is an output row
-            local: Any = [row - start for row in wanted]
+            local: Sequence[int] = [row - start for row in wanted]
             total = m
         else:  # exactly the flagged rows are outputs, in order
-            local, total = slice(None), len(wanted)
-        logits.append(copy_rows(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
+            local, total = range(len(wanted)), len(wanted)
+        logits.append(self._outputs.hand_out(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
         if self.want_hidden:
             hidden.append(copy_rows(lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
 

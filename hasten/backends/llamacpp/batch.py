@@ -101,13 +101,17 @@ class LiveRows:
 
     def __init__(self) -> None:
         self._last: weakref.ref[OutputRows] | None = None
+        self._view: tuple[int, int, np.ndarray] | None = None  # (address, rows, view): llama.cpp keeps its buffer
 
     def hand_out(self, pointer: Any, total: int, width: int, index: Sequence[int]) -> OutputRows:
         """Rows ``index`` of llama.cpp's buffer of ``total`` output rows, read on demand."""
         if not pointer:
             raise HastenError("llama.cpp returned no outputs for the pass")
         self.detach()
-        rows = OutputRows(np.ctypeslib.as_array(pointer, shape=(total, width)), index)
+        address = ctypes.addressof(pointer.contents)
+        if self._view is None or self._view[:2] != (address, total) or self._view[2].shape[1] != width:
+            self._view = (address, total, np.ctypeslib.as_array(pointer, shape=(total, width)))
+        rows = OutputRows(self._view[2], index)
         self._last = weakref.ref(rows)
         return rows
 

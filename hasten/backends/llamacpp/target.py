@@ -330,6 +330,10 @@ class LlamaCppTarget:
 
     def _fill_chain(self, tokens: Sequence[int], rows: Sequence[int]) -> None:
         n = len(tokens)
+        if n == 1:  # plain decoding's every pass: item writes (cheaper than numpy's slicing right after a decode)
+            self._tok[0], self._pos[0], self._nseq[0], self._seq[0, 0] = tokens[0], self.cache_len, 1, 0
+            self._out[0] = 1 if self.want_hidden or len(rows) else 0
+            return
         self._ensure_capacity(n)
         self._tok[:n] = tokens
         self._pos[:n] = self._arange[:n] + self.cache_len

@@ -170,3 +170,33 @@ def test_llamacpp_rows_over_several_decodes_and_out_of_order(tiny_llama):
     assert len(picked) == 4
     assert torch.equal(picked.logits, rows[[2, 0, 1, 2]])
     assert picked.argmax(0) == int(rows[2].argmax())
+
+
+class Layout:
+    """A pass as ``score_many`` takes it."""
+
+    def __init__(self, tokens: list[int], parents: list[int], logits_rows: list[int]) -> None:
+        self.tokens, self.parents, self.logits_rows = tokens, parents, logits_rows
+
+
+def test_llamacpp_rows_of_a_shared_decode_held_past_the_next_one_keep_their_values(tmp_path):
+    model = LlamaCppModel(write_tiny_gguf(tmp_path / "shared.gguf", vocab_size=96), threads=1)
+    contexts = [PROMPT, PROMPT[3:]]
+    batched, alone = [model.new_target() for _ in contexts], [model.new_target() for _ in contexts]
+    for target, reference, context in zip(batched, alone, contexts, strict=True):
+        target.start(context)
+        reference.start(context)
+    passes = [([5, 6, 7], [-1, 0, 0], [2, 0]), ([8, 9], [-1, 0], [0, 1])]
+
+    def layouts(step: int) -> list[tuple[object, Layout]]:
+        return [(t, Layout(*[[x + step for x in p[0]], p[1], p[2]])) for t, p in zip(batched, passes, strict=True)]
+
+    held = model.score_many(layouts(0))
+    assert all(target.membership is not None for target in batched)  # scored in the shared context
+    expected = [r.score(list(p[0]), p[1], p[2]).logits for r, p in zip(alone, passes, strict=True)]
+    assert [scores.argmax(0) for scores in held] == [int(e[0].argmax()) for e in expected]
+    for target, reference in zip(batched, alone, strict=True):
+        target.commit([0])
+        reference.commit([0])
+    later = model.score_many(layouts(1))  # the shared context decodes again
+    assert len(later) == 2 and all(torch.equal(h.logits, e) for h, e in zip(held, expected, strict=True))

@@ -96,31 +96,31 @@ class OutputRows:
 
 
 class LiveRows:
-    """The last ``OutputRows`` a llama context handed out, held weakly: before the context decodes again (or goes
-    back to the pool) they are copied out if someone still holds them unreleased, else nothing is copied."""
+    """The ``OutputRows`` a llama context handed out since its last decode, held weakly: before it decodes again
+    (or is freed, or goes back to the pool) those still held unreleased are copied out; the rest cost nothing."""
 
     def __init__(self) -> None:
-        self._last: weakref.ref[OutputRows] | None = None
+        self._live: list[weakref.ref[OutputRows]] = []
         self._view: tuple[int, int, np.ndarray] | None = None  # (address, rows, view): llama.cpp keeps its buffer
 
     def hand_out(self, pointer: Any, total: int, width: int, index: Sequence[int]) -> OutputRows:
-        """Rows ``index`` of llama.cpp's buffer of ``total`` output rows, read on demand."""
+        """Rows ``index`` of llama.cpp's buffer of ``total`` output rows (just decoded), read on demand."""
         if not pointer:
             raise HastenError("llama.cpp returned no outputs for the pass")
-        self.detach()
         address = ctypes.addressof(pointer.contents)
         if self._view is None or self._view[:2] != (address, total) or self._view[2].shape[1] != width:
             self._view = (address, total, np.ctypeslib.as_array(pointer, shape=(total, width)))
         rows = OutputRows(self._view[2], index)
-        self._last = weakref.ref(rows)
+        self._live.append(weakref.ref(rows))
         return rows
 
     def detach(self) -> None:
         """Before the buffer is overwritten or freed: the rows still held are copied out."""
-        rows = self._last() if self._last is not None else None
-        if rows is not None:
-            rows.detach()
-        self._last = None
+        for ref in self._live:
+            rows = ref()
+            if rows is not None:
+                rows.detach()
+        self._live.clear()
 
 
 def copy_rows(pointer: Any, total: int, width: int, local: Sequence[int]) -> torch.Tensor:

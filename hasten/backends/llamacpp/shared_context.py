@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hasten.backends.base import Scores
-from hasten.backends.llamacpp.batch import BatchArrays
+from hasten.backends.llamacpp.batch import BatchArrays, LiveRows
 from hasten.backends.llamacpp.interfaces import Membership, TargetModel
 from hasten.backends.llamacpp.kv_inspection import caught_up_problems, kv_cells, layout_problems
 from hasten.backends.llamacpp.shared_exactness import MAX_TOKENS, Attention, lone_token_splits, shareable
@@ -105,11 +105,13 @@ class SharedCache:
         self.arrays = BatchArrays(lib, MAX_TOKENS, self.n_seq)
         self._batch = self.arrays.batch_at(0)
         self._buffer = (ctypes.c_uint8 * 0)()
+        self.outputs = LiveRows()  # members' logits rows, read on demand until the next decode copies held ones
 
     def close(self) -> None:
         """Free the llama context (its model frees it first, before the llama model); members can only leave."""
         context, self.ctx, self.mem = self.ctx, None, None
         if context:
+            self.outputs.detach()
             self._lib.llama_free(context)
 
     def __del__(self) -> None:
@@ -276,6 +278,7 @@ class SharedCache:
             self._fill(passes[i][0], passes[i][1], plans[i], offset, embeddings)
             offset += len(passes[i][1])
         self._batch.n_tokens = width
+        self.outputs.detach()
         rc = lib.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise HastenError(f"llama_decode failed ({rc}) in the shared context")
@@ -318,15 +321,16 @@ class SharedCache:
         lib, model = self._lib, self.model
         index = np.arange(width) if embeddings else np.cumsum(self.arrays.out[:width], dtype=np.int64) - 1
         n_out = width if embeddings else int(index[-1]) + 1
-        empty = np.zeros((0, model.vocab_size), np.float32)
-        logits = self._view(lib.llama_get_logits(self.ctx), n_out, model.vocab_size) if n_out else empty
+        pointer = lib.llama_get_logits(self.ctx) if n_out else None
         hidden = self._view(lib.llama_get_embeddings(self.ctx), n_out, model.hidden_size) if embeddings else None
         offset = 0
         for i in chunk:
             target, tokens, parents, _ = passes[i]
             plan = plans[i]
             picked = index[np.asarray(plan.rows, dtype=np.int64) + offset]
-            results[i] = Scores(torch.from_numpy(logits[picked]),
+            logits = self.outputs.hand_out(pointer, n_out, model.vocab_size, picked.tolist()) if n_out else \
+                torch.zeros(0, model.vocab_size)
+            results[i] = Scores(logits,
                                 torch.from_numpy(hidden[picked]) if hidden is not None and target.want_hidden
                                 else None)
             target.pending = (list(parents), plan.sequences)

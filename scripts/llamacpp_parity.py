@@ -2,19 +2,21 @@
 llama-cpp-python's ``create_completion``, on the same prompts and the same token ids.
 
 Usage: python scripts/llamacpp_parity.py [--prompts FILE] [--limit 21] [--max-new-tokens 128] [--threads 2]
-[--json out.json]
+[--rounds 1] [--tool-cache q8_0/f16] [--no-python] [--json out.json]
 
 The script holds ``/tmp/hasten-timing.lock`` (flock) while it compiles and times, so nobody else times on the
 machine meanwhile; run under ``flock /tmp/hasten-timing.lock`` it sees its parent holding the lock and goes on.
 
 ``llama-completion`` is built once (cmake Release, default options, that target only) from the llama.cpp sources
 vendored in the sdist of the installed llama-cpp-python version (downloaded once with ``pip download``) into
-``~/.cache/hasten/llamacpp-build/<version>``. Each prompt is chat-templated by hasten; the C++ tool gets the text
-that llama.cpp's own tokenizer turns back into exactly those ids (checked here, and against the tool's count of
-prompt tokens), the same threads, context size and greedy sampling, and as many new tokens as ``ar`` wrote
-(``--ignore-eos``). llama-cpp-python runs as ``hasten bench``'s ``llamacpp_generate`` anchor does (its own
-defaults: F16 KV cache), stopping at its own end token. One untimed warm-up of each, then prompt by prompt, the
-three in rotating order.
+``~/.cache/hasten/llamacpp-build/<version>``. Each prompt (the first turn of ``hasten bench --limit N``'s
+prompts) is chat-templated by hasten; the C++ tool gets the text that llama.cpp's own tokenizer turns back into
+exactly those ids (checked here, and against the tool's count of prompt tokens), the same threads, context size
+and greedy sampling, and as many new tokens as ``ar`` wrote (``--ignore-eos``), with its own default KV cache
+(F16) and, with ``--tool-cache q8_0/f16``, also with hasten's (then it writes ar's tokens: same cache, same
+micro-batches of 512). llama-cpp-python runs as ``hasten bench``'s ``llamacpp_generate`` anchor does (its own
+defaults: F16 KV cache), stopping at its own end token. One untimed warm-up of each, then prompt by prompt, in
+rotating order.
 
 Per tool: prefill in ms per prompt token (the pass over the prompt), decode in ms per new token after the first
 (wall time after the prefill, pooled, and the median over prompts; in brackets the time inside ``llama_decode``:
@@ -45,8 +47,7 @@ from tqdm import tqdm
 LOCK = Path("/tmp/hasten-timing.lock")
 CACHE = Path.home() / ".cache" / "hasten"
 TOOL = "llama-completion"
-ORDERS = [["hasten ar", TOOL, "create_completion"], ["create_completion", "hasten ar", TOOL],
-          ["hasten ar", "create_completion", TOOL]]  # rotated prompt by prompt; ar always before the C++ tool
+AR, PYTHON = "hasten ar", "create_completion"
 
 
 @dataclass
@@ -170,17 +171,33 @@ def parse_perf(log: str) -> Timing | None:
                   float(evals[1]) / 1e3)
 
 
-def run_tool(binary: Path, model: Path, text: str, new_tokens: int, threads: int, n_ctx: int) -> tuple[Timing, str]:
-    """One greedy ``llama-completion`` run of ``new_tokens`` tokens on ``text``: its own perf counters, its text."""
+def run_tool(binary: Path, model: Path, text: str, new_tokens: int, threads: int, n_ctx: int,
+             cache: str | None = None) -> tuple[Timing, str]:
+    """One greedy ``llama-completion`` run of ``new_tokens`` tokens on ``text`` (with its default KV cache, or
+    ``cache``, ``"K/V"``): its own perf counters, its text."""
     command = [str(binary), "-m", str(model), "-p", text, "--no-escape", "-no-cnv", "--no-display-prompt",
                "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-t", str(threads), "-tb", str(threads),
                "-c", str(n_ctx), "-s", "0"]
+    if cache:
+        keys, _, values = cache.partition("/")
+        command += ["-ctk", keys, "-ctv", values or keys]
     done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     timing = parse_perf(done.stderr)
     if done.returncode != 0 or timing is None:
         tail = "\n".join(done.stderr.splitlines()[-15:])
         raise SystemExit(f"{TOOL} failed ({done.returncode}):\n{tail}")
     return timing, done.stdout
+
+
+def order_for(names: list[str], index: int) -> list[str]:
+    """The runs of the ``index``-th prompt: ``names`` rotated, then any C++ run placed after ar (it writes as many
+    tokens as ar did)."""
+    shift = index % len(names)
+    rotated = names[shift:] + names[:shift]
+    early = [name for name in rotated[: rotated.index(AR)] if name.startswith(TOOL)]
+    rest = [name for name in rotated if name not in early]
+    at = rest.index(AR) + 1
+    return rest[:at] + early + rest[at:]
 
 
 class DecodeClock:
@@ -253,13 +270,13 @@ def table(results: dict[str, dict[str, float]]) -> str:
             decode += f" [in llama_decode {row['eval_ms']:.2f}]"
         lines.append(f"| {name} | {row['prompt_tokens']} | {row['new_tokens']} | {row['prefill_ms']:.2f} | {decode} "
                      f"| {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
-    ar = results["hasten ar"]
+    ar = results[AR]
     median = base["decode_ms_median"] / ar["decode_ms_median"]
     lines.append(f"\nhasten ar vs {TOOL} (speed, >1: ar faster): prefill {base['prefill_ms'] / ar['prefill_ms']:.2f}x, "
                  f"decode {base['decode_ms'] / ar['decode_ms']:.2f}x (median {median:.2f}x), "
                  f"tokens/s {ar['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-    if "create_completion" in results:
-        cc = results["create_completion"]
+    if PYTHON in results:
+        cc = results[PYTHON]
         lines.append(f"hasten ar vs create_completion: tokens/s {ar['tokens_per_s'] / cc['tokens_per_s']:.2f}x")
     return "\n".join(lines)
 
@@ -272,6 +289,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="times through the prompts (rotating the order)")
+    parser.add_argument("--tool-cache", action="append", default=[], metavar="K/V",
+                        help="also run the C++ tool with this KV cache type (q8_0/f16 is hasten's)")
     parser.add_argument("--no-python", action="store_true", help="leave llama-cpp-python's create_completion out")
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
@@ -302,23 +321,26 @@ def main() -> int:
     run_ar(loaded, clock, cases[0][1], 8)  # warm-ups, untimed
     run_python(anchor, cases[0][1], 8)
     run_tool(binary, loaded.path, cases[0][2], 8, args.threads, n_ctx)
-    same_text = 0  # prompts where the C++ tool wrote ar's text (its F16 cache may part from ar's at near-ties)
-    orders = [[name for name in order if name != "create_completion" or not args.no_python] for order in ORDERS]
-    runs: dict[str, list[Timing]] = {name: [] for name in (TOOL, "hasten ar", "create_completion") if name in orders[0]}
+    caches = {TOOL: None, **{f"{TOOL}, {cache} cache": cache for cache in args.tool_cache}}
+    names = [*caches, AR] + ([] if args.no_python else [PYTHON])
+    runs: dict[str, list[Timing]] = {name: [] for name in names}
+    same_text = dict.fromkeys(caches, 0)  # runs where a C++ run wrote ar's text
     others, began = busy_seconds() - own_seconds(), time.perf_counter()
     for index, (qid, ids, text) in enumerate(tqdm(cases * args.rounds, desc="prompts", file=sys.stderr)):
-        ar_tokens, ar_ids = 0, []
-        for name in orders[index % len(orders)]:  # ar before the C++ tool, which writes as many tokens
-            if name == "hasten ar":
+        ar_tokens, ar_text = 0, ""
+        for name in order_for(names, index):
+            if name == AR:
                 timing, ar_ids = run_ar(loaded, clock, ids, args.max_new_tokens)
-                ar_tokens = timing.new_tokens
-            elif name == TOOL:
-                timing, written = run_tool(binary, loaded.path, text, ar_tokens, args.threads, n_ctx)
-                same_text += written.strip() == loaded.tokenizer.decode(ar_ids, skip_special_tokens=True).strip()
+                ar_tokens, ar_text = timing.new_tokens, llama.detokenize(ar_ids).decode("utf-8", "replace")
+            elif name == PYTHON:
+                timing = run_python(anchor, ids, args.max_new_tokens)
+            else:
+                timing, written = run_tool(binary, loaded.path, text, ar_tokens, args.threads, n_ctx, caches[name])
+                # llama.cpp's pieces of the tokens both; --ignore-eos bans the end token, so where ar wrote one the
+                # C++ tool writes some other last token
+                same_text[name] += written.strip().startswith(ar_text.strip())
                 if timing.prompt_tokens != len(ids):
                     raise SystemExit(f"prompt {qid}: {TOOL} ran {timing.prompt_tokens} prompt tokens, not {len(ids)}")
-            else:
-                timing = run_python(anchor, ids, args.max_new_tokens)
             runs[name].append(timing)
     others = (busy_seconds() - own_seconds() - others) / ((os.cpu_count() or 1) * (time.perf_counter() - began))
     anchor.close()
@@ -327,7 +349,8 @@ def main() -> int:
     print(f"{len(cases)} prompts x {args.rounds}, {args.threads} threads, n_ctx {n_ctx}, greedy, up to "
           f"{args.max_new_tokens} new tokens; llama-cpp-python {ver}; {TOOL} {binary}")
     print(table(results))
-    print(f"{TOOL} wrote ar's text on {same_text} of {len(cases) * args.rounds} runs")
+    for name, same in same_text.items():
+        print(f"{name} wrote ar's text on {same} of {len(cases) * args.rounds} prompts (up to ar's end token)")
     print(f"other processes used {100 * others:.0f}% of the machine's CPUs while this timed"
           + (" -- NOT IDLE, the numbers are not comparable" if others > 0.05 else ""))
     if args.json:

@@ -54,3 +54,13 @@ def test_the_lock_holders_are_read_from_proc_locks(tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX)
         holders = script._holders(path)
     assert len(holders) == 1 and holders <= script._ancestors()  # this process holds it
+
+
+def test_every_cpp_run_comes_after_ar_and_the_order_rotates():
+    names = [script.TOOL, f"{script.TOOL}, q8_0/f16 cache", script.AR, script.PYTHON]
+    orders = [script.order_for(names, index) for index in range(len(names))]
+    for order in orders:
+        assert sorted(order) == sorted(names)
+        assert all(order.index(name) > order.index(script.AR) for name in names[:2])
+    assert len({tuple(order) for order in orders}) > 1
+    assert {order[0] for order in orders} == {script.AR, script.PYTHON}  # ar or llama-cpp-python opens a prompt

@@ -1,22 +1,22 @@
 """Plain decoding: hasten's ``ar`` on llama.cpp against llama.cpp's own C++ ``llama-completion`` and
 llama-cpp-python's ``create_completion``, on the same prompts and the same token ids.
 
-Usage: python scripts/llamacpp_parity.py [--prompts FILE] [--limit 21] [--max-new-tokens 128] [--threads 2]
-[--rounds 1] [--tool-cache q8_0/f16] [--no-python] [--json out.json]
+Usage: python scripts/llamacpp_parity.py [--model default] [--no-chat] [--prompts FILE] [--limit 21]
+[--max-new-tokens 128] [--threads 2] [--rounds 1] [--tool-cache q8_0/f16] [--no-python] [--json out.json]
 
 The script holds ``/tmp/hasten-timing.lock`` (flock) while it compiles and times, so nobody else times on the
 machine meanwhile; run under ``flock /tmp/hasten-timing.lock`` it sees its parent holding the lock and goes on.
 
 ``llama-completion`` is built once (cmake Release, default options, that target only) from the llama.cpp sources
 vendored in the sdist of the installed llama-cpp-python version (downloaded once with ``pip download``) into
-``~/.cache/hasten/llamacpp-build/<version>``. Each prompt (the first turn of ``hasten bench --limit N``'s
-prompts) is chat-templated by hasten; the C++ tool gets the text that llama.cpp's own tokenizer turns back into
-exactly those ids (checked here, and against the tool's count of prompt tokens), the same threads, context size
-and greedy sampling, and as many new tokens as ``ar`` wrote (``--ignore-eos``), with its own default KV cache
-(F16) and, with ``--tool-cache q8_0/f16``, also with hasten's (then it writes ar's tokens: same cache, same
-micro-batches of 512). llama-cpp-python runs as ``hasten bench``'s ``llamacpp_generate`` anchor does (its own
-defaults: F16 KV cache), stopping at its own end token. One untimed warm-up of each, then prompt by prompt, in
-rotating order.
+``~/.cache/hasten/llamacpp-build/<version>``. Each prompt (the first turn of ``hasten bench --limit N``'s prompts)
+is chat-templated by hasten (raw text with ``--no-chat``, as for a base model); the C++ tool gets the text that
+llama.cpp's own tokenizer turns back into exactly those ids (checked here, and against the tool's count of prompt
+tokens), the same threads, context size and greedy sampling, and as many new tokens as ``ar`` wrote
+(``--ignore-eos``), with its own default KV cache (F16) and, with ``--tool-cache q8_0/f16``, also with hasten's
+(then it writes ar's tokens: same cache, same micro-batches of 512). llama-cpp-python runs as ``hasten bench``'s
+``llamacpp_generate`` anchor does (its own defaults: F16 KV cache), stopping at its own end token. One untimed
+warm-up of each, then prompt by prompt, in rotating order.
 
 Per tool: prefill in ms per prompt token (the pass over the prompt), decode in ms per new token after the first
 (wall time after the prefill, pooled, and the median over prompts; in brackets the time inside ``llama_decode``:
@@ -291,6 +291,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="times through the prompts (rotating the order)")
     parser.add_argument("--tool-cache", action="append", default=[], metavar="K/V",
                         help="also run the C++ tool with this KV cache type (q8_0/f16 is hasten's)")
+    parser.add_argument("--no-chat", action="store_true", help="raw prompt text, no chat template (a base model)")
     parser.add_argument("--no-python", action="store_true", help="leave llama-cpp-python's create_completion out")
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
@@ -311,8 +312,11 @@ def main() -> int:
     prompts = balanced_subset(read_prompts(args.prompts), args.limit)  # each one's first turn
     cases = []
     for prompt in prompts:
-        ids = prompt_ids(loaded, [{"role": "user", "content": prompt.turns[0]}])
-        text = llama.detokenize(ids, special=True).decode("utf-8")
+        ids = (prompt_ids(loaded, prompt.turns[0], chat=False) if args.no_chat
+               else prompt_ids(loaded, [{"role": "user", "content": prompt.turns[0]}]))
+        # where the model adds BOS itself (Gemma), the tool's tokenizer adds it again to a text that spells it
+        body = ids[1:] if ids[:1] == [llama.token_bos()] and llama.tokenize(b"", add_bos=True) else ids
+        text = llama.detokenize(body, special=True).decode("utf-8")
         if llama.tokenize(text.encode("utf-8"), add_bos=True, special=True) != ids:
             raise SystemExit(f"prompt {prompt.question_id}: llama.cpp does not tokenize its text back to the ids")
         cases.append((prompt.question_id, ids, text))

@@ -172,9 +172,12 @@ class LlamaCppModel:
         return self.new_context()
 
     def release_context(self, context: Any) -> None:
-        """Empty a context and keep it for the next target (or free it when the pool is full)."""
+        """Empty a context and keep it for the next target (or free it when the pool is full). Only its cells
+        are emptied: their K/V bytes stay, as a commit's dropped cells' do, and count for nothing in a pass that
+        does not attend to them (flash attention skips masked cells; without it they weigh exactly 0). Zeroing
+        the default model's 4096 cells took 1.2 ms, twice a generation."""
         lib = self.lib
-        lib.llama_memory_clear(lib.llama_get_memory(context), True)
+        lib.llama_memory_clear(lib.llama_get_memory(context), False)
         with self._lock:
             if len(self._pool) < POOL_SIZE:
                 self._pool.append(context)

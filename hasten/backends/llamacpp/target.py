@@ -69,7 +69,7 @@ class LlamaCppTarget:
         if self.membership is not None:  # a prefill runs in a context of its own, as plain decoding runs it
             self.membership.cache.leave(self, keep=False)
         self.check_open()
-        self._lib.llama_memory_clear(self._mem, True)
+        self._lib.llama_memory_clear(self._mem, False)  # the cells, not their bytes (model.release_context)
         self.cache_len = 0
         self._synced = [0] * self._n_seq_max
         self.pending = None

@@ -26,8 +26,9 @@ _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separ
 _TOKENIZERS: dict[tuple[int, int], llguidance.LLTokenizer] = {}
 
 
-def _llg_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
-    """llguidance's view of a transformers tokenizer (built once per tokenizer: about half a second)."""
+def grammar_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
+    """llguidance's view of a transformers tokenizer, built once per tokenizer (0.5 s for the default model's 49k
+    vocabulary, 4 s for Gemma 3's 262k): the first constrained request pays it unless this is called before."""
     key = (id(tokenizer), vocab_size)
     if key not in _TOKENIZERS:
         try:
@@ -89,7 +90,7 @@ def compile_constraint(tokenizer: Any, vocab_size: int, response_format: object 
         raise HastenError(f"{given[0]} is invalid: {_one_line(error)}") from None
     if text is None:
         return None
-    compiled = Grammar(text, _llg_tokenizer(tokenizer, vocab_size), vocab_size)
+    compiled = Grammar(text, grammar_tokenizer(tokenizer, vocab_size), vocab_size)
     probe = llguidance.LLMatcher(compiled.tokenizer, text)
     if probe.is_error():
         raise HastenError(f"{given[0]} is invalid: {_one_line(probe.get_error())}")

@@ -9,6 +9,7 @@ those are the tokens ``forced()`` offers as a near-certain draft.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,16 @@ from hasten.response_format import check_response_format
 
 _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 _TOKENIZERS: dict[tuple[int, int], llguidance.LLTokenizer] = {}
+_BUILDING = threading.Lock()  # one build per tokenizer, whichever thread asks first
 
 
 def grammar_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
     """llguidance's view of a transformers tokenizer, built once per tokenizer (0.5 s for the default model's 49k
     vocabulary, 4 s for Gemma 3's 262k): the first constrained request pays it unless this is called before."""
     key = (id(tokenizer), vocab_size)
-    if key not in _TOKENIZERS:
+    with _BUILDING:
+        if key in _TOKENIZERS:
+            return _TOKENIZERS[key]
         try:
             _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         except (ValueError, TypeError, AttributeError) as error:

@@ -69,10 +69,6 @@ LAYERS: dict[str, int] = {
     "hasten": 7,
 }
 
-# Edges (importer, imported) that break the layers today and are being fixed elsewhere. The test fails when one
-# of them is gone, so that it is removed from here at once.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = set()  # none today
-
 
 @dataclass(frozen=True, order=True)
 class Import:
@@ -220,8 +216,7 @@ def test_no_import_cycles():
 def test_imports_go_down_the_layers():
     imports = all_imports()
     violations = upward([item for item in imports if not item.local])
-    assert violations - KNOWN_VIOLATIONS == set(), "imports from a higher layer"
-    assert KNOWN_VIOLATIONS - violations == set(), "fixed: remove these from KNOWN_VIOLATIONS"
+    assert violations == set(), "imports from a higher layer"
     for item in sorted(item for item in imports if item.local):
         if (item.importer, item.imported) in upward([item]):
             warnings.warn(f"{item.importer}:{item.line} imports {item.imported} (layer {layer(item.imported)}) "

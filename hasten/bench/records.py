@@ -42,6 +42,7 @@ class RunRecord:
     error: str | None = None
     json_valid: bool | None = None  # every answer parses and validates (None: the question is not constrained)
     json_error: str | None = None  # why the first answer that does not (its turn, when there are several)
+    others_cpu_s: float | None = 0.0  # CPU seconds other processes (and steal) took while it was timed
 
 
 def label_for(method: str, backend: str, primary: str) -> str:

@@ -349,7 +349,7 @@ def plot_cost(results: dict[str, Any], path: Path) -> bool:
 
 RECORD_COLUMNS = ("question_id", "category", "method", "backend", "wall_s", "prefill_s", "decode_s", "new_tokens",
                   "decode_tokens", "decode_ms_per_token", "target_passes", "drafted_tokens", "accepted_drafts",
-                  "draft_s", "exact", "error", "json_valid")
+                  "draft_s", "exact", "error", "json_valid", "others_cpu_s")
 
 
 def write_records_csv(results: dict[str, Any], path: Path) -> None:

@@ -25,6 +25,7 @@ from hasten.bench.anchors import (
     anchor_backend,
     run_hf_anchor,
 )
+from hasten.bench.load import OthersClock, busy_note
 from hasten.bench.machine import backend_info, machine_info
 from hasten.bench.oracle import source_for
 from hasten.bench.prompts import BenchPrompt
@@ -124,6 +125,7 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
     """
     record = RunRecord(prompt.question_id, prompt.category, label or method, loaded.backend.backend)
     clock = clock_for(getattr(loaded.backend, "device", "cpu"))
+    others = OthersClock()
     anchor = method in ANCHORS
     constrained = is_constrained(prompt.response_format)
     if anchor and constrained:
@@ -140,6 +142,7 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
         seed = None if params.seed is None else params.seed + turn_index
         turn_params = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
         if anchor:
+            others.start()
             began = clock()
             if method in LLAMACPP_ANCHORS:
                 if llamacpp is None:
@@ -148,17 +151,20 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             else:
                 out = run_hf_anchor(method, loaded, ids, max_new_tokens, turn_params, draft)
             record.wall_s += clock() - began
+            record.others_cpu_s = _added(record.others_cpu_s, others.stop())
             tokens, passes = out.token_ids, out.target_passes
             prefill_total = None if prefill_total is None or out.prefill_s is None else prefill_total + out.prefill_s
         else:
             forget_prompts = getattr(loaded.backend, "forget_prompts", None)
             if forget_prompts is not None:  # every run prefills its whole prompt, as the llama.cpp anchors do
                 forget_prompts()
+            others.start()
             began = clock()
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
                               top_k=params.top_k, top_p=params.top_p, seed=seed, **formats,
                               **options_for(method, options))
             record.wall_s += clock() - began
+            record.others_cpu_s = _added(record.others_cpu_s, others.stop())
             tokens, passes = result.token_ids, result.target_passes
             draft_total += result.draft_s
             prefill_total = None if prefill_total is None else prefill_total + result.prefill_s
@@ -183,6 +189,10 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
         record.drafted_tokens, record.accepted_drafts = drafted, accepted
         record.draft_s = draft_total
     return record
+
+
+def _added(total: float | None, more: float | None) -> float | None:
+    return None if total is None or more is None else total + more
 
 
 def rotated(methods: list[str], shift: int) -> list[str]:
@@ -340,6 +350,8 @@ def run_bench(
     errors = sum(len(entry["errors"]) for entry in summary.values())
     if errors:
         warnings.append(f"{errors} run(s) failed; see 'errors' per method")
+    if (busy := busy_note(asdict(r) for method_records in records.values() for r in method_records)) is not None:
+        warnings.append(busy)
     backends = backend_info(models, costs, calibrated, primary)
     baseline_labels = {entry["baseline"] for entry in summary.values()}
     return {

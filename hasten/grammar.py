@@ -24,7 +24,7 @@ from hasten.errors import HastenError
 from hasten.response_format import check_response_format
 
 _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-_TOKENIZERS: dict[tuple[int, int], llguidance.LLTokenizer] = {}
+_TOKENIZERS: dict[tuple[int, int], tuple[Any, llguidance.LLTokenizer]] = {}  # holding the tokenizer: its id stays its
 _BUILDING = threading.Lock()  # one build per tokenizer, whichever thread asks first
 
 
@@ -33,14 +33,13 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer
     vocabulary, 4 s for Gemma 3's 262k): the first constrained request pays it unless this is called before."""
     key = (id(tokenizer), vocab_size)
     with _BUILDING:
-        if key in _TOKENIZERS:
-            return _TOKENIZERS[key]
-        try:
-            _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        except (ValueError, TypeError, AttributeError) as error:
-            raise HastenError(f"structured output is not available for this model's tokenizer: {_one_line(error)}"
-                              ) from None
-    return _TOKENIZERS[key]
+        if key not in _TOKENIZERS:
+            try:
+                _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size))
+            except (ValueError, TypeError, AttributeError) as error:
+                raise HastenError("structured output is not available for this model's tokenizer: "
+                                  f"{_one_line(error)}") from None
+        return _TOKENIZERS[key][1]
 
 
 def _schema_grammar(schema: Mapping[str, Any]) -> str:

@@ -200,35 +200,23 @@ def order_for(names: list[str], index: int) -> list[str]:
     return rest[:at] + early + rest[at:]
 
 
-class DecodeClock:
-    """Times hasten's one-token ``llama_decode`` calls: wraps the function where hasten's backend looks it up
-    (the ``llama_cpp`` package; llama-cpp-python's own ``Llama`` calls its submodule's, untouched)."""
-
-    def __init__(self, lib: Any) -> None:
-        self.seconds = 0.0
-        real = lib.llama_decode
-
-        def timed(ctx: Any, batch: Any) -> int:
-            began = time.perf_counter()
-            rc = real(ctx, batch)
-            if batch.n_tokens == 1:
-                self.seconds += time.perf_counter() - began
-            return int(rc)
-
-        lib.llama_decode = timed
-
-
-def run_ar(loaded: Any, clock: DecodeClock, ids: list[int], max_new_tokens: int) -> tuple[Timing, list[int]]:
+def run_ar(loaded: Any, ids: list[int], max_new_tokens: int) -> tuple[Timing, list[int]]:
     """hasten's ``ar`` from an empty prompt cache, timed around ``generate`` as ``hasten bench`` times it; its
-    one-token passes' time in ``llama_decode`` as ``eval_s`` (a one-token prompt's prefill counted there too)."""
+    one-token passes' time in ``llama_decode`` as ``eval_s`` (a one-token prompt's prefill counted there too), from
+    the model's ``decode_log``."""
     from hasten.api import generate
 
     loaded.backend.forget_prompts()
-    clock.seconds = 0.0
-    began = time.perf_counter()
-    result = generate(loaded, ids, "ar", max_new_tokens=max_new_tokens)
-    wall = time.perf_counter() - began
-    return Timing(len(ids), len(result.token_ids), result.prefill_s, wall, clock.seconds), result.token_ids
+    log: list[tuple[int, float]] = []
+    loaded.backend.decode_log = log
+    try:
+        began = time.perf_counter()
+        result = generate(loaded, ids, "ar", max_new_tokens=max_new_tokens)
+        wall = time.perf_counter() - began
+    finally:
+        loaded.backend.decode_log = None
+    eval_s = sum(seconds for tokens, seconds in log if tokens == 1)
+    return Timing(len(ids), len(result.token_ids), result.prefill_s, wall, eval_s), result.token_ids
 
 
 def run_python(anchor: Any, ids: list[int], max_new_tokens: int) -> Timing:
@@ -321,8 +309,7 @@ def main() -> int:
             raise SystemExit(f"prompt {prompt.question_id}: llama.cpp does not tokenize its text back to the ids")
         cases.append((prompt.question_id, ids, text))
 
-    clock = DecodeClock(loaded.backend.lib)
-    run_ar(loaded, clock, cases[0][1], 8)  # warm-ups, untimed
+    run_ar(loaded, cases[0][1], 8)  # warm-ups, untimed
     run_python(anchor, cases[0][1], 8)
     run_tool(binary, loaded.path, cases[0][2], 8, args.threads, n_ctx)
     caches = {TOOL: None, **{f"{TOOL}, {cache} cache": cache for cache in args.tool_cache}}
@@ -334,7 +321,7 @@ def main() -> int:
         ar_tokens, ar_text = 0, ""
         for name in order_for(names, index):
             if name == AR:
-                timing, ar_ids = run_ar(loaded, clock, ids, args.max_new_tokens)
+                timing, ar_ids = run_ar(loaded, ids, args.max_new_tokens)
                 ar_tokens, ar_text = timing.new_tokens, llama.detokenize(ar_ids).decode("utf-8", "replace")
             elif name == PYTHON:
                 timing = run_python(anchor, ids, args.max_new_tokens)

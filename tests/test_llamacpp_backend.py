@@ -507,3 +507,18 @@ def test_a_prefill_with_hidden_states_computes_one_row_and_gives_the_same_bits(t
         assert torch.equal(got.logits[-1], model.new_target().start(prompt).logits[-1])
         after = [quick.score([5, 6], [-1, 0]), every_row.score([5, 6], [-1, 0])]  # the cells agree too
         assert torch.equal(after[0].logits, after[1].logits) and torch.equal(after[0].hidden, after[1].hidden)
+
+
+def test_the_decode_log_times_each_llama_decode_a_target_runs_while_it_is_set():
+    model = tiny(n_batch=4)  # a prompt of 10 tokens runs in decodes of 4, 4 and 2
+    model.forget_prompts()  # none restored from the prompt cache
+    target = model.new_target()
+    model.decode_log = log = []
+    target.start(list(range(1, 11)))
+    target.score([5, 6, 7], [-1, 0, 1])
+    model.decode_log = None
+    target.commit([0])
+    target.score([8], [-1])
+    assert [tokens for tokens, _ in log] == [4, 4, 2, 3]
+    assert all(seconds > 0 for _, seconds in log)
+    target.close()

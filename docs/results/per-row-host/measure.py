@@ -6,9 +6,10 @@ MODEL is ``default`` or ``gemma3-270m`` (raw text, no chat template); METHODS a 
 methods, where a ``-fixed`` suffix turns the adaptive policy off (``pld-fixed``: prompt lookup drafts whenever it
 matches, so passes score trees). PROMPTS (4) first turns of the bench's chat, code, rag and summarization prompts,
 128 new tokens each, greedy, 2 threads. Each step (``begin_step``, the target's ``score``, ``end_step``) is timed
-with wall and thread CPU clocks, and llama_decode's own time is taken out of both: what is left is the host's work
-(the proposer, laying the pass out, filling the batch, reading the logits, verifying, committing). The one-token
-pass is llama_decode's time on the steps that scored one token. OUT.json gets each method's tokens per prompt.
+with the wall clock, and llama_decode's own time (the model's ``decode_log``) is taken out: what is left is the
+host's work (the proposer, laying the pass out, filling the batch, reading the logits, verifying, committing). The
+one-token pass is llama_decode's time on the steps that scored one token. OUT.json gets each method's tokens per
+prompt.
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ clock: dict[str, float] = {}
 
 
 def timed(name: str, function: Any) -> Any:
-    """``function`` adding its wall time (and the calling thread's CPU time) to ``clock``."""
+    """``function`` (one of hasten's) adding its wall time to ``clock``."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
             clock[name] = clock.get(name, 0.0) + time.perf_counter() - wall
-            clock[name + "_cpu"] = clock.get(name + "_cpu", 0.0) + time.thread_time() - cpu
 
     return wrapper
 
@@ -50,20 +50,23 @@ def generation_steps(loaded: Any, method: str, prompt: str, chat: bool) -> tuple
     generation = start_generation(loaded, request)
     generation.prefill()
     steps = []
+    log: list[tuple[int, float]] = []
+    loaded.backend.decode_log = log
     while not generation.finished:
         clock.clear()
+        log.clear()
         drafted = generation.stats.draft_s
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall = time.perf_counter()
         layout = generation.begin_step()
         began = time.perf_counter()
         scores = generation.target.score(layout.tokens, layout.parents, layout.logits_rows)
         scored = time.perf_counter()
         generation.end_step(scores, (scored - began) * 1000)
-        decode, decode_cpu = clock.get("decode", 0.0), clock.get("decode_cpu", 0.0)
-        steps.append({"width": len(layout.tokens), "decode": decode,
-                      "host": time.perf_counter() - wall - decode, "host_cpu": time.thread_time() - cpu - decode_cpu,
+        decode = sum(seconds for _, seconds in log)
+        steps.append({"width": len(layout.tokens), "decode": decode, "host": time.perf_counter() - wall - decode,
                       "proposer": generation.stats.draft_s - drafted, "verify": clock.get("verify", 0.0),
                       "score_host": scored - began - decode})
+    loaded.backend.decode_log = None
     generation.target.close()
     return steps, generation.context[len(request.ids):]
 
@@ -72,8 +75,6 @@ def main() -> None:
     spec, methods = sys.argv[1], sys.argv[2].split(",")
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 4
     loaded = load_model(spec, backend="llamacpp", threads=2)
-    lib = loaded.backend.lib
-    lib.llama_decode = timed("decode", lib.llama_decode)
     engine.verify = timed("verify", engine.verify)
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
     prompts = [[r["turns"][0] for r in rows if r["category"] == c][0] for c in CATEGORIES][:count]
@@ -94,11 +95,11 @@ def main() -> None:
             return 1000 * (statistics.median(values) if median else statistics.mean(values))
 
         pass_ms = 1000 * statistics.median(one) if one else float("nan")
-        host = ms("host_cpu", median=True)
+        host = ms("host", median=True)
         print(f"{spec} {method}: {len(steps)} steps, {sum(map(len, tokens[method])) / len(steps):.2f} tokens and "
               f"{statistics.mean(s['width'] for s in steps):.2f} rows a pass; one-token pass {pass_ms:.2f} ms "
-              f"(median); host per step: CPU median {host:.3f} ms ({100 * host / pass_ms:.1f}% of the pass), "
-              f"wall median {ms('host', True):.3f}, mean {ms('host'):.3f}; of which (wall means) proposer "
+              f"(median); host per step: median {host:.3f} ms ({100 * host / pass_ms:.1f}% of the pass), "
+              f"mean {ms('host'):.3f}; of which (means) proposer "
               f"{ms('proposer'):.3f}, target's score outside llama_decode {ms('score_host'):.3f}, "
               f"verify {ms('verify'):.3f}", flush=True)
     if len(sys.argv) > 4:

@@ -26,6 +26,7 @@ class TargetModel(Protocol):
     n_seq_max: int
     n_batch: int
     prompt_cache: PromptCache | None
+    decode_log: list[tuple[int, float]] | None
 
     def release_context(self, context: Any) -> None: ...
 

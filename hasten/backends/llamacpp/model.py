@@ -97,6 +97,9 @@ class LlamaCppModel:
         budget = DEFAULT_PROMPT_CACHE_BYTES if prompt_cache_bytes is None else prompt_cache_bytes
         exact = attention_is_batch_invariant(self.kv_type or FALLBACK_KV_TYPE) and self.flash_attn is not False
         self.prompt_cache = PromptCache(lib, budget) if budget > 0 and exact else None
+        # None, or a list where each llama_decode a target of this model runs alone appends (tokens, seconds):
+        # how scripts time llama.cpp's own share of a step (scripts/llamacpp_parity.py)
+        self.decode_log: list[tuple[int, float]] | None = None
 
     def _load(self, extra_buffers: bool | None) -> None:
         """Load the GGUF file into llama.cpp; refuse what is not a decoder-only attention model."""

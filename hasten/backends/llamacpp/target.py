@@ -15,6 +15,7 @@ own never leaves its own context.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -391,7 +392,11 @@ class LlamaCppTarget:
         batch.n_tokens = m
         self._outputs.detach()  # the rows of the last pass still held are copied before llama.cpp overwrites them
         clear_log()
+        log = self.model.decode_log
+        began = time.perf_counter() if log is not None else 0.0
         rc = self._lib.llama_decode(self._ctx, batch)
+        if log is not None:
+            log.append((m, time.perf_counter() - began))
         if rc != 0:
             if rc == 1:
                 raise HastenError(f"the llama.cpp KV cache ({self.max_context} cells) has no room for the pass")

@@ -392,11 +392,10 @@ class LlamaCppTarget:
         batch.n_tokens = m
         self._outputs.detach()  # the rows of the last pass still held are copied before llama.cpp overwrites them
         clear_log()
-        log = self.model.decode_log
-        began = time.perf_counter() if log is not None else 0.0
+        began = time.perf_counter()
         rc = self._lib.llama_decode(self._ctx, batch)
-        if log is not None:
-            log.append((m, time.perf_counter() - began))
+        if self.model.decode_log is not None:  # a script timing llama.cpp's share of a step
+            self.model.decode_log.append((m, time.perf_counter() - began))
         if rc != 0:
             if rc == 1:
                 raise HastenError(f"the llama.cpp KV cache ({self.max_context} cells) has no room for the pass")
@@ -406,15 +405,14 @@ class LlamaCppTarget:
                          hidden: list[torch.Tensor]) -> None:
         """Append the rows ``wanted`` of the chunk of ``m`` tokens from ``start`` just decoded (the logits read on
         demand). With embeddings on, llama.cpp outputs every token (it overrides the flags), so rows are picked."""
-        lib = self._lib
         if self.want_hidden:  # every token of the chunk is an output row
             local: Sequence[int] = [row - start for row in wanted]
             total = m
         else:  # exactly the flagged rows are outputs, in order
             local, total = range(len(wanted)), len(wanted)
-        logits.append(self._outputs.hand_out(lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
+        logits.append(self._outputs.hand_out(self._lib.llama_get_logits(self._ctx), total, self.vocab_size, local))
         if self.want_hidden:
-            hidden.append(copy_rows(lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
+            hidden.append(copy_rows(self._lib.llama_get_embeddings(self._ctx), total, self.hidden_size, local))
 
     # -- inspection (tests, debugging): llama.cpp's real cache state (``kv_inspection``)
 

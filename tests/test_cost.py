@@ -121,6 +121,7 @@ def test_calibration_reads_every_row_of_chains_and_trees_at_several_contexts():
     clock = [0.0]
     target = RecordingTarget(clock)
     curve = measure(target, widths=(1, 2, 4, 8), contexts=(100, 500, 1000), rounds=3, clock=lambda: clock[0],
+                    dense_widths=0,
                     context_widths=(1, 8), context_rounds=3)
     timed = [(length, parents, rows) for length, parents, rows in target.passes if len(rows) > 1 or len(parents) == 1]
     assert all(rows == list(range(len(parents))) for _, parents, rows in timed)  # verification reads every row
@@ -140,26 +141,32 @@ def test_calibration_reads_every_row_of_chains_and_trees_at_several_contexts():
 def test_calibration_prices_the_dearer_of_a_chain_and_a_tree():
     clock = [0.0]
     curve = measure(RecordingTarget(clock, tree_extra=4.0), widths=(1, 2, 4), contexts=(100,), rounds=3,
-                    clock=lambda: clock[0])
+                    clock=lambda: clock[0], dense_widths=0)
     assert curve.grid == [pytest.approx([4.0, 6.0, 14.0])]  # width 2 is a chain either way; width 4 a tree
 
 
-def test_a_jagged_curve_is_measured_at_every_width():
+def test_every_width_up_to_16_is_measured_bumps_and_all():
     clock = [0.0]
     slow = {2: 9.0, 3: 9.0, 6: 9.0, 7: 9.0, 10: 9.0, 11: 9.0}  # rows blocked by four: 2 and 3 more of a block
     curve = measure(RecordingTarget(clock, by_width=slow), widths=(1, 2, 3, 4, 6, 8, 12, 16), contexts=(100,),
                     clock=lambda: clock[0])
     assert curve.widths == list(range(1, 17))
     assert curve(7) == pytest.approx(4 + 12 + 9) and curve(8) == pytest.approx(18.0)
-    smooth = measure(RecordingTarget(clock), widths=(1, 2, 4, 8), contexts=(100,), clock=lambda: clock[0])
-    assert smooth.widths == [1, 2, 4, 8]
+    bump = {5: 6.0, 9: 6.0}  # dearer than the listed widths around them, which alone look smooth
+    bumpy = measure(RecordingTarget(clock, by_width=bump), widths=(1, 2, 4, 8, 16), contexts=(100,),
+                    clock=lambda: clock[0])
+    assert bumpy.widths == list(range(1, 17)) and bumpy(5) == pytest.approx(2 + 10 + 6)  # 1 + 2n + 1 + bump
+    sparse = measure(RecordingTarget(clock), widths=(1, 2, 4, 8), contexts=(100,), clock=lambda: clock[0],
+                     dense_widths=0)
+    assert sparse.widths == [1, 2, 4, 8]
 
 
 def test_calibration_fits_a_short_model_context():
     clock = [0.0]
     target = RecordingTarget(clock, max_context=60)
     curve = measure(target, widths=(1, 2, 4, 8, 64), contexts=(64, 512, 1536), clock=lambda: clock[0])
-    assert curve.widths == [1, 2, 4, 8] and curve.contexts == [50] and curve.context == 50  # priced there until told
+    assert curve.widths == list(range(1, 9)) and curve.contexts == [50]
+    assert curve.context == 50  # priced there until told
     assert max(length + len(parents) for length, parents, _ in target.passes) < 60
 
 

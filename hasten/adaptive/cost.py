@@ -28,12 +28,13 @@ from hasten.backends.base import ModelBackend, Target
 
 Shape = TypeVar("Shape", bound=Hashable)
 CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "costs"
-COST_VERSION = 2  # what a curve measures (2: every row read, trees, cache lengths); older curves are not reused
+COST_VERSION = 3  # what a curve measures (2: every row read, trees, cache lengths; 3: every width to 16); older
+# curves are not reused
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # wider passes: extended along the last two
 CALIBRATION_CONTEXT = 512  # the cache length the whole curve is measured at, and the one assumed until told
 CALIBRATION_CONTEXTS = (64, 512, 1024)  # clamped to the model's context; longer: extended along the last two
 CONTEXT_WIDTHS = (1, 4, 16)  # at the other cache lengths (3 rounds): the shape in between is the main curve's
-DENSE_WIDTHS = 16  # where the measured curve is jagged, every width up to this one is measured
+DENSE_WIDTHS = 16  # every width up to this one is measured at the main context (quantized kernels make bumps)
 TREE_WIDTHS = (4, 8, 16)  # widths whose bushy trees are timed beside their chains
 TREE_BRANCHES = 4  # a calibration tree hangs this many chains below the root (one sequence id each on llama.cpp)
 ONLINE_WEIGHT = 0.05  # weight of one measured pass in the running estimate of the curve's scale
@@ -302,18 +303,20 @@ def extend(target: Target, filler: list[int], length: int) -> None:
 def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
             contexts: Sequence[int] = CALIBRATION_CONTEXTS, rounds: int = 3,
             clock: Callable[[], float] = time.perf_counter, *, tree_widths: Sequence[int] = TREE_WIDTHS,
-            context_widths: Sequence[int] = CONTEXT_WIDTHS, context_rounds: int = 3) -> CostModel:
-    """Time verification passes, every row read, of each width after each of ``contexts`` cached tokens
-    (clamped to the model's context): the cache is filled to the longest first, then cut down to each in turn,
-    so the passes of every context are timed within a few seconds of each other (it is left holding filler).
+            context_widths: Sequence[int] = CONTEXT_WIDTHS, context_rounds: int = 3,
+            dense_widths: int = DENSE_WIDTHS) -> CostModel:
+    """Time verification passes, every row read, of each width after each of ``contexts`` cached tokens (clamped to the
+    model's context): the cache is filled to the longest first, then cut down to each in turn, so the passes of
+    every context are timed within a few seconds of each other (it is left holding filler).
 
     The context nearest ``CALIBRATION_CONTEXT`` gets chains of every width and bushy trees (``bushy``) of
     ``tree_widths``, the fastest of ``rounds`` each (``fastest``): where a tree costs more than a chain (on
-    llama.cpp each of its leaves is a sequence id of its own) that ratio, interpolated between those widths,
-    prices every width; where those chains' curve is ``jagged``, every width up to ``DENSE_WIDTHS`` is timed
-    too. The other contexts get chains of ``context_widths``, ``context_rounds`` times: a longer
-    cache adds attention, which changes the shape slowly, so there the main row is rescaled by the ratios
-    measured. Each row is made at most linear (``capped``).
+    llama.cpp each of its leaves is a sequence id of its own) that ratio, interpolated between those widths, prices
+    every width; every width up to ``dense_widths`` is timed there too, since a curve need not be smooth between the
+    listed widths (Gemma 3 Q4_K_M on llama.cpp: 5, 7, 9-11 and 13-15 tokens cost 10-20% more than their neighbours'
+    interpolation; transformers fp32: 6 and 7 tokens cost 102 and 123 ms, 8 92). The other contexts get chains of
+    ``context_widths``, ``context_rounds`` times: a longer cache adds attention, which changes the shape slowly, so
+    there the main row is rescaled by the ratios measured. Each row is made at most linear (``capped``).
     """
     widths = [w for w in widths if w + 2 < target.max_context]
     room = target.max_context - widths[-1] - 2
@@ -332,9 +335,8 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
                                      **{("tree", w): bushy(w) for w in tree_widths if 2 < w <= widths[-1]}},
                             rounds, clock)
             trees = {w: t for (shape, w), t in times.items() if shape == "tree"}
-            if jagged(widths, [times["chain", w] for w in widths]):
-                dense = [w for w in range(1, min(DENSE_WIDTHS, widths[-1]) + 1) if w not in widths]
-                times |= fastest(target, {("chain", w): chain(w) for w in dense}, rounds, clock)
+            dense = [w for w in range(1, min(dense_widths, widths[-1]) + 1) if w not in widths]
+            times |= fastest(target, {("chain", w): chain(w) for w in dense}, rounds, clock)
         else:
             at = [w for w in context_widths if w <= widths[-1]] or widths[:1]
             times = fastest(target, {("chain", w): chain(w) for w in at}, context_rounds, clock)
@@ -347,12 +349,6 @@ def measure(target: Target, widths: Sequence[int] = CALIBRATION_WIDTHS,
     row = capped(widths, row)
     grid = [row if length == main else rescaled(widths, row, measured[length]) for length in lengths]
     return CostModel(widths, grid, contexts=lengths)
-
-
-def jagged(widths: Sequence[int], millis: Sequence[float]) -> bool:
-    """Whether a curve falls somewhere (by more than 5%): a wider pass cheaper than a narrower one, as where a
-    backend's kernels block rows by four (transformers fp32 on a CPU: 6 and 7 tokens cost 102 and 123 ms, 8 92)."""
-    return any(b < 0.95 * a for a, b in zip(millis, millis[1:], strict=False))
 
 
 def rescaled(widths: Sequence[int], row: Sequence[float], times: dict[int, float]) -> list[float]:

@@ -24,7 +24,8 @@ from hasten.errors import HastenError
 from hasten.response_format import check_response_format
 
 _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-_TOKENIZERS: dict[tuple[int, int], tuple[Any, llguidance.LLTokenizer]] = {}  # holding the tokenizer: its id stays its
+# by (id(tokenizer), vocab size); each entry holds its tokenizer, so that id is not reused while the entry lives
+_TOKENIZERS: dict[tuple[int, int], tuple[Any, llguidance.LLTokenizer]] = {}
 _BUILDING = threading.Lock()  # one build per tokenizer, whichever thread asks first
 
 

@@ -24,6 +24,7 @@ import torch
 
 from hasten.adaptive.cost import CostModel, bushy, chain, clock_for, cpu_name, extend, fastest, measure
 from hasten.backends.base import Target
+from hasten.bench.load import OthersClock, others_share
 from hasten.models import load_model
 
 
@@ -69,13 +70,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """CPU seconds this machine's cores and this process (with its threads) have been busy so far."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    own = os.times()
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
 def parse_widths(text: str) -> list[int]:
     if "-" in text:
         lo, hi = text.split("-")
@@ -99,7 +93,8 @@ def main() -> None:
     backend = loaded.backend
     clock = clock_for(getattr(backend, "device", "cpu"))
     widths = parse_widths(args.widths)
-    load_before, busy_before, wall_before = os.getloadavg(), cpu_seconds(), time.perf_counter()
+    others, load_before, wall_before = OthersClock(), os.getloadavg(), time.perf_counter()
+    others.start()
     target = backend.new_target()
     began = time.perf_counter()
     curve = measure(target, clock=clock)
@@ -108,14 +103,13 @@ def main() -> None:
     contexts = sorted({min(int(c), room) for c in args.contexts.split(",")})
     passes = measured_passes(target, contexts, widths, args.rounds, clock)
     rows = compare(curve, passes)
-    busy_after = cpu_seconds()
-    others = (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1])
-    others_share = max(0.0, others) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
+    others_cpu_share = others_share(others.stop(), time.perf_counter() - wall_before) or 0.0
     ratios = [row["ratio"] for row in rows]
     threads = getattr(backend, "threads", None) or torch.get_num_threads()
     summary = {"model": loaded.name, "backend": backend.backend, "threads": threads, "cpu": cpu_name(),
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "others_cpu_share": others_share, "calibration_s": calibration_s, "calibrated_contexts": curve.contexts,
+               "others_cpu_share": others_cpu_share, "calibration_s": calibration_s,
+               "calibrated_contexts": curve.contexts,
                "within_10_percent": sum(abs(r - 1) <= 0.10 for r in ratios) / len(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios),
                "shape_within_10_percent": sum(abs(row["shape"] - 1) <= 0.10 for row in rows) / len(rows)}
@@ -125,7 +119,7 @@ def main() -> None:
             f"dearer of chain and tree, every row read, fastest of {args.rounds}): {min(ratios):.3f} to "
             f"{max(ratios):.3f}, {100 * summary['within_10_percent']:.0f}% of cells within 10%; relative to one token, "
             f"{100 * summary['shape_within_10_percent']:.0f}%. Other processes "
-            f"took {100 * others_share:.1f}% of the CPUs meanwhile.\n\n{table(rows)}\n")
+            f"took {100 * others_cpu_share:.1f}% of the CPUs meanwhile.\n\n{table(rows)}\n")
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -102,19 +102,6 @@ def hold_timing_lock() -> object:
     return handle
 
 
-def busy_seconds() -> float:
-    """CPU seconds every process has used (from /proc/stat)."""
-    with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def own_seconds() -> float:
-    """CPU seconds of this process and its finished children (the C++ tool's runs)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
 # -- building llama-completion
 
 
@@ -289,6 +276,7 @@ def main() -> int:
 
     from hasten.api import prompt_ids
     from hasten.bench.anchors import LlamaCppAnchor
+    from hasten.bench.load import OthersClock, others_share
     from hasten.bench.prompts import balanced_subset, read_prompts
     from hasten.models import load_model
 
@@ -316,7 +304,8 @@ def main() -> int:
     names = [*caches, AR] + ([] if args.no_python else [PYTHON])
     runs: dict[str, list[Timing]] = {name: [] for name in names}
     same_text = dict.fromkeys(caches, 0)  # runs where a C++ run wrote ar's text
-    others, began = busy_seconds() - own_seconds(), time.perf_counter()
+    others, began = OthersClock(), time.perf_counter()
+    others.start()
     for index, (qid, ids, text) in enumerate(tqdm(cases * args.rounds, desc="prompts", file=sys.stderr)):
         ar_tokens, ar_text = 0, ""
         for name in order_for(names, index):
@@ -333,7 +322,7 @@ def main() -> int:
                 if timing.prompt_tokens != len(ids):
                     raise SystemExit(f"prompt {qid}: {TOOL} ran {timing.prompt_tokens} prompt tokens, not {len(ids)}")
             runs[name].append(timing)
-    others = (busy_seconds() - own_seconds() - others) / ((os.cpu_count() or 1) * (time.perf_counter() - began))
+    others_cpu = others_share(others.stop(), time.perf_counter() - began) or 0.0  # the C++ runs are our children
     anchor.close()
     del lock
     results = {name: summary(timings) for name, timings in runs.items()}
@@ -342,11 +331,11 @@ def main() -> int:
     print(table(results))
     for name, same in same_text.items():
         print(f"{name} wrote ar's text on {same} of {len(cases) * args.rounds} prompts (up to ar's end token)")
-    print(f"other processes used {100 * others:.0f}% of the machine's CPUs while this timed"
-          + (" -- NOT IDLE, the numbers are not comparable" if others > 0.05 else ""))
+    print(f"other processes used {100 * others_cpu:.0f}% of the machine's CPUs while this timed"
+          + (" -- NOT IDLE, the numbers are not comparable" if others_cpu > 0.05 else ""))
     if args.json:
         every = {name: [asdict(timing) for timing in timings] for name, timings in runs.items()}
-        args.json.write_text(json.dumps({"results": results, "others_cpu_share": others, "runs": every}, indent=1))
+        args.json.write_text(json.dumps({"results": results, "others_cpu_share": others_cpu, "runs": every}, indent=1))
     return 0
 
 

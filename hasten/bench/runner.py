@@ -141,8 +141,8 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
         ids = conversation_ids(loaded, messages)
         seed = None if params.seed is None else params.seed + turn_index
         turn_params = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
+        others.start()  # this process's own work (the untimed set-up below included) never counts as others'
         if anchor:
-            others.start()
             began = clock()
             if method in LLAMACPP_ANCHORS:
                 if llamacpp is None:
@@ -151,26 +151,24 @@ def run_question(method: str, loaded: LoadedModel, prompt: BenchPrompt, max_new_
             else:
                 out = run_hf_anchor(method, loaded, ids, max_new_tokens, turn_params, draft)
             record.wall_s += clock() - began
-            record.others_cpu_s = _added(record.others_cpu_s, others.stop())
             tokens, passes = out.token_ids, out.target_passes
             prefill_total = None if prefill_total is None or out.prefill_s is None else prefill_total + out.prefill_s
         else:
             forget_prompts = getattr(loaded.backend, "forget_prompts", None)
             if forget_prompts is not None:  # every run prefills its whole prompt, as the llama.cpp anchors do
                 forget_prompts()
-            others.start()
             began = clock()
             result = generate(loaded, ids, method, max_new_tokens=max_new_tokens, temperature=params.temperature,
                               top_k=params.top_k, top_p=params.top_p, seed=seed, **formats,
                               **options_for(method, options))
             record.wall_s += clock() - began
-            record.others_cpu_s = _added(record.others_cpu_s, others.stop())
             tokens, passes = result.token_ids, result.target_passes
             draft_total += result.draft_s
             prefill_total = None if prefill_total is None else prefill_total + result.prefill_s
             drafted += result.drafted_tokens
             accepted += result.accepted_drafts
             add_stats(record, result.method_stats, passes, passes_total)
+        record.others_cpu_s = _added(record.others_cpu_s, others.stop())
         record.prompt_ids.append(ids)
         record.token_ids.append(tokens)
         record.new_tokens += len(tokens)

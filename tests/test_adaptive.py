@@ -321,6 +321,28 @@ def test_adaptive_sampling_follows_the_target_distribution(method, backend, tmp_
     assert 0 < stats.accepted_drafts < stats.drafted_tokens
 
 
+def test_a_generation_s_own_runs_gate_a_costly_source_that_pays_elsewhere():
+    from hasten.adaptive.chooser import TRIALS, DraftPolicy, SourceGain
+    from hasten.adaptive.costly import CostlySource
+
+    shared = SourceGain(tokens=2.0 * TRIALS, steps=TRIALS, cost_ms=4.0)  # 2 tokens a run elsewhere (code, math)
+    assert shared.pays(token_ms=10.0)
+    assert shared.pays(token_ms=10.0, local=(0.0, 4))  # a few empty runs here: the shared record still wins
+    assert not shared.pays(token_ms=10.0, local=(0.0, 40))  # this text's 40 empty runs decide
+    assert shared.pays(token_ms=10.0, local=(20.0, 40))  # and half a token a run pays for 4 ms here too
+
+    policy = DraftPolicy(CostModel([1, 2, 4], [10.0, 11.0, 12.0]))
+    policy.gains["draft"] = shared
+    source = CostlySource("draft")
+    runs = 0
+    for _ in range(60):  # a generation where it finds nothing: it stops within a few dozen runs
+        if source.should_run(policy, cost_ms=4.0):
+            runs += 1
+            source.credit(policy, 0)
+    assert 8 <= runs < 24 and source.earned == (0.0, runs)
+    assert CostlySource("draft").should_run(policy, cost_ms=4.0)  # the next generation starts from the shared record
+
+
 def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():
     from hasten.adaptive.chooser import RETRY_EVERY, RETRY_SHARE, TRIALS, SourceGain
 

@@ -60,6 +60,8 @@ RETRY_SHARE = 0.005  # and at most this share of the time goes into retrying it 
 # retries alone cost chat and math prompts 2-3% on the 2-core EPYC, where the window never paid)
 TRIALS = 24  # steps an optional source is tried (while it still could pay) before its measured gain decides
 TRIAL_TOKENS = 2.0  # during the trials, it is credited this many tokens in advance (its gain may come later)
+LOCAL_PRIOR = 4.0  # runs' worth of the shared record a generation's own runs are weighed against: a source that
+# pays on code can be useless on a translation (the draft, trained without one, earned 0.03 tokens a run there)
 
 
 @dataclass
@@ -79,11 +81,14 @@ class SourceGain:
         self.tokens += tokens
         self.cost_ms += (cost_ms - self.cost_ms) / min(self.steps, 20)
 
-    def pays(self, token_ms: float, cost_ms: float | None = None, ceiling: float | None = None) -> bool:
+    def pays(self, token_ms: float, cost_ms: float | None = None, ceiling: float | None = None,
+             local: tuple[float, int] = (0.0, 0)) -> bool:
         """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time).
 
         ``ceiling``, the most tokens one run could ever earn, rules it out with no trials nor retries where even
-        that would not pay.
+        that would not pay. ``local`` is (tokens, runs) of the current generation alone: once the trials are
+        over, its rate is weighed against the shared one (``LOCAL_PRIOR`` runs' worth), so what a source earns on
+        this text decides within a few runs.
         """
         spent = self.cost_ms if cost_ms is None else cost_ms
         if ceiling is not None and ceiling * token_ms <= spent:
@@ -91,8 +96,11 @@ class SourceGain:
         if self.steps < TRIALS:  # too little evidence yet: keep trying it while it still could pay
             if (self.tokens + TRIAL_TOKENS) / max(self.steps, 1) * token_ms > spent:
                 return True
-        elif self.tokens / self.steps * token_ms > spent:
-            return True
+        else:
+            tokens, runs = local
+            rate = (tokens + LOCAL_PRIOR * self.tokens / self.steps) / (runs + LOCAL_PRIOR)
+            if rate * token_ms > spent:
+                return True
         self.skipped += 1  # now and then it runs anyway: what it earns may have changed
         every = max(RETRY_EVERY, math.ceil(spent / (RETRY_SHARE * token_ms)))
         return self.skipped % every == 0

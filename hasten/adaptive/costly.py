@@ -16,11 +16,13 @@ from hasten.adaptive.chooser import DraftPolicy
 
 
 class CostlySource:
-    """One optional source, ``name`` being its record's key in the policy (``DraftPolicy.gain``)."""
+    """One optional source in one generation, ``name`` being its record's key in the policy
+    (``DraftPolicy.gain``, shared by generations); it also keeps what it earned in this generation alone."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.cost_ms: float | None = None  # what running it cost this step; None while it has not run
+        self.earned = (0.0, 0)  # accepted tokens and runs in this generation
 
     def should_run(self, policy: DraftPolicy | None, cost_ms: float | None = None,
                    ceiling: float | None = None) -> bool:
@@ -31,7 +33,7 @@ class CostlySource:
         tokens one run could ever earn (``SourceGain.pays``).
         """
         self.cost_ms = None
-        if policy is not None and not policy.gain(self.name).pays(policy.cost(1), cost_ms, ceiling):
+        if policy is not None and not policy.gain(self.name).pays(policy.cost(1), cost_ms, ceiling, self.earned):
             return False
         self.cost_ms = cost_ms
         return True
@@ -47,4 +49,5 @@ class CostlySource:
         """Record what this step's run earned (accepted tokens owed to it); nothing if it did not run."""
         if policy is not None and self.cost_ms is not None:
             policy.gain(self.name).record(tokens, self.cost_ms)
+            self.earned = (self.earned[0] + tokens, self.earned[1] + 1)
         self.cost_ms = None

@@ -119,6 +119,7 @@ class DraftModelProposer(Proposer):
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
+        self.gate = CostlySource("draft")  # what it earns on this text, from nothing
         if self.policy is not None:  # what one draft pass costs, warm (the first pass of a process is slow)
             self.draft_ms = min(self._timed_root_pass(context[-1]) for _ in range(2))
 

@@ -82,6 +82,7 @@ class ReDrafterProposer(Proposer):
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._hidden = last_hidden(hidden)
+        self.search = CostlySource("head")  # what it earns on this text, from nothing
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:

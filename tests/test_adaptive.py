@@ -340,7 +340,16 @@ def test_a_generation_s_own_runs_gate_a_costly_source_that_pays_elsewhere():
             runs += 1
             source.credit(policy, 0)
     assert 8 <= runs < 24 and source.earned == (0.0, runs)
-    assert CostlySource("draft").should_run(policy, cost_ms=4.0)  # the next generation starts from the shared record
+    source.restart()
+    assert source.should_run(policy, cost_ms=4.0)  # the next generation starts from the shared record alone
+
+    model = tiny_model("llama", 3, init_std=0.6)  # a gate closed by the shared record counts plain steps
+    closed = DraftPolicy(frozen(FLAT))
+    closed.gains["draft"] = SourceGain(steps=TRIALS, cost_ms=1e6, skipped=1)
+    draft = DraftModelProposer(TransformersModel(model), GREEDY, 8, policy=closed)
+    prompt = random_prompts(1, seed=11, repeat=False)[0]
+    assert _decode(TransformersModel(model).new_target(), draft, prompt, 10) == greedy_reference(model, prompt, 10)
+    assert closed.stats() == {"mean_drafted": 0.0, "plain_steps": 1.0}
 
 
 def test_a_costly_source_that_does_not_pay_sits_out_and_is_retried():

@@ -259,6 +259,10 @@ class DraftPolicy:
         self.choices[len(kept)] += 1
         return pruned, [list(features[i]) for i in kept]
 
+    def plain(self) -> None:
+        """Count a step that drafted nothing before any tree was chosen (a closed gate), for the statistics."""
+        self.choices[0] += 1
+
     def gain(self, name: str) -> SourceGain:
         """The shared record of the optional source ``name``."""
         return self.gains.setdefault(name, SourceGain())

@@ -24,6 +24,10 @@ class CostlySource:
         self.cost_ms: float | None = None  # what running it cost this step; None while it has not run
         self.earned = (0.0, 0)  # accepted tokens and runs in this generation
 
+    def restart(self) -> None:
+        """A new generation: what it earns here is counted from nothing (the shared record stays)."""
+        self.cost_ms, self.earned = None, (0.0, 0)
+
     def should_run(self, policy: DraftPolicy | None, cost_ms: float | None = None,
                    ceiling: float | None = None) -> bool:
         """Whether to run it this step: always without a policy, else while its tokens have paid its cost.

@@ -74,7 +74,7 @@ class AutoProposer(Proposer):
         self._offered, self._last_accepted = None, None
         self.sources = Counter()
         self._draft_started = False
-        self.draft_source = CostlySource("draft")  # what it earns on this text, from nothing
+        self.draft_source.restart()
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:

@@ -119,7 +119,7 @@ class DraftModelProposer(Proposer):
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self.draft.start(context[:-1])
-        self.gate = CostlySource("draft")  # what it earns on this text, from nothing
+        self.gate.restart()
         if self.policy is not None:  # what one draft pass costs, warm (the first pass of a process is slow)
             self.draft_ms = min(self._timed_root_pass(context[-1]) for _ in range(2))
 
@@ -136,6 +136,8 @@ class DraftModelProposer(Proposer):
         self._offered = None
         greedy = self.params.greedy
         if max_depth <= 0 or not self.gate.should_run(self.policy):
+            if self.policy is not None:
+                self.policy.plain()
             return Proposal(TokenTree())
         with self.gate.timed():
             drafted = self.draft_tree(context, min(self.num_tokens, max_depth), greedy)

@@ -82,13 +82,15 @@ class ReDrafterProposer(Proposer):
 
     def start(self, context: list[int], hidden: torch.Tensor | None) -> None:
         self._hidden = last_hidden(hidden)
-        self.search = CostlySource("head")  # what it earns on this text, from nothing
+        self.search.restart()
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_depth: int) -> Proposal:
         self._offered = None
         paths, features = self.draft_beams(context, max_depth)
         if not paths:
+            if self.policy is not None:
+                self.policy.plain()
             return Proposal(TokenTree())
         tree, node_features = merge_paths(paths, features)
         if self.policy is not None:

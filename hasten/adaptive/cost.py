@@ -28,8 +28,8 @@ from hasten.backends.base import ModelBackend, Target
 
 Shape = TypeVar("Shape", bound=Hashable)
 CACHE_DIR = Path(os.environ.get("HASTEN_CACHE", Path.home() / ".cache" / "hasten")) / "costs"
-COST_VERSION = 3  # what a curve measures (2: every row read, trees, cache lengths; 3: every width to 16); older
-# curves are not reused
+COST_VERSION = 4  # what a curve measures (2: every row read, trees, cache lengths; 3: every width to 16; 4:
+# llama.cpp without its tiled K-quant matmul); older curves are not reused
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # wider passes: extended along the last two
 CALIBRATION_CONTEXT = 512  # the cache length the whole curve is measured at, and the one assumed until told
 CALIBRATION_CONTEXTS = (64, 512, 1024)  # clamped to the model's context; longer: extended along the last two

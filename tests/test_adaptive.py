@@ -330,6 +330,9 @@ def test_a_generation_s_own_runs_gate_a_costly_source_that_pays_elsewhere():
     assert shared.pays(token_ms=10.0, local=(0.0, 4))  # a few empty runs here: the shared record still wins
     assert not shared.pays(token_ms=10.0, local=(0.0, 40))  # this text's 40 empty runs decide
     assert shared.pays(token_ms=10.0, local=(20.0, 40))  # and half a token a run pays for 4 ms here too
+    shut = SourceGain(tokens=0.0, steps=TRIALS, cost_ms=4.0, skipped=1)  # it never paid on other texts
+    assert not shut.pays(token_ms=10.0) and shut.pays(token_ms=10.0, local=(0.0, 0))  # each text tries it once
+    assert not shut.pays(token_ms=10.0, local=(0.0, 1)) and shut.pays(token_ms=10.0, local=(3.0, 1))
 
     policy = DraftPolicy(CostModel([1, 2, 4], [10.0, 11.0, 12.0]))
     policy.gains["draft"] = shared

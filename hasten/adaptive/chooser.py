@@ -82,22 +82,25 @@ class SourceGain:
         self.cost_ms += (cost_ms - self.cost_ms) / min(self.steps, 20)
 
     def pays(self, token_ms: float, cost_ms: float | None = None, ceiling: float | None = None,
-             local: tuple[float, int] = (0.0, 0)) -> bool:
+             local: tuple[float, int] | None = None) -> bool:
         """Whether running it is worth its cost, a token being worth ``token_ms`` (a plain step's time).
 
         ``ceiling``, the most tokens one run could ever earn, rules it out with no trials nor retries where even
-        that would not pay. ``local`` is (tokens, runs) of the current generation alone: once the trials are
+        that would not pay. ``local``, if given, is (tokens, runs) of the current generation alone: once the trials are
         over, its rate is weighed against the shared one (``LOCAL_PRIOR`` runs' worth), so what a source earns on
-        this text decides within a few runs.
+        this text decides within a few runs; and each generation runs it once, on its first chance, wherever
+        ``TRIAL_TOKENS`` tokens would pay for a run (a source shut by other texts is tried on this one).
         """
         spent = self.cost_ms if cost_ms is None else cost_ms
         if ceiling is not None and ceiling * token_ms <= spent:
             return False
+        if local is not None and local[1] == 0 and self.steps and TRIAL_TOKENS * token_ms > spent:
+            return True
         if self.steps < TRIALS:  # too little evidence yet: keep trying it while it still could pay
             if (self.tokens + TRIAL_TOKENS) / max(self.steps, 1) * token_ms > spent:
                 return True
         else:
-            tokens, runs = local
+            tokens, runs = local or (0.0, 0)
             rate = (tokens + LOCAL_PRIOR * self.tokens / self.steps) / (runs + LOCAL_PRIOR)
             if rate * token_ms > spent:
                 return True

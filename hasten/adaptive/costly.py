@@ -19,10 +19,14 @@ class CostlySource:
     """One optional source in one generation, ``name`` being its record's key in the policy
     (``DraftPolicy.gain``, shared by generations); it also keeps what it earned in this generation alone."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, judged_locally: bool = True) -> None:
         self.name = name
         self.cost_ms: float | None = None  # what running it cost this step; None while it has not run
-        self.earned = (0.0, 0)  # accepted tokens and runs in this generation
+        self.earned = (0.0, 0)  # accepted tokens credited and runs begun in this generation
+        # whether this generation's own runs weigh in (``SourceGain.pays``): not where a run's tokens come many
+        # steps later (lookahead's window fills the pool its guesses are drawn from), so a generation's first runs
+        # cannot judge it
+        self.judged_locally = judged_locally
 
     def restart(self) -> None:
         """A new generation: what it earns here is counted from nothing (the shared record stays)."""
@@ -37,9 +41,12 @@ class CostlySource:
         tokens one run could ever earn (``SourceGain.pays``).
         """
         self.cost_ms = None
-        if policy is not None and not policy.gain(self.name).pays(policy.cost(1), cost_ms, ceiling, self.earned):
+        local = self.earned if self.judged_locally else None
+        if policy is not None and not policy.gain(self.name).pays(policy.cost(1), cost_ms, ceiling, local):
             return False
         self.cost_ms = cost_ms
+        if policy is not None:  # a run counts from its start: one never credited earned nothing
+            self.earned = (self.earned[0], self.earned[1] + 1)
         return True
 
     @contextmanager
@@ -53,5 +60,5 @@ class CostlySource:
         """Record what this step's run earned (accepted tokens owed to it); nothing if it did not run."""
         if policy is not None and self.cost_ms is not None:
             policy.gain(self.name).record(tokens, self.cost_ms)
-            self.earned = (self.earned[0] + tokens, self.earned[1] + 1)
+            self.earned = (self.earned[0] + tokens, self.earned[1])
         self.cost_ms = None

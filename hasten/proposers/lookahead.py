@@ -146,7 +146,8 @@ class LookaheadProposer(Proposer):
         self._sent_window = False
         self._guessed = False
         self._offered: tuple[TokenTree, list[list[Feature]], list[bool]] | None = None  # + each node's origin
-        self.window_source = CostlySource("window")  # the window costs pass width; pooled guesses pay it back
+        # the window costs pass width; pooled guesses pay it back, steps later (so judged on the shared record)
+        self.window_source = CostlySource("window", judged_locally=False)
         self._last_accepted: int | None = None
         self.steps = self.guess_steps = self.hit_steps = self.accepted = self.window_steps = 0
 

@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--bench", action="store_true", help="also measure on hasten's bench prompts (first turns)")
     parser.add_argument("--answers", default=None, help="answer cache (default: beside --out)")
     parser.add_argument("--out", required=True, help="JSON results")
+    parser.add_argument("--draft", default=str(SHIPPED_DRAFT), help="the draft folder measured (default: the shipped)")
+    parser.add_argument("--head", default=str(SHIPPED_HEAD), help="the ReDrafter head folder (default: the shipped)")
     parser.add_argument("--write-config", action="store_true", help="store the draft's figures in its config.json")
     parser.add_argument("--reuse", action="store_true", help="measure nothing: take the figures from --out")
     args = parser.parse_args()
@@ -95,7 +97,7 @@ def main() -> None:
     else:
         results = run(args, out)
     if args.write_config:
-        store(results["held_out"], SHIPPED_DRAFT / CONFIG)
+        store(results["held_out"], Path(args.draft) / CONFIG)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -113,12 +115,13 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     del loaded
     torch.set_num_threads(args.threads)
     target = hasten.load_model("default", backend="transformers")
-    draft, vocab_ids, config = load_draft_dir(target.model, SHIPPED_DRAFT)
-    head = ReDrafterHead.load(SHIPPED_HEAD).attach(target.model).float().eval()
+    draft, vocab_ids, config = load_draft_dir(target.model, Path(args.draft))
+    head = ReDrafterHead.load(Path(args.head)).attach(target.model).float().eval()
     results = {name: measure(target, rows, draft, vocab_ids, head) for name, rows in items.items()}
     history = config.get("history") or [{}]
-    head_report = json.loads((SHIPPED_HEAD / "report.json").read_text()).get("heldout", {})
-    document = {"settings": {**settings, "prompts": args.prompts, "per_category": args.per_category,
+    head_report = json.loads((Path(args.head) / "report.json").read_text()).get("heldout", {})
+    document = {"settings": {**settings, "draft": args.draft, "head": args.head, "prompts": args.prompts,
+                             "per_category": args.per_category,
                              "seed": args.seed, "answered": {k: len(v) for k, v in items.items()}},
                 "validation": {"draft_val_top1": history[-1].get("val_top1"), "head_heldout_top1": head_report.get(
                     "top1")}, **results}

@@ -179,6 +179,32 @@ def test_training_lowers_loss_and_resumes(tiny_data, tmp_path):
         draft_training.train(loaded, data, tmp_path / "empty", _cfg(1), resume=True, progress=False)
 
 
+def test_bfloat16_autocast_trains_fp32_weights(tiny_data, tmp_path, monkeypatch):
+    loaded, out, _ = tiny_data
+    data = selfdistill.load_shards(out)
+    cfg = _cfg(3)
+    cfg.autocast = "bfloat16"
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def watched(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return draft_batches.batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(draft_training, "batch_loss", watched)
+    info = draft_training.train(loaded, data, tmp_path / "bf16", cfg, progress=False)
+    assert info["train"]["autocast"] == "bfloat16"
+    assert seen and set(seen) == {(True, torch.bfloat16)}  # every training pass ran under bfloat16 autocast
+    trained, vocab_ids, _ = load_draft_dir(loaded.model, tmp_path / "bf16")
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}  # the checkpoint keeps fp32 weights
+    remap = torch.full((64,), -1, dtype=torch.long)
+    remap[vocab_ids] = torch.arange(len(vocab_ids))
+    train_ids, _ = draft_training.split_sequences(data, 0.2, 0)
+    corpus = shard_corpus(data)
+    before, _ = draft_batches.evaluate(build_draft(loaded.model, vocab_ids, [0]), corpus, train_ids, remap, 16, 0.2)
+    after, _ = draft_batches.evaluate(trained, corpus, train_ids, remap, 16, 0.2)  # in fp32
+    assert after < before - 0.1
+
+
 def test_build_draft_refuses_bad_layers():
     loaded = tiny_loaded("llama", seed=0)
     with pytest.raises(HastenError, match="indices"):

@@ -31,6 +31,7 @@ from hasten.training.selfdistill import DEFAULT_OUT, META, DistillData, load_sha
 from hasten.training.token_data import Corpus, shard_corpus, split_by_prompt, token_corpus
 
 OPTIMIZER = "optimizer.pt"
+AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: at each epoch's end only)
     warmup: int = 0  # steps of linear learning-rate warm-up before the cosine decay
     min_lr: float | None = None  # the cosine's floor (None: schedule.DEFAULT_FLOOR of the peak)
+    autocast: str | None = None  # "bfloat16": training passes in bfloat16 (weights, optimizer, validation fp32)
 
 
 def top_vocab(mass: torch.Tensor, size: int, always: set[int] | frozenset[int]) -> torch.Tensor:
@@ -164,7 +166,9 @@ def train(target: LoadedModel, data: DistillData | Corpus, out: str | Path, cfg:
         for group in bar:
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(cfg, step, total_steps)
-            loss, _, _ = batch_loss(draft, collate(corpus, group, remap, cfg.prompt_weight), cfg.ce_weight)
+            batch = collate(corpus, group, remap, cfg.prompt_weight)
+            with torch.autocast("cpu", dtype=AUTOCAST[cfg.autocast or "float32"], enabled=cfg.autocast is not None):
+                loss, _, _ = batch_loss(draft, batch, cfg.ce_weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,6 +219,9 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out (its settings; --epochs may extend the run)")
+    parser.add_argument("--autocast", choices=["bfloat16"], default=None,
+                        help="run the training passes in bfloat16 (fp32 weights and optimizer; validation in fp32): "
+                             "several times faster on a CPU with native bfloat16 (avx512_bf16, amx_bf16)")
     parser.add_argument("--export", default=None, help="also write an fp16 copy (no optimizer) here at the end")
     parser.set_defaults(run=run)
 
@@ -244,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         raise HastenError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     cfg = TrainConfig(layers, args.draft_vocab, args.epochs, args.lr, args.batch_tokens, args.prompt_weight,
                       args.ce_weight, args.val_fraction, args.seed, args.eval_every, args.save_every, args.warmup,
-                      args.min_lr)
+                      args.min_lr, args.autocast)
     if args.resume and (Path(args.out) / CONFIG).is_file():  # the run's own settings; only the length may change
         saved = json.loads((Path(args.out) / CONFIG).read_text()).get("train", {})
         cfg = TrainConfig(**{**saved, "epochs": args.epochs, "eval_every": args.eval_every or saved.get(

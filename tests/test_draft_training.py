@@ -17,7 +17,7 @@ from hasten.proposers.reduced_draft import ReducedVocabDraftProposer
 from hasten.sampling import SamplingParams
 from hasten.training import draft as draft_training
 from hasten.training import draft_batches, selfdistill
-from hasten.training.token_data import shard_corpus
+from hasten.training.token_data import shard_corpus, split_by_prompt, token_corpus, union
 from tests.conftest import EOS, exact_sequence_probs, greedy_reference, random_prompts, tiny_loaded
 
 TINY_PROMPTS = [("tiny", " ".join(f"w{(7 * i + 3 * j) % 60 + 2}" for j in range(4 + i % 5))) for i in range(10)]
@@ -203,6 +203,35 @@ def test_bfloat16_autocast_trains_fp32_weights(tiny_data, tmp_path, monkeypatch)
     before, _ = draft_batches.evaluate(build_draft(loaded.model, vocab_ids, [0]), corpus, train_ids, remap, 16, 0.2)
     after, _ = draft_batches.evaluate(trained, corpus, train_ids, remap, 16, 0.2)  # in fp32
     assert after < before - 0.1
+
+
+def test_shard_data_and_token_files_train_together(tiny_data, tmp_path):
+    from tests.test_draft_token_training import _sequences, write_token_file
+
+    loaded, out, _ = tiny_data
+    write_token_file(tmp_path / "greedy_a.safetensors", _sequences(12, seed=0))
+    shards, tokens = shard_corpus(selfdistill.load_shards(out)), token_corpus(tmp_path)
+    joined = union([shards, tokens])
+    assert len(joined) == len(shards) + len(tokens)
+    assert not set(joined.prompts[: len(shards)]) & set(joined.prompts[len(shards) :])  # prompts kept apart
+    train_items, val_items = split_by_prompt(joined, 0.3, 0)
+    assert {i < len(shards) for i in val_items} == {True, False}  # both parts give validation answers
+    vocab_ids = draft_training.choose_vocab(joined, 40, 64, {EOS}, train_items)
+    draft = build_draft(loaded.model, vocab_ids, [0])
+    remap = torch.full((64,), -1, dtype=torch.long)
+    remap[vocab_ids] = torch.arange(len(vocab_ids))
+    soft, hard = [0, 1], [len(shards), len(shards) + 1]
+    mixed = draft_batches.collate(joined, soft + hard, remap, 0.0)
+    assert mixed["soft"][:2].any() and not mixed["soft"][2:].any()
+    with torch.no_grad():  # a mixed batch's loss is its parts' losses: soft labels (+ top-1 term) and hard ones
+        parts = [draft_batches.batch_loss(draft, draft_batches.collate(joined, group, remap, 0.0), 0.2)
+                 for group in (soft, hard)]
+        loss, _, weight = draft_batches.batch_loss(draft, mixed, 0.2)
+    summed = sum(part_loss * len(part_weight) for part_loss, _, part_weight in parts)
+    torch.testing.assert_close(loss * len(weight), summed, atol=1e-4, rtol=1e-4)
+    cfg = _cfg(2)
+    info = draft_training.train(loaded, joined, tmp_path / "joined", cfg, progress=False)
+    assert info["epochs_done"] == 2 and info["data"]["sequences"] == len(joined)
 
 
 def test_build_draft_refuses_bad_layers():

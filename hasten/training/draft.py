@@ -28,7 +28,7 @@ from hasten.models import LoadedModel
 from hasten.training.draft_batches import batch_loss, collate, evaluate, length_batches
 from hasten.training.schedule import floor_of, warmup_cosine
 from hasten.training.selfdistill import DEFAULT_OUT, META, DistillData, load_shards
-from hasten.training.token_data import Corpus, shard_corpus, split_by_prompt, token_corpus
+from hasten.training.token_data import Corpus, shard_corpus, split_by_prompt, token_corpus, union
 
 OPTIMIZER = "optimizer.pt"
 AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -193,8 +193,9 @@ def train(target: LoadedModel, data: DistillData | Corpus, out: str | Path, cfg:
 def register(train_subparsers: argparse._SubParsersAction) -> None:
     parser = train_subparsers.add_parser("draft", help="distil a small draft model for --method draft")
     parser.add_argument("--model", default="default", help="the target the data was built from")
-    parser.add_argument("--data", default=DEFAULT_OUT,
-                        help="a `hasten train data` directory, or a directory of token-only answer files")
+    parser.add_argument("--data", nargs="+", default=[DEFAULT_OUT],
+                        help="a `hasten train data` directory, or a directory of token-only answer files; several "
+                             "are trained on together")
     parser.add_argument("--file-weights", default="",
                         help="token data: loss weight per file, e.g. 'greedy*=1,sampled*=0.5' (0 leaves a file out)")
     parser.add_argument("--val-files", default="greedy*",
@@ -227,13 +228,20 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_data(args: argparse.Namespace, target: LoadedModel) -> DistillData | Corpus:
-    """The shard data of ``hasten train data`` (checked against the target), or a token-only corpus."""
-    if (Path(args.data) / META).is_file():
-        data = load_shards(args.data)
-        if data.meta.get("model") != target.name:
-            raise HastenError(f"{args.data} was built from {data.meta.get('model')!r}, not {target.name!r}")
-        return data
-    return token_corpus(args.data, args.file_weights, args.val_files)
+    """Each ``--data`` directory: the shard data of ``hasten train data`` (checked against the target) or a
+    token-only corpus; several are joined into one corpus."""
+    parts: list[DistillData | Corpus] = []
+    for directory in args.data:
+        if (Path(directory) / META).is_file():
+            data = load_shards(directory)
+            if data.meta.get("model") != target.name:
+                raise HastenError(f"{directory} was built from {data.meta.get('model')!r}, not {target.name!r}")
+            parts.append(data)
+        else:
+            parts.append(token_corpus(directory, args.file_weights, args.val_files))
+    if len(parts) == 1:
+        return parts[0]
+    return union([p if isinstance(p, Corpus) else shard_corpus(p) for p in parts])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,27 +40,31 @@ def length_batches(lengths: list[int], items: list[int], batch_tokens: int, seed
 def collate(corpus: Corpus, group: list[int], remap: torch.Tensor, prompt_weight: float) -> dict[str, torch.Tensor]:
     """Padded tensors of a batch; ``remap`` maps full-vocabulary ids to draft rows (-1 when absent).
 
-    ``top_rows`` (B, W, K) holds the label rows: the target's top-K (soft) or the next token alone (K = 1, hard);
-    ``top_probs`` their probabilities (1 for a hard label). ``weight`` is 0 where nothing is learnt."""
+    ``top_rows`` (B, W, K) holds the label rows: the target's top-K (soft) or the next token alone (hard, in
+    column 0); ``top_probs`` their probabilities (1 for a hard label); ``soft`` (B, W) says which positions have
+    soft labels (a batch may mix both, from a corpus of several sources). ``weight`` is 0 where nothing is
+    learnt."""
     examples = [corpus.example(i) for i in group]
-    soft = "topk_ids" in examples[0]
     width = max(len(e["tokens"]) for e in examples)
-    k = examples[0]["topk_ids"].shape[1] if soft else 1
+    k = max((e["topk_ids"].shape[1] for e in examples if "topk_ids" in e), default=1)
     out = {
         "ids": torch.zeros(len(examples), width, dtype=torch.long),
         "attention": torch.zeros(len(examples), width, dtype=torch.long),
         "weight": torch.zeros(len(examples), width),
         "top_rows": torch.full((len(examples), width, k), -1, dtype=torch.long),
         "top_probs": torch.zeros(len(examples), width, k),
+        "soft": torch.zeros(len(examples), width, dtype=torch.bool),
     }
     for row, (item, e) in enumerate(zip(group, examples, strict=True)):
         n = len(e["tokens"])
         out["ids"][row, :n] = e["tokens"]
         out["attention"][row, :n] = 1
         weight = torch.where(e["loss_mask"], 1.0, prompt_weight) * corpus.weights[item]
-        if soft:
-            out["top_rows"][row, :n] = remap[e["topk_ids"]]
-            out["top_probs"][row, :n] = e["topk_logprobs"].float().exp()
+        if "topk_ids" in e:
+            kept = e["topk_ids"].shape[1]
+            out["top_rows"][row, :n, :kept] = remap[e["topk_ids"]]
+            out["top_probs"][row, :n, :kept] = e["topk_logprobs"].float().exp()
+            out["soft"][row, :n] = True
         else:
             out["top_rows"][row, : n - 1, 0] = remap[e["tokens"][1:]]
             out["top_probs"][row, : n - 1, 0] = 1.0
@@ -79,8 +83,7 @@ def batch_loss(draft: PreTrainedModel, batch: dict[str, torch.Tensor], ce_weight
     present = rows >= 0
     picked = logq.gather(-1, rows.clamp_min(0)) * present
     per_position = -(batch["top_probs"][keep] * picked).sum(-1)
-    if rows.shape[-1] > 1:  # soft labels: add the hard top-1 term
-        per_position = per_position + ce_weight * -picked[..., 0]
+    per_position = per_position + ce_weight * -picked[..., 0] * batch["soft"][keep]  # soft labels: + hard top-1
     loss = (per_position * weight).sum() / max(len(weight), 1)  # weights scale a position's share, not the mean
     agree = (logq.argmax(-1) == rows[..., 0]).float()
     return loss, agree, weight

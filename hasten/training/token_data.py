@@ -172,6 +172,24 @@ def token_corpus(directory: str | Path, weights: str = "", val_files: str = "gre
     return corpus
 
 
+def union(corpora: list[Corpus]) -> Corpus:
+    """One corpus of several (a ``hasten train data`` directory beside token files, say). Each keeps its own
+    sequences, weights and validation answers; prompt numbers are kept apart, so a split by prompt holds out
+    prompts of each. (Two corpora that answer the same prompt text count it as two prompts.)"""
+    joined = Corpus([], [], [], [], [], [], {"parts": [c.meta for c in corpora]})
+    for corpus in corpora:
+        offset, numbered = len(joined.sources), max(joined.prompts, default=-1) + 1
+        joined.sources += corpus.sources
+        joined.items += [(source + offset, index) for source, index in corpus.items]
+        joined.prompts += [prompt + numbered for prompt in corpus.prompts]
+        joined.lengths += corpus.lengths
+        joined.weights += corpus.weights
+        joined.evaluable += corpus.evaluable
+    joined.meta["sequences"] = len(joined.items)
+    joined.meta["tokens"] = sum(joined.lengths)
+    return joined
+
+
 def split_by_prompt(corpus: Corpus, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train items, validation items): a seeded share of the prompts is held out with every answer to them.
 

@@ -204,6 +204,23 @@ def test_every_method_equals_ar_on_llamacpp_past_the_window(gemma_llamacpp):
 
 @needs_gemma3
 @pytest.mark.slow
+def test_extra_buffers_stay_on_only_where_wide_passes_stay_exact(gemma_llamacpp):
+    """Repacked Q4_K layouts (llama.cpp's extra buffers) moved Gemma 3's rows by up to 5.6 from four tokens a pass
+    on a 2-core AMD EPYC: the model is loaded without them wherever the load-time probe finds that."""
+    from hasten.backends.llamacpp.model import LlamaCppModel
+    from hasten.backends.llamacpp.weight_invariance import rows_are_batch_invariant
+
+    model = gemma_llamacpp.backend
+    assert rows_are_batch_invariant(model)  # as loaded
+    if b"AMX_INT8 = 1" in model.lib.llama_print_system_info():
+        assert not model.extra_buffers  # batched AMX kernels crash in this build: never on
+        return
+    forced = LlamaCppModel(model.path, threads=2, extra_buffers=True)
+    assert model.extra_buffers == rows_are_batch_invariant(forced)
+
+
+@needs_gemma3
+@pytest.mark.slow
 def test_a_wide_pass_scores_each_row_as_plain_decoding_does(gemma_llamacpp):
     """Q4_K rows at 8 or more tokens a pass: bit-identical to one-token passes (ggml's tiled K-quant matmul, which
     takes those passes on CPUs without repacked weights, moved them by up to 5.2 on an Intel Xeon with AMX)."""

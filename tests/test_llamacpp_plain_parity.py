@@ -34,7 +34,7 @@ def llamacpp_greedy(loaded: LoadedModel, ids: list[int], max_new_tokens: int, mo
     keys, _, values = backend.kv_type.partition("/")  # "K/V", or one type for both
     values = values or keys
     real = low.llama_model_default_params
-    extra_buffers = b"AMX_INT8 = 1" not in low.llama_print_system_info()  # hasten's choice; Llama has no argument
+    extra_buffers = backend.extra_buffers  # hasten's choice for this model; Llama has no argument
 
     def model_params() -> Any:
         params = real()

@@ -136,13 +136,16 @@ def _generate(loaded: LoadedModel, ids: list[int], config: Any, *, assistant: An
 
 
 @contextlib.contextmanager
-def _extra_buffers_as_hasten() -> Iterator[None]:
-    """Load with hasten's llama.cpp backend's choice of ``use_extra_bufts`` (off on AMX CPUs, whose batched AMX
-    kernels crash in this build; on elsewhere). The high-level ``Llama`` does not expose the setting."""
+def _extra_buffers_as_hasten(enabled: bool | None = None) -> Iterator[None]:
+    """Load with hasten's llama.cpp backend's choice of ``use_extra_bufts``: ``enabled`` where the loaded model
+    says (its backend's ``extra_buffers``: off where wide passes would not be batch-invariant), else off on AMX
+    CPUs, whose batched AMX kernels crash in this build, and on elsewhere. The high-level ``Llama`` does not
+    expose the setting."""
     import llama_cpp.llama_cpp as low
 
     real = low.llama_model_default_params
-    enabled = b"AMX_INT8 = 1" not in low.llama_print_system_info()
+    if enabled is None:
+        enabled = b"AMX_INT8 = 1" not in low.llama_print_system_info()
 
     def params() -> Any:
         made = real()
@@ -173,7 +176,7 @@ class LlamaCppAnchor:
         self.name = name
         self.threads = getattr(loaded.backend, "threads", None) or torch.get_num_threads()
         draft = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_PLD_TOKENS) if name == "llamacpp_pld" else None
-        with _extra_buffers_as_hasten():
+        with _extra_buffers_as_hasten(getattr(loaded.backend, "extra_buffers", None)):
             self.llama = llama_cpp.Llama(model_path=str(loaded.path), n_threads=self.threads,
                                          n_threads_batch=self.threads, n_ctx=loaded.max_context, verbose=False,
                                          draft_model=draft)

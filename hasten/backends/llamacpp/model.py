@@ -19,6 +19,7 @@ from hasten.backends.llamacpp.prompt_cache import PromptCache
 from hasten.backends.llamacpp.shared_context import SharedCache, score_many
 from hasten.backends.llamacpp.shared_exactness import attention_is_batch_invariant, kv_types
 from hasten.backends.llamacpp.target import LlamaCppTarget
+from hasten.backends.llamacpp.weight_invariance import rows_are_batch_invariant
 from hasten.errors import HastenError
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ class LlamaCppModel:
     """A GGUF model loaded by llama.cpp; makes targets (each with its own llama context) on it.
 
     ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: repacked / AMX weight layouts) defaults to off on CPUs
-    that report AMX, whose batched AMX kernels crash in this build, and on elsewhere. ``flash_attn`` (None:
+    that report AMX, whose batched AMX kernels crash in this build, and elsewhere to on where a probe finds each
+    row of a wide pass bit-identical to a one-token pass (``weight_invariance``), off where not. ``flash_attn`` (None:
     llama.cpp decides, which is on for the CPU) should stay on: its CPU kernel treats every query row on its
     own, so passes are batch-invariant, while without it the real default model's logits move by ~0.5 with
     the number of tokens in a pass. ``score_many`` scores several targets' passes in one ``llama_decode`` in a
@@ -73,11 +75,10 @@ class LlamaCppModel:
         self._pool: list[Any] = []  # idle llama contexts, emptied
         self._lock = threading.Lock()
         self._tensors: dict[str, torch.Tensor] = {}
-        self._load(extra_buffers)
+        self.extra_buffers = self._load(extra_buffers)
         lib = self.lib
         self.architecture = self._metadata("general.architecture")
-        self._vocab = lib.llama_model_get_vocab(self._model)
-        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self.hidden_size = int(lib.llama_model_n_embd_out(self._model))
         self.n_embd = int(lib.llama_model_n_embd(self._model))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
@@ -87,8 +88,8 @@ class LlamaCppModel:
         self.flash_attn = flash_attn
         self.kv_type = kv_type
         self._n_ctx_request = n_ctx or min(self.n_ctx_train or DEFAULT_N_CTX, DEFAULT_N_CTX)
-        is_eog = lib.llama_vocab_is_eog
-        self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if is_eog(self._vocab, i))
+        vocab, is_eog = lib.llama_model_get_vocab(self._model), lib.llama_vocab_is_eog
+        self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if is_eog(vocab, i))
         context = self.new_context()  # the first context settles kv_type and the context size
         self.max_context = int(lib.llama_n_ctx(context))
         self._pool.append(context)
@@ -100,9 +101,24 @@ class LlamaCppModel:
         # None, or a list where each llama_decode a target of this model runs alone appends (tokens, seconds):
         # how scripts time llama.cpp's own share of a step (scripts/llamacpp_parity.py)
         self.decode_log: list[tuple[int, float]] | None = None
+        if extra_buffers is None and self.extra_buffers and not rows_are_batch_invariant(self):
+            self._reload_without_extra_buffers()
 
-    def _load(self, extra_buffers: bool | None) -> None:
-        """Load the GGUF file into llama.cpp; refuse what is not a decoder-only attention model."""
+    def _reload_without_extra_buffers(self) -> None:
+        """The model again, with plain weight layouts (``weight_invariance``); nothing else has used it yet."""
+        lib = self.lib
+        for context in self._pool:
+            lib.llama_free(context)
+        self._pool.clear()
+        lib.llama_model_free(self._model)
+        self._model = None
+        self.extra_buffers = self._load(False)
+        self._pool.append(self.new_context())
+        self.forget_prompts()
+
+    def _load(self, extra_buffers: bool | None) -> bool:
+        """Load the GGUF file into llama.cpp; refuse what is not a decoder-only attention model. Returns whether
+        extra buffers are on."""
         if not self.path.is_file():
             raise HastenError(f"model file {str(self.path)!r} not found")
         with open(self.path, "rb") as f:
@@ -120,6 +136,7 @@ class LlamaCppModel:
         if lib.llama_model_has_encoder(self._model) or lib.llama_model_is_recurrent(self._model) \
                 or lib.llama_model_is_hybrid(self._model):
             raise HastenError(f"{self.path.name}: only decoder-only attention models can verify token trees")
+        return extra_buffers
 
     def _metadata(self, key: str) -> str:
         """A GGUF metadata value as a string ("" when absent)."""

@@ -65,7 +65,8 @@ class ReducedDraftModel:
 
     def __init__(self, path: str | Path, target: str | Path, threads: int | None = None) -> None:
         # no prompt cache: the draft's prefill costs little, and the benchmark's runs stay independent
-        self.model = LlamaCppModel(path, threads=threads, n_seq_max=DRAFT_SEQUENCES, prompt_cache_bytes=0)
+        self.model = LlamaCppModel(path, threads=threads, n_seq_max=DRAFT_SEQUENCES, prompt_cache_bytes=0,
+                                   verifies=False)
         self.vocab_size = self.model.vocab_size
         self.max_context = self.model.max_context
         self.hidden_size = self.model.hidden_size

@@ -39,7 +39,8 @@ class LlamaCppModel:
 
     ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: repacked / AMX weight layouts) defaults to off on CPUs
     that report AMX, whose batched AMX kernels crash in this build, and elsewhere to on where a probe finds each
-    row of a wide pass bit-identical to a one-token pass (``weight_invariance``), off where not. ``flash_attn`` (None:
+    row of a wide pass bit-identical to a one-token pass (``weight_invariance``), off where not; a model that
+    only drafts (``verifies=False``) skips the probe, its rows deciding nothing. ``flash_attn`` (None:
     llama.cpp decides, which is on for the CPU) should stay on: its CPU kernel treats every query row on its
     own, so passes are batch-invariant, while without it the real default model's logits move by ~0.5 with
     the number of tokens in a pass. ``score_many`` scores several targets' passes in one ``llama_decode`` in a
@@ -68,7 +69,8 @@ class LlamaCppModel:
                  n_seq_max: int = DEFAULT_N_SEQ_MAX, n_batch: int = DEFAULT_N_BATCH,
                  extra_buffers: bool | None = None, flash_attn: bool | None = None,
                  shared_cells: int | None = None, shared_seq_max: int | None = None,
-                 kv_type: str | None = None, prompt_cache_bytes: int | None = None) -> None:
+                 kv_type: str | None = None, prompt_cache_bytes: int | None = None,
+                 verifies: bool = True) -> None:
         self.path = Path(path).expanduser()
         self._model: Any = None  # llama.cpp's model handle
         self._shared: SharedCache | None = None
@@ -101,7 +103,7 @@ class LlamaCppModel:
         # None, or a list where each llama_decode a target of this model runs alone appends (tokens, seconds):
         # how scripts time llama.cpp's own share of a step (scripts/llamacpp_parity.py)
         self.decode_log: list[tuple[int, float]] | None = None
-        if extra_buffers is None and self.extra_buffers and not rows_are_batch_invariant(self):
+        if verifies and extra_buffers is None and self.extra_buffers and not rows_are_batch_invariant(self):
             self._reload_without_extra_buffers()
 
     def _reload_without_extra_buffers(self) -> None:

@@ -31,9 +31,9 @@ class TargetMaker(Protocol):
 def rows_are_batch_invariant(model: TargetMaker) -> bool:
     """Whether a chain scored in one pass of each of ``PROBE_WIDTHS`` tokens gives, row for row, the logits of the
     same tokens scored one at a time (bit-identical)."""
-    span = max(model.vocab_size - 20, 1)
-    context = [(7 * i + 3) % span + 10 for i in range(PROBE_CONTEXT)]
-    chain = [(13 * i + 5) % span + 10 for i in range(max(PROBE_WIDTHS))]
+    vocab = model.vocab_size
+    context = [(7 * i + 3) % vocab for i in range(PROBE_CONTEXT)]
+    chain = [(13 * i + 5) % vocab for i in range(max(PROBE_WIDTHS))]
     target = model.new_target()
     try:
         target.start(context)

@@ -5,7 +5,7 @@ interleaved layouts whose batched matmul sums in another order than the one-row 
 (Zen 4, AVX-512) Gemma 3 270M Q4_K_M's rows then moved by up to 5.6 from four tokens a pass on, while the default
 model (Q4_1, not repacked) stayed bit-identical. A verifier whose wide passes round otherwise than plain decoding
 can part from it at a near-tie, so a model whose rows differ is loaded without extra buffers
-(``model.LlamaCppModel``): they change which kernels run, never what a model computes.
+(``model.LlamaCppModel``); without them every pass takes the plain kernels, which costs only speed.
 """
 
 from __future__ import annotations
